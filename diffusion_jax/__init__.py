@@ -1,0 +1,1 @@
+"""diffusion_jax: diffusion models in JAX/Flax."""

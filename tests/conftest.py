@@ -1,0 +1,13 @@
+"""Test setup: 8 fake CPU devices and the persistent compilation cache, before jax is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                 os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
