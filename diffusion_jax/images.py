@@ -1,0 +1,44 @@
+"""Image grids and a dependency-free PNG writer."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 [0, 255], rounded."""
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+  """uint8 [N,H,W,C] -> one uint8 [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] tiled image."""
+  n, h, w, c = images.shape
+  ncol = ncol or int(np.ceil(np.sqrt(n)))
+  nrow = -(-n // ncol)
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, ncol)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+  return grid
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  """Write uint8 [H,W], [H,W,1], [H,W,3] or [H,W,4] as an 8-bit PNG (RFC 2083)."""
+  image = np.asarray(image, np.uint8)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  color = {2: 0, 3: {3: 2, 4: 6}.get(image.shape[-1] if image.ndim == 3 else 0)}[image.ndim]
+  if color is None:
+    raise ValueError(f"write_png needs [H,W], [H,W,1], [H,W,3] or [H,W,4] uint8, got {image.shape}")
+  h, w = image.shape[:2]
+  raw = b"".join(b"\x00" + image[r].tobytes() for r in range(h))  # filter type 0 per row
+
+  def chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))

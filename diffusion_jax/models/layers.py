@@ -1,0 +1,146 @@
+"""U-Net building blocks: conv, timestep embedding, residual block, self-attention, resampling."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("xla", "im2col")
+Dtype = Any
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """A kxk conv as k*k shifted slices and one matmul (an alternative lowering; see bench/train_step.py)."""
+  kh, kw, cin, cout = kernel.shape
+  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  h_out = (x.shape[1] - kh) // stride + 1
+  w_out = (x.shape[2] - kw) // stride + 1
+  patches = [x[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride, :]
+             for i in range(kh) for j in range(kw)]
+  cols = jnp.concatenate(patches, axis=-1)  # [B,Ho,Wo,kh*kw*cin], (i, j, c) order as the kernel
+  return cols @ kernel.reshape(kh * kw * cin, cout)
+
+
+class Conv(nn.Module):
+  """Square conv with 'same'-style padding; the kernel is [k,k,Cin,Cout] as nn.Conv's."""
+
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  conv_impl: str = "xla"
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose one of {CONV_IMPLS}")
+    init = nn.initializers.zeros if self.zero_init else nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform")  # DDPM's default_init (Glorot-style uniform)
+    k = self.kernel_size
+    kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    impl = self.conv_impl
+    if k == 1:
+      y = x @ kernel.reshape(x.shape[-1], self.features)
+      y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
+    elif impl == "im2col":
+      y = conv_im2col(x, kernel, self.stride, k // 2)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), [(k // 2, k // 2)] * 2,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
+
+
+def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm(32) as DDPM uses, fewer groups only when the channels cannot hold 32."""
+  groups = math.gcd(32, channels)
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding [B,dim] of timesteps [B] (Vaswani et al. 2017 sec. 3.5, as DDPM uses)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def downsample(x: jax.Array, *, with_conv: bool, conv_impl: str, dtype: Dtype, name: str | None = None):
+  """x2 spatial downsampling: strided 3x3 conv or 2x2 average pool [B,H,W,C] -> [B,H/2,W/2,C]."""
+  if with_conv:
+    return Conv(x.shape[-1], 3, stride=2, conv_impl=conv_impl, dtype=dtype, name=name)(x)
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling [B,H,W,C] -> [B,2H,2W,C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class ResBlock(nn.Module):
+  """DDPM residual block: GN, SiLU, conv, + temb, GN, SiLU, dropout, conv; skip 1x1 on channel change.
+
+  `scale_shift_norm` uses the embedding as FiLM (ADM); `resample` ('up'/'down') is BigGAN-style.
+  """
+
+  out_ch: int
+  dropout: float = 0.0
+  scale_shift_norm: bool = False
+  resample: str | None = None
+  conv_impl: str = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+    h = nn.silu(group_norm(x.shape[-1], self.dtype)(x))
+    if self.resample == "up":
+      h, x = upsample_nearest(h), upsample_nearest(x)
+    elif self.resample == "down":
+      h = downsample(h, with_conv=False, conv_impl=self.conv_impl, dtype=self.dtype)
+      x = downsample(x, with_conv=False, conv_impl=self.conv_impl, dtype=self.dtype)
+    h = Conv(self.out_ch, 3, conv_impl=self.conv_impl, dtype=self.dtype)(h)
+    emb_out = nn.Dense(2 * self.out_ch if self.scale_shift_norm else self.out_ch, dtype=self.dtype,
+                       param_dtype=jnp.float32)(nn.silu(emb))[:, None, None, :]
+    norm = group_norm(self.out_ch, self.dtype)
+    if self.scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = norm(h) * (1 + scale) + shift  # ADM (Dhariwal & Nichol 2021) adaptive group norm
+    else:
+      h = norm(h + emb_out)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = Conv(self.out_ch, 3, conv_impl=self.conv_impl, zero_init=True, dtype=self.dtype)(h)
+    if x.shape[-1] != self.out_ch:
+      x = Conv(self.out_ch, 1, conv_impl=self.conv_impl, dtype=self.dtype, name="skip")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Spatial self-attention with a residual (DDPM appendix B); heads from num_heads or head_channels."""
+
+  num_heads: int = 1
+  head_channels: int = -1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    heads = c // self.head_channels if self.head_channels > 0 else self.num_heads
+    if heads < 1 or c % heads:
+      raise ValueError(f"attention over {c} channels cannot split into {heads} heads "
+                       f"(num_heads={self.num_heads}, head_channels={self.head_channels})")
+    h = group_norm(c, self.dtype)(x).reshape(b, hgt * wid, c)
+    dense = lambda name: nn.DenseGeneral(
+        (heads, c // heads), dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)  # [B,HW,N,D]
+    out = jax.nn.dot_product_attention(q, k, v)
+    out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+                          kernel_init=nn.initializers.zeros, name="proj_out")(out)
+    return x + out.reshape(b, hgt, wid, c)

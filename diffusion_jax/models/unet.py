@@ -1,0 +1,102 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B) with the IDDPM/ADM options, in Flax linen."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, downsample, group_norm,
+                                         timestep_embedding, upsample_nearest)
+
+
+class UNet(nn.Module):
+  """eps/x0/v network [B,H,W,C] x t [B] -> [B,H,W,out_channels]; odd sizes are padded then cropped."""
+
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.0
+  num_heads: int = 1
+  head_channels: int = -1
+  out_channels: int | None = None
+  resblock_updown: bool = False
+  scale_shift_norm: bool = False
+  conv_impl: str = "xla"
+  dtype: Any = jnp.float32
+
+  def padded_size(self, size: int) -> int:
+    multiple = 2 ** (len(self.ch_mult) - 1)
+    return -(-size // multiple) * multiple
+
+  def check_input(self, height: int, width: int) -> None:
+    """ValueError before any compile when the levels or attention resolutions cannot fit the image."""
+    h, w = self.padded_size(height), self.padded_size(width)
+    levels = len(self.ch_mult)
+    if min(height, width) < 2 ** (levels - 1):
+      raise ValueError(f"image size {height}x{width} is too small for {levels} levels (ch_mult={tuple(self.ch_mult)}); "
+                       f"need at least {2 ** (levels - 1)}")
+    resolutions = [h // 2 ** i for i in range(levels)]
+    missing = [r for r in self.attn_resolutions if r not in resolutions]
+    if missing:
+      raise ValueError(f"attn_resolutions {tuple(self.attn_resolutions)} include {missing}, which no level of a "
+                       f"{height}x{width} input has (padded to {h}x{w}); the levels are {resolutions}")
+    if h != w:
+      raise ValueError(f"only square images are supported, got {height}x{width}")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
+    b, height, width, channels = x.shape
+    self.check_input(height, width)
+    size = self.padded_size(height)
+    pad = size - height
+    # Odd sizes (28x28 with 3 downsamplings): pad to the multiple the levels need, crop at the end.
+    x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)))
+    kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+    res_kw = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, **kw)
+    attn = lambda: AttentionBlock(self.num_heads, self.head_channels, dtype=self.dtype)
+
+    emb = timestep_embedding(t, self.ch)
+    emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(emb)
+    emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(nn.silu(emb))
+
+    h = Conv(self.ch, 3, **kw)(x.astype(self.dtype))
+    skips = [h]
+    resolution = size
+    for level, mult in enumerate(self.ch_mult):
+      for _ in range(self.num_res_blocks):
+        h = ResBlock(self.ch * mult, **res_kw)(h, emb, train=train)
+        if resolution in self.attn_resolutions:
+          h = attn()(h)
+        skips.append(h)
+      if level != len(self.ch_mult) - 1:
+        if self.resblock_updown:
+          h = ResBlock(h.shape[-1], resample="down", **res_kw)(h, emb, train=train)
+        else:
+          h = downsample(h, with_conv=True, **kw)
+        resolution //= 2
+        skips.append(h)
+
+    h = ResBlock(h.shape[-1], **res_kw)(h, emb, train=train)
+    h = attn()(h)
+    h = ResBlock(h.shape[-1], **res_kw)(h, emb, train=train)
+
+    for level, mult in reversed(list(enumerate(self.ch_mult))):
+      for _ in range(self.num_res_blocks + 1):
+        h = ResBlock(self.ch * mult, **res_kw)(jnp.concatenate([h, skips.pop()], axis=-1), emb, train=train)
+        if resolution in self.attn_resolutions:
+          h = attn()(h)
+      if level != 0:
+        if self.resblock_updown:
+          h = ResBlock(h.shape[-1], resample="up", **res_kw)(h, emb, train=train)
+        else:
+          h = Conv(h.shape[-1], 3, **kw)(upsample_nearest(h))
+        resolution *= 2
+    assert not skips
+
+    h = nn.silu(group_norm(h.shape[-1], self.dtype)(h))
+    out = Conv(self.out_channels or channels, 3, zero_init=True, **kw)(h)
+    return out[:, pad // 2:pad // 2 + height, pad // 2:pad // 2 + width].astype(jnp.float32)

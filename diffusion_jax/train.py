@@ -1,0 +1,317 @@
+"""Train a diffusion model: create_train_state, train_step, train_and_evaluate (flax examples style)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from diffusion_jax import checkpoint, images as image_io
+from diffusion_jax import diffusion as D
+from diffusion_jax.data import DATASETS, InMemoryBatches, load_split
+from diffusion_jax.diffusion.param import check_choice
+from diffusion_jax.models import UNet
+from diffusion_jax.models.layers import CONV_IMPLS
+from diffusion_jax.parallel.mesh import batch_sharding, global_to_host, host_to_global, make_mesh, replicated
+
+MODES = ("train", "sample")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  loss_history: D.LossHistory
+
+
+# ---------------------------------------------------------------- config -> objects
+
+def build_model(config: ml_collections.ConfigDict) -> UNet:
+  m = config.model
+  channels = config.data.channels
+  return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
+              head_channels=m.head_channels, resblock_updown=m.resblock_updown,
+              scale_shift_norm=m.scale_shift_norm, conv_impl=m.conv_impl, dtype=DTYPES[m.dtype],
+              out_channels=2 * channels if config.diffusion.variance == "learned_range" else channels)
+
+
+def build_schedule(config: ml_collections.ConfigDict) -> D.Schedule:
+  return D.make_schedule(D.get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps))
+
+
+def build_optimizer(config: ml_collections.ConfigDict):
+  """AdamW with linear warmup (DDPM: 5000 steps) and global-norm clipping (DDPM: 1.0)."""
+  o = config.optim
+  lr = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
+                             optax.constant_schedule(o.learning_rate)], [max(o.warmup_steps, 1)])
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+                   optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  return tx, lr
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Every config mistake we can see, as a ValueError naming key, value and what is allowed, before any compile."""
+  _require(config.mode in MODES, "mode", config.mode, f"choose one of {MODES}")
+  _require(config.data.dataset in DATASETS, "data.dataset", config.data.dataset, f"choose one of {DATASETS}")
+  for key in ("num_train_steps",):
+    _require(isinstance(config[key], int) and config[key] >= 0, key, config[key], "must be an int >= 0")
+  for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
+    _require(isinstance(config[key], int) and config[key] >= 1, key, config[key], "must be an int >= 1")
+  n = jax.device_count()
+  _require(config.batch_size % n == 0, "batch_size", config.batch_size,
+           f"must be divisible by the {n} devices (global batch, split over every device)")
+  d = config.diffusion
+  _require(d.loss in D.LOSS_TYPES, "diffusion.loss", d.loss, f"choose one of {D.LOSS_TYPES}")
+  _require(d.prediction in D.PREDICTIONS, "diffusion.prediction", d.prediction, f"choose one of {D.PREDICTIONS}")
+  _require(d.variance in D.VARIANCES, "diffusion.variance", d.variance, f"choose one of {D.VARIANCES}")
+  _require(d.loss != "hybrid" or d.variance == "learned_range", "diffusion.variance", d.variance,
+           "loss='hybrid' learns the variance: set diffusion.variance='learned_range'")
+  _require(d.schedule in D.BETA_SCHEDULES, "diffusion.schedule", d.schedule, f"choose one of {D.BETA_SCHEDULES}")
+  _require(d.timestep_sampler in D.losses.TIMESTEP_SAMPLERS, "diffusion.timestep_sampler", d.timestep_sampler,
+           f"choose one of {D.losses.TIMESTEP_SAMPLERS}")
+  _require(d.snr_gamma >= 0, "diffusion.snr_gamma", d.snr_gamma, "must be >= 0 (0 turns min-SNR weighting off)")
+  D.get_beta_schedule(d.schedule, d.num_timesteps)  # raises on T < 2 or a bad linear T
+  m = config.model
+  _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {tuple(DTYPES)}")
+  _require(m.conv_impl in CONV_IMPLS, "model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
+  try:
+    build_model(config).check_input(config.data.image_size, config.data.image_size)
+  except ValueError as e:
+    raise ValueError(f"config.data.image_size={config.data.image_size} and config.model do not fit: {e}") from None
+  s = config.sample
+  _require(s.sampler in D.SAMPLERS, "sample.sampler", s.sampler, f"choose one of {D.SAMPLERS}")
+  _require(s.num_steps is None or 1 <= s.num_steps <= d.num_timesteps, "sample.num_steps", s.num_steps,
+           f"must be unset (all T) or an int in [1, {d.num_timesteps}]")
+  _require(isinstance(s.num_images, int) and s.num_images >= 1, "sample.num_images", s.num_images, "must be >= 1")
+
+
+# ---------------------------------------------------------------- state and step
+
+def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.Array, image_shape: tuple,
+                       mesh, num_timesteps: int) -> tuple[TrainState, Any]:
+  """eval_shape -> replicated shardings -> jit(init, out_shardings); returns (state, state shardings)."""
+  def init(key):
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    params = model.init(key, x, jnp.zeros((1,), jnp.int32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=tx.init(params), loss_history=D.init_loss_history(num_timesteps))
+
+  abstract = jax.eval_shape(init, key)
+  shardings = jax.tree.map(lambda _: replicated(mesh), abstract)  # params replicated (FSDP: later issue)
+  return jax.jit(init, out_shardings=shardings)(key), shardings
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array, *, model: UNet,
+               tx: optax.GradientTransformation, schedule: D.Schedule, diffusion: dict, ema_decay: float,
+               learning_rate_fn) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the global batch [B,H,W,C]; key = fold_in(base_key, step)."""
+  key = jax.random.fold_in(base_key, state.step)
+  key_t, key_noise, key_dropout = jax.random.split(key, 3)
+  x_start = batch["image"]
+  t, weights = D.sample_timesteps(key_t, x_start.shape[0], schedule.num_timesteps,
+                                  sampler=diffusion["timestep_sampler"], history=state.loss_history)
+  noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
+
+  def loss_fn(params):
+    model_fn = lambda x, tt: model.apply(params, x, tt, train=True, rngs={"dropout": key_dropout})
+    terms = D.diffusion_loss(schedule, model_fn, x_start, t, noise, loss_type=diffusion["loss"],
+                             prediction=diffusion["prediction"], variance=diffusion["variance"],
+                             vlb_weight=diffusion["vlb_weight"], snr_gamma=diffusion["snr_gamma"] or None)
+    return jnp.mean(terms["loss"] * weights), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # EMA of params (DDPM: 0.9999), with the usual warm-up so short runs are not dominated by init.
+  decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  history = state.loss_history
+  if diffusion["timestep_sampler"] == "importance":
+    history = D.update_loss_history(history, t, jax.lax.stop_gradient(terms["loss"]))
+  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": optax.global_norm(grads),
+             "learning_rate": learning_rate_fn(state.step)}
+  if "vb" in terms:
+    metrics["vb"] = jnp.mean(terms["vb"])
+  return TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+                    loss_history=history), metrics
+
+
+# ---------------------------------------------------------------- sampling
+
+def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.ConfigDict, mesh, *,
+                   sampler: str, num_steps: int | None):
+  """jit(params, key, batch) -> images [batch,H,W,C] in [-1,1], sharded over the mesh's data axis."""
+  sharding = batch_sharding(mesh)
+  shape_tail = (config.data.image_size, config.data.image_size, config.data.channels)
+  d = config.diffusion
+
+  def fn(params, key, batch):
+    def model_fn(x, t):
+      return model.apply(params, jax.lax.with_sharding_constraint(x, sharding), t)
+    return D.sample(schedule, model_fn, (batch, *shape_tail), key, sampler=sampler, num_steps=num_steps,
+                    prediction=d.prediction, eta=config.sample.eta, variance=d.variance,
+                    clip_denoised=config.sample.clip_denoised)
+
+  return jax.jit(fn, static_argnums=2, out_shardings=sharding)
+
+
+def sample_images(sample_fn, params, key: jax.Array, num_images: int, batch_size: int) -> np.ndarray:
+  """uint8 [num_images,H,W,C]: batches of `batch_size` (a multiple of the device count), gathered."""
+  n = jax.device_count()
+  batch_size = max(n, -(-batch_size // n) * n)
+  out = []
+  for i in range(-(-num_images // batch_size)):
+    out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size))))
+  return np.concatenate(out)[:num_images]
+
+
+def write_samples(workdir: str, images: np.ndarray, name: str = "samples") -> str:
+  directory = os.path.join(workdir, "samples")
+  os.makedirs(directory, exist_ok=True)
+  np.savez(os.path.join(directory, f"{name}.npz"), images=images)
+  path = os.path.join(directory, f"{name}.png")
+  image_io.write_png(path, image_io.make_grid(images))
+  return path
+
+
+# ---------------------------------------------------------------- the loop
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _host_metrics(pending: list[dict], step: int) -> dict[str, float]:
+  """Mean of the metrics since the last flush; raises NonFiniteLossError on a NaN/inf loss."""
+  stacked = jax.device_get(pending)
+  losses = np.array([m["loss"] for m in stacked])
+  if not np.all(np.isfinite(losses)):
+    first = step - len(stacked) + int(np.argmin(np.isfinite(losses))) + 1
+    raise NonFiniteLossError(f"the loss became {losses[~np.isfinite(losses)][0]} at step {first}; stopping. "
+                             "The last good checkpoint is left untouched (lower optim.learning_rate or "
+                             "check the data).")
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Train (resuming from the workdir's latest checkpoint), then sample; or only sample (mode='sample')."""
+  validate_config(config)
+  from clu import metric_writers  # imports TensorFlow: keep it off import paths of the library
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = make_mesh()
+  model, schedule = build_model(config), build_schedule(config)
+  tx, lr_fn = build_optimizer(config)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  base_key = jax.random.key(config.seed)
+  init_key, train_key, sample_key = jax.random.split(base_key, 3)
+  state, state_shardings = create_train_state(model, tx, init_key, image_shape, mesh, schedule.num_timesteps)
+  logging.info("model: %.2fM parameters", sum(x.size for x in jax.tree.leaves(state.params)) / 1e6)
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+  if config.mode == "sample":
+    state = checkpoint.restore(manager, state, config.sample.checkpoint_step)
+  elif manager.latest_step() is not None:
+    state = checkpoint.restore(manager, state)
+    logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+
+  if config.mode == "train":
+    try:
+      state = _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, schedule, train_key,
+                     manager, writer)
+    finally:
+      manager.wait_until_finished()  # an in-flight save completes even when training fails
+
+  step = int(state.step)
+  sample_fn = make_sample_fn(model, schedule, config, mesh, sampler=config.sample.sampler,
+                             num_steps=config.sample.num_steps)
+  t0 = time.time()
+  logging.info("sampling %d images with %s (%s steps) from the EMA params of step %d", config.sample.num_images,
+               config.sample.sampler, config.sample.num_steps or schedule.num_timesteps, step)
+  images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images,
+                         config.sample.batch_size)
+  if jax.process_index() == 0:
+    path = write_samples(workdir, images)
+    writer.write_images(step, {"samples": image_io.make_grid(images)[None]})
+    logging.info("wrote %d samples in %.1fs: %s", len(images), time.time() - t0, path)
+  writer.flush()
+  manager.wait_until_finished()
+  manager.close()
+
+
+def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, schedule, train_key, manager,
+           writer) -> TrainState:
+  num_steps = config.num_train_steps
+  start = int(state.step)
+  if start >= num_steps:
+    logging.info("checkpoint is at step %d >= num_train_steps=%d: nothing to train", start, num_steps)
+    return state
+  images, labels = load_split(config.data.dataset, "train", config.data.data_dir)
+  if images.shape[1:] != (config.data.image_size, config.data.image_size, config.data.channels):
+    raise ValueError(f"dataset {config.data.dataset!r} has images of shape {images.shape[1:]}, but config.data "
+                     f"says image_size={config.data.image_size}, channels={config.data.channels}")
+  batches = InMemoryBatches(images, labels, global_batch=config.batch_size, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            random_flip=config.data.random_flip)
+  data_sharding = batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, diffusion=config.diffusion.to_dict(),
+                        ema_decay=config.optim.ema_decay, learning_rate_fn=lr_fn),
+      in_shardings=(state_shardings, data_sharding, replicated(mesh)),
+      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+  preview_fn = make_sample_fn(model, schedule, config, mesh, sampler=config.sample.preview_sampler,
+                              num_steps=config.sample.preview_steps)
+  preview_key = jax.random.fold_in(train_key, 2**31 - 1)  # never a train step's key
+  pending, t_last, step_last, t_start = [], time.time(), start, time.time()
+  logging.info("training steps %d..%d, global batch %d on %d devices", start, num_steps, config.batch_size,
+               jax.device_count())
+  for step in range(start + 1, num_steps + 1):
+    batch = host_to_global({"image": batches.batch(step - 1)["image"]}, data_sharding)
+    state, metrics = step_fn(state, batch, train_key)
+    pending.append(metrics)
+    is_last = step == num_steps
+    if step % config.log_every_steps == 0 or is_last or step % config.checkpoint_every_steps == 0:
+      summary = _host_metrics(pending, step)  # raises before any save when a loss went non-finite
+      pending = []
+      if step % config.log_every_steps == 0 or is_last:
+        now = time.time()
+        steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
+        summary.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.batch_size)
+        writer.write_scalars(step, summary)
+        eta = (num_steps - step) / max(steps_per_sec, 1e-9)
+        logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %dm%02ds", step,
+                     num_steps, summary["loss"], summary["grad_norm"], summary["learning_rate"], steps_per_sec,
+                     eta // 60, eta % 60)
+        t_last, step_last = now, step
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      checkpoint.save(manager, step, state)
+    if step % config.sample_every_steps == 0 or is_last:
+      grid_images = sample_images(preview_fn, state.ema_params, jax.random.fold_in(preview_key, step),
+                                  config.sample.preview_images, config.sample.batch_size)
+      if jax.process_index() == 0:
+        write_samples(workdir, grid_images, name=f"preview_{step:07d}")
+        writer.write_images(step, {"preview": image_io.make_grid(grid_images)[None]})
+  manager.wait_until_finished()
+  logging.info("trained %d steps in %.1f min", num_steps - start, (time.time() - t_start) / 60)
+  return state
