@@ -58,9 +58,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sample = s = ml_collections.ConfigDict()
   s.num_images = 64
   s.batch_size = 64
-  s.sampler = "ddpm"
+  s.sampler = "ddpm"  # ddpm | ddim | dpmpp_2m | euler | heun
   s.num_steps = config_dict.placeholder(int)  # None: all T steps
-  s.eta = 0.0
+  s.spacing = config_dict.placeholder(str)  # None: the sampler's default grid (samplers.DEFAULT_SPACING)
+  s.eta = 0.0  # DDIM: 0 deterministic, 1 ~ ancestral
   s.clip_denoised = True
   s.checkpoint_step = config_dict.placeholder(int)  # None: latest
   s.preview_images = 36

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 
 from diffusion_jax import checkpoint, images as image_io
@@ -102,6 +103,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(s.num_steps is None or 1 <= s.num_steps <= d.num_timesteps, "sample.num_steps", s.num_steps,
            f"must be unset (all T) or an int in [1, {d.num_timesteps}]")
   _require(isinstance(s.num_images, int) and s.num_images >= 1, "sample.num_images", s.num_images, "must be >= 1")
+  _require(s.spacing is None or s.spacing in D.SPACINGS, "sample.spacing", s.spacing,
+           f"must be unset (the sampler's default) or one of {D.SPACINGS}")
+  _require(isinstance(s.eta, (int, float)) and not isinstance(s.eta, bool) and s.eta >= 0, "sample.eta", s.eta,
+           "must be a number >= 0")
 
 
 # ---------------------------------------------------------------- state and step
@@ -147,7 +152,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   history = state.loss_history
   if diffusion["timestep_sampler"] == "importance":
     history = D.update_loss_history(history, t, jax.lax.stop_gradient(terms["loss"]))
-  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": optax.tree.norm(grads),
              "learning_rate": learning_rate_fn(state.step)}
   if "vb" in terms:
     metrics["vb"] = jnp.mean(terms["vb"])
@@ -169,7 +174,7 @@ def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.Con
       return model.apply(params, jax.lax.with_sharding_constraint(x, sharding), t)
     return D.sample(schedule, model_fn, (batch, *shape_tail), key, sampler=sampler, num_steps=num_steps,
                     prediction=d.prediction, eta=config.sample.eta, variance=d.variance,
-                    clip_denoised=config.sample.clip_denoised)
+                    clip_denoised=config.sample.clip_denoised, spacing=config.sample.spacing)
 
   return jax.jit(fn, static_argnums=2, out_shardings=sharding)
 
@@ -179,7 +184,8 @@ def sample_images(sample_fn, params, key: jax.Array, num_images: int, batch_size
   n = jax.device_count()
   batch_size = max(n, -(-batch_size // n) * n)
   out = []
-  for i in range(-(-num_images // batch_size)):
+  for i in tqdm.trange(-(-num_images // batch_size), desc="sampling", unit="batch",
+                       disable=jax.process_index() > 0 or num_images <= batch_size):
     out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size))))
   return np.concatenate(out)[:num_images]
 

@@ -39,10 +39,11 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> tuple[np.n
   if name not in IN_MEMORY:
     raise ValueError(f"dataset {name!r} is not an in-memory dataset; those are {IN_MEMORY}")
   if name in ("fashion_mnist", "mnist"):
-    for directory in [d for d in (data_dir, DEBIAN_DIRS.get(name)) if d]:
-      found = load_idx_split(directory, split)
-      if found is not None:
-        return found
+    # An explicit data_dir is honoured (idx files, or a tfds data dir); otherwise Debian's files come first.
+    directory = data_dir or DEBIAN_DIRS.get(name)
+    found = load_idx_split(directory, split) if directory else None
+    if found is not None:
+      return found
     if data_dir and not os.path.isdir(os.path.join(data_dir, name)):
       raise DataNotFoundError(
           f"no {name} idx files ({split}) in config.data.data_dir={data_dir!r}. "

@@ -1,0 +1,51 @@
+"""Shared test fixtures: a tiny config and synthetic Fashion-MNIST-format data."""
+
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+from default import get_base_config  # noqa: E402
+
+from diffusion_jax.data.idx import write_idx  # noqa: E402
+
+
+def write_fake_fashion_mnist(directory: str, n_train: int = 64, n_test: int = 16, size: int = 16) -> str:
+  """idx.gz files of blocky images (class c: a bright square at a class-dependent place)."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = np.zeros((n, size, size), np.uint8)
+    for i, c in enumerate(labels):
+      r, col = divmod(int(c), 4)
+      images[i, 2 + 3 * r:6 + 3 * r, 1 + 3 * col:5 + 3 * col] = 255
+    write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), labels)
+  return directory
+
+
+def tiny_config(data_dir: str):
+  config = get_base_config()
+  config.data.data_dir = data_dir
+  config.data.image_size = 16
+  config.num_train_steps = 4
+  config.batch_size = 8
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.sample_every_steps = 4
+  config.diffusion.num_timesteps = 50
+  config.model.ch = 8
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
+  config.model.dropout = 0.0
+  config.optim.warmup_steps = 1
+  config.optim.learning_rate = 1e-3
+  config.sample.num_images = 10
+  config.sample.batch_size = 8
+  config.sample.preview_images = 8
+  config.sample.preview_steps = 5
+  return config
