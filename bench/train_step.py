@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import sys
 import time
@@ -17,19 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import apply_overrides, load_config, print_table  # noqa: E402
 from diffusion_jax import train  # noqa: E402
 from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, replicated  # noqa: E402
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def load_config(name: str):
-  file, _, variant = name.partition(":")
-  spec = importlib.util.spec_from_file_location(file, os.path.join(CONFIG_DIR, file + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
 
 
 def peak_flops(n: int = 2048, reps: int = 5) -> float:
@@ -43,23 +33,6 @@ def peak_flops(n: int = 2048, reps: int = 5) -> float:
     f(a).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2 * n ** 3 / min(times)
-
-
-def apply_overrides(config, overrides: list[str]):
-  """'model.ch=16' style overrides, values parsed as Python literals where they parse."""
-  import ast
-  for item in overrides:
-    key, _, value = item.partition("=")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    *path, leaf = key.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def bench_config(name: str, steps: int, batch: int | None, peak: float, overrides=()) -> dict:
@@ -113,11 +86,7 @@ def main():
   rows = [bench_config(c, args.steps, args.batch, peak, args.set) for c in args.configs.split(",")]
   print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices, measured matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s\n")
-  keys = list(rows[0])
-  print("| " + " | ".join(keys) + " |")
-  print("|" + "---|" * len(keys))
-  for r in rows:
-    print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+  print_table(rows)
 
 
 if __name__ == "__main__":

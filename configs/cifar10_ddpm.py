@@ -32,4 +32,5 @@ def get_config():
   config.sample_every_steps = 50_000
   config.sample.num_images = 50_000
   config.sample.batch_size = 1000
+  config.eval.bpd_num_images = 10_000  # the whole test split, as IDDPM reports
   return config

@@ -7,7 +7,7 @@ from ml_collections import config_dict
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.mode = "train"  # train (then sample) | sample
+  config.mode = "train"  # train (then sample and evaluate) | sample | eval
   config.num_train_steps = 10_000
   config.batch_size = 64  # global, split over every device of every process
   config.log_every_steps = 100
@@ -67,4 +67,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.preview_images = 36
   s.preview_sampler = "ddpm"
   s.preview_steps = 100
+
+  config.eval = e = ml_collections.ConfigDict()
+  e.after_training = True  # mode=train ends with the metrics of the final samples
+  e.bpd_num_images = 0  # test images for bits/dim (T network calls each); 0 skips it
+  e.bpd_batch_size = 128
   return config

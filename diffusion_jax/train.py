@@ -25,7 +25,7 @@ from diffusion_jax.models import UNet
 from diffusion_jax.models.layers import CONV_IMPLS
 from diffusion_jax.parallel.mesh import batch_sharding, global_to_host, host_to_global, make_mesh, replicated
 
-MODES = ("train", "sample")
+MODES = ("train", "sample", "eval")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -103,6 +103,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(s.num_steps is None or 1 <= s.num_steps <= d.num_timesteps, "sample.num_steps", s.num_steps,
            f"must be unset (all T) or an int in [1, {d.num_timesteps}]")
   _require(isinstance(s.num_images, int) and s.num_images >= 1, "sample.num_images", s.num_images, "must be >= 1")
+  e = config.eval
+  _require(isinstance(e.bpd_num_images, int) and e.bpd_num_images >= 0, "eval.bpd_num_images", e.bpd_num_images,
+           "must be an int >= 0 (0 skips bits/dim)")
   _require(s.spacing is None or s.spacing in D.SPACINGS, "sample.spacing", s.spacing,
            f"must be unset (the sampler's default) or one of {D.SPACINGS}")
   _require(isinstance(s.eta, (int, float)) and not isinstance(s.eta, bool) and s.eta >= 0, "sample.eta", s.eta,
@@ -218,7 +221,7 @@ def _host_metrics(pending: list[dict], step: int) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Train (resuming from the workdir's latest checkpoint), then sample; or only sample (mode='sample')."""
+  """Train (resuming from the workdir's latest checkpoint), sample and evaluate; or only sample / evaluate."""
   validate_config(config)
   from clu import metric_writers  # imports TensorFlow: keep it off import paths of the library
   os.makedirs(workdir, exist_ok=True)
@@ -236,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-  if config.mode == "sample":
+  if config.mode in ("sample", "eval"):
     state = checkpoint.restore(manager, state, config.sample.checkpoint_step)
   elif manager.latest_step() is not None:
     state = checkpoint.restore(manager, state)
@@ -261,6 +264,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = write_samples(workdir, images)
     writer.write_images(step, {"samples": image_io.make_grid(images)[None]})
     logging.info("wrote %d samples in %.1fs: %s", len(images), time.time() - t0, path)
+  if config.mode == "eval" or (config.mode == "train" and config.eval.after_training):
+    from diffusion_jax.evaluation.evaluate import evaluate
+    evaluate(config, workdir, step=step, model=model, params=state.ema_params, schedule=schedule, mesh=mesh,
+             images=images, writer=writer)
   writer.flush()
   manager.wait_until_finished()
   manager.close()

@@ -3,11 +3,7 @@
 # Extra arguments go to diffusion_jax.main (e.g. --config.num_train_steps=100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SUDO=""
-[ "$(id -u)" -ne 0 ] && SUDO=sudo
-if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist
-fi
+bash launch/install_data.sh
 pip install -q -e .
 exec python -m diffusion_jax.main --config="${CONFIG:-configs/fashion_mnist.py}" \
   --workdir="${WORKDIR:-runs/fashion_mnist}" "$@"

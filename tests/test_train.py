@@ -106,8 +106,12 @@ def test_config_errors_name_key_and_value(data_dir, key, value, message):
 def test_main_end_to_end_resume_and_nan_guard(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(data_dir)
+  config.eval.bpd_num_images = 8
   train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  metrics = json.load(open(os.path.join(workdir, "eval", "metrics_4.json")))
+  # An untrained model: the bound is finite and positive, and its parts add up.
+  assert 0 < metrics["prior_bpd"] < metrics["total_bpd"] < 100 and metrics["decoder_bpd"] > 0
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))["images"]
   assert samples.shape == (10, 16, 16, 1) and samples.dtype == np.uint8

@@ -1,0 +1,73 @@
+"""Sampler x NFE table on a trained workdir: seconds per image and fd/kid/IS in the offline classifier space.
+
+python bench/samplers.py --config=fashion_mnist --workdir=runs/fashion_mnist [--num_images=500]
+The data floor row compares two disjoint real sets of the same size (train subset vs test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import apply_overrides, load_config, print_table  # noqa: E402
+from diffusion_jax import checkpoint, images as image_io, train  # noqa: E402
+from diffusion_jax import diffusion as D  # noqa: E402
+from diffusion_jax.data import load_split  # noqa: E402
+from diffusion_jax.evaluation.offline import OfflineEvaluator  # noqa: E402
+from diffusion_jax.parallel.mesh import make_mesh  # noqa: E402
+
+DEFAULT_RUNS = "ddpm:1000,ddpm:50,ddim:10,ddim:20,ddim:50,dpmpp_2m:10,dpmpp_2m:20,dpmpp_2m:50,euler:20,euler:50,heun:10,heun:25"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--config", default="fashion_mnist")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--num_images", type=int, default=500)
+  parser.add_argument("--batch", type=int, default=250)
+  parser.add_argument("--runs", default=DEFAULT_RUNS, help="sampler:steps[:spacing],...")
+  parser.add_argument("--set", action="append", default=[])
+  args = parser.parse_args()
+  config = apply_overrides(load_config(args.config), args.set)
+  mesh = make_mesh()
+  model, schedule = train.build_model(config), train.build_schedule(config)
+  tx, _ = train.build_optimizer(config)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  state, _ = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
+  manager = checkpoint.make_manager(args.workdir)
+  state = checkpoint.restore(manager, state)
+  test_images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
+  train_images, _ = load_split(config.data.dataset, "train", config.data.data_dir)
+  evaluator = OfflineEvaluator(config.data.dataset, test_images)
+  floor = evaluator(train_images[np.random.default_rng(0).choice(len(train_images), args.num_images, replace=False)])
+  rows = [dict(sampler="real data (floor)", steps="-", nfe="-", s_per_image="-",
+               **{k: f"{v:.3f}" for k, v in floor.items()})]
+  for spec in args.runs.split(","):
+    sampler, steps, *spacing = spec.split(":")
+    steps = int(steps)
+    config.sample.spacing = spacing[0] if spacing else None
+    fn = train.make_sample_fn(model, schedule, config, mesh, sampler=sampler, num_steps=steps)
+    batch = args.batch
+    fn(state.ema_params, jax.random.key(0), batch).block_until_ready()  # compile outside the timing
+    t0 = time.perf_counter()
+    images = train.sample_images(fn, state.ema_params, jax.random.key(1), args.num_images, batch)
+    seconds = time.perf_counter() - t0
+    metrics = evaluator(images)
+    rows.append(dict(sampler=sampler + (f" ({spacing[0]})" if spacing else ""), steps=steps,
+                     nfe=D.num_function_evals(sampler, steps), s_per_image=f"{seconds / args.num_images:.4f}",
+                     **{k: f"{v:.3f}" for k, v in metrics.items()}))
+    image_io.write_png(os.path.join(args.workdir, "samples", f"bench_{sampler}_{steps}.png"),
+                       image_io.make_grid(images[:64]))
+    print(rows[-1], flush=True)
+  print(f"\n{args.num_images} images per row, checkpoint step {int(state.step)}, backend {jax.default_backend()}\n")
+  print_table(rows)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,3 @@
+"""Sample-quality metrics."""
+
+from diffusion_jax.evaluation.metrics import feature_statistics, frechet_distance, kid

@@ -1,0 +1,98 @@
+"""Evaluate a checkpoint: sample quality in the offline classifier's space with its real-data floor,
+and bits/dim on the test split (the VLB loop of IDDPM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging
+
+from diffusion_jax import diffusion as D
+from diffusion_jax.data import load_split, scale_images
+from diffusion_jax.evaluation.classifier import weights_path
+from diffusion_jax.parallel.mesh import batch_sharding, global_to_host
+
+OFFLINE_DATASETS = ("fashion_mnist", "mnist")
+
+
+def sample_quality(config, images: np.ndarray) -> dict[str, float]:
+  """fd/kid/is in the offline classifier space for `images`, and the same for N real train images (floor)."""
+  from diffusion_jax.evaluation.offline import OfflineEvaluator
+  dataset = config.data.dataset
+  if dataset not in OFFLINE_DATASETS or not os.path.exists(weights_path(dataset)):
+    logging.warning("no offline feature network for %r: sample-quality metrics skipped", dataset)
+    return {}
+  if images.shape[1:] != (28, 28, 1):
+    logging.warning("the offline feature network takes 28x28x1 images, these are %s: sample-quality metrics "
+                    "skipped", images.shape[1:])
+    return {}
+  test_images, _ = load_split(dataset, "test", config.data.data_dir)
+  train_images, _ = load_split(dataset, "train", config.data.data_dir)
+  evaluator = OfflineEvaluator(dataset, test_images)
+  real = train_images[np.random.default_rng(0).choice(len(train_images), len(images), replace=False)]
+  out = evaluator(images)
+  out.update({f"floor/{k}": v for k, v in evaluator(real).items()})
+  return out
+
+
+def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: int) -> dict[str, float]:
+  """Mean total / prior / decoder bits per dim over `num_images` test images (IDDPM calc_bpd_loop)."""
+  images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
+  n = jax.device_count()
+  batch = max(n, -(-min(config.eval.bpd_batch_size, num_images) // n) * n)
+  sharding = batch_sharding(mesh)
+  d = config.diffusion
+
+  @jax.jit
+  def bpd(params, x, key):
+    model_fn = lambda x_t, t: model.apply(params, jax.lax.with_sharding_constraint(x_t, sharding), t)
+    out = D.calc_bpd_loop(schedule, model_fn, x, key, prediction=d.prediction, variance=d.variance)
+    return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"], "decoder_bpd": out["vb"][:, 0]}
+
+  results = []
+  for i in tqdm.trange(-(-num_images // batch), desc="bits/dim", unit="batch", disable=jax.process_index() > 0):
+    x = scale_images(images[i * batch:(i + 1) * batch])
+    if len(x) < batch:  # pad the last batch; padded rows are dropped below
+      x = np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), x.dtype)])
+    out = bpd(params, jax.device_put(jnp.asarray(x), sharding), jax.random.fold_in(jax.random.key(config.seed), i))
+    results.append({k: global_to_host(v) for k, v in out.items()})
+  return {k: float(np.concatenate([r[k] for r in results])[:num_images].mean()) for k in results[0]}
+
+
+def write_metrics(workdir: str, step: int, metrics: dict[str, float], writer=None) -> str:
+  """DIR/eval/metrics_<step>.json, TensorBoard scalars, and a printed table with the floor beside each metric."""
+  directory = os.path.join(workdir, "eval")
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"metrics_{step}.json")
+  with open(path, "w") as f:
+    json.dump(metrics, f, indent=2, sort_keys=True)
+  if writer is not None:
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+  lines = [f"evaluation at step {step}", f"{'metric':<28}{'model':>12}{'real data floor':>18}"]
+  for k, v in sorted(metrics.items()):
+    if not k.startswith("floor/"):
+      floor = metrics.get(f"floor/{k}")
+      lines.append(f"{k:<28}{v:>12.4f}{'' if floor is None else f'{floor:>18.4f}'}")
+  logging.info("\n".join(lines))
+  print("\n".join(lines), flush=True)
+  return path
+
+
+def evaluate(config, workdir: str, *, step: int, model, params, schedule, mesh, images: np.ndarray,
+             writer=None) -> dict[str, float]:
+  """All metrics for one checkpoint; `images` are its samples (uint8 [N,H,W,C])."""
+  t0 = time.time()
+  metrics = sample_quality(config, images)
+  if config.eval.bpd_num_images > 0:
+    metrics.update(bits_per_dim(config, model, params, schedule, mesh, config.eval.bpd_num_images))
+  metrics["num_samples"] = float(len(images))
+  if jax.process_index() == 0:
+    write_metrics(workdir, step, metrics, writer)
+  logging.info("evaluation took %.1fs", time.time() - t0)
+  return metrics

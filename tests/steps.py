@@ -1,0 +1,31 @@
+"""A few train steps through the public pieces, on whatever processes and devices this run has."""
+
+import functools
+
+import jax
+
+from diffusion_jax import train
+from diffusion_jax.data import InMemoryBatches, load_split
+from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
+
+
+def run_steps(config, num_steps: int) -> list[float]:
+  mesh = make_mesh()
+  model, schedule = train.build_model(config), train.build_schedule(config)
+  tx, lr_fn = train.build_optimizer(config)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  state, shardings = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                   diffusion=config.diffusion.to_dict(), ema_decay=config.optim.ema_decay,
+                                   learning_rate_fn=lr_fn),
+                 in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=(shardings, replicated(mesh)))
+  images, labels = load_split("fashion_mnist", "train", config.data.data_dir)
+  batches = InMemoryBatches(images, labels, global_batch=config.batch_size, seed=0,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+  losses = []
+  for s in range(num_steps):
+    batch = host_to_global({"image": batches.batch(s)["image"]}, batch_sharding(mesh))
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  return losses
