@@ -72,4 +72,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.after_training = True  # mode=train ends with the metrics of the final samples
   e.bpd_num_images = 0  # test images for bits/dim (T network calls each); 0 skips it
   e.bpd_batch_size = 128
+  e.fid = True  # FID with pytorch-fid's Inception-v3, where its weight file is present or downloadable
+  e.download_inception = True
+  e.inception_weights = config_dict.placeholder(str)  # None: ~/.cache/diffusion_jax/pt_inception-...pth
+  e.fid_reference_stats = config_dict.placeholder(str)  # None: computed from the test split and cached
   return config

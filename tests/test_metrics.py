@@ -63,3 +63,40 @@ def test_kid_unbiased_near_zero_for_same_distribution_and_positive_for_different
   yy = sum(k(y[i], y[j]) for i in range(3) for j in range(3) if i != j) / 6
   xy = sum(k(x[i], y[j]) for i in range(3) for j in range(3)) / 9
   assert kid(x, y, num_subsets=1, subset_size=3) == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
+
+
+def test_precision_recall_by_hand_and_on_mode_dropping():
+  from diffusion_jax.evaluation import precision_recall
+  # 1-D by hand, k=1: real {0,1,2,10} has 1-NN radii {1,1,1,8}; fakes 0.5 and 30.
+  real, fake = np.array([[0.0], [1.0], [2.0], [10.0]]), np.array([[0.5], [30.0], [1.5], [9.0]])
+  pr = precision_recall(real, fake, k=1)
+  assert pr["precision"] == pytest.approx(0.75)  # 30 lies outside every ball
+  # fake 1-NN radii: 0.5->1.0, 30->21, 1.5->1.0, 9->7.5; reals 0,1,2 within 1.0 of 0.5/1.5, 10 within 7.5 of 9.
+  assert pr["recall"] == pytest.approx(1.0)
+  rng = np.random.default_rng(4)
+  centers = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], float)
+  real = np.concatenate([c + rng.standard_normal((250, 2)) for c in centers])
+  dropped = np.concatenate([c + rng.standard_normal((500, 2)) for c in centers[:2]])  # two modes missing
+  full = precision_recall(real, np.concatenate([c + rng.standard_normal((250, 2)) for c in centers]))
+  half = precision_recall(real, dropped)
+  assert full["precision"] > 0.9 and full["recall"] > 0.9
+  assert half["precision"] > 0.9 and 0.4 < half["recall"] < 0.6
+  with pytest.raises(ValueError, match="needs more than 3 samples"):
+    precision_recall(real[:3], real[:3])
+
+
+def test_reference_stats_files(tmp_path):
+  from diffusion_jax.evaluation.evaluate import load_reference_stats
+  good = tmp_path / "good.npz"
+  np.savez(good, mu=np.zeros(4), sigma=np.eye(4))
+  mu, sigma = load_reference_stats(str(good))
+  assert mu.shape == (4,) and sigma.shape == (4, 4)
+  (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+  with pytest.raises(ValueError, match="corrupt.npz is not a statistics file with keys 'mu' and 'sigma'"):
+    load_reference_stats(str(tmp_path / "corrupt.npz"))
+  np.savez(tmp_path / "wrong.npz", mu=np.zeros(4), sigma=np.eye(3))
+  with pytest.raises(ValueError, match=r"mu must be \[D\] and sigma \[D,D\], got \(4,\) and \(3, 3\)"):
+    load_reference_stats(str(tmp_path / "wrong.npz"))
+  np.savez(tmp_path / "keys.npz", mean=np.zeros(4))
+  with pytest.raises(ValueError, match="keys 'mu' and 'sigma'"):
+    load_reference_stats(str(tmp_path / "keys.npz"))

@@ -1,3 +1,3 @@
 """Sample-quality metrics."""
 
-from diffusion_jax.evaluation.metrics import feature_statistics, frechet_distance, kid
+from diffusion_jax.evaluation.metrics import feature_statistics, frechet_distance, kid, precision_recall

@@ -41,6 +41,46 @@ def sample_quality(config, images: np.ndarray) -> dict[str, float]:
   return out
 
 
+def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mu [D], sigma [D,D]) from an .npz with pytorch-fid's keys `mu` and `sigma`."""
+  try:
+    with np.load(path) as f:
+      mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+  except (OSError, ValueError, KeyError, EOFError) as e:
+    raise ValueError(f"{path} is not a statistics file with keys 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    raise ValueError(f"{path}: mu must be [D] and sigma [D,D], got {mu.shape} and {sigma.shape}")
+  return mu, sigma
+
+
+def fid(config, images: np.ndarray, workdir: str) -> dict[str, float]:
+  """FID with pytorch-fid's Inception-v3 against the test split's statistics (cached as mu/sigma .npz)."""
+  from diffusion_jax.evaluation import inception
+  from diffusion_jax.evaluation.metrics import feature_statistics, frechet_distance
+  try:
+    variables = inception.load_inception_variables(config.eval.inception_weights,
+                                                   download=config.eval.download_inception)
+  except FileNotFoundError as e:
+    logging.warning("FID skipped: %s", e)
+    return {}
+  features = inception.make_inception_fn(variables)
+  stats_path = config.eval.fid_reference_stats or os.path.join(
+      workdir, "eval", f"fid_stats_{config.data.dataset}_test.npz")
+  if os.path.exists(stats_path):
+    mu_ref, sigma_ref = load_reference_stats(stats_path)
+  else:
+    test_images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
+    mu_ref, sigma_ref = feature_statistics(features(test_images))
+    os.makedirs(os.path.dirname(stats_path), exist_ok=True)
+    np.savez(stats_path, mu=mu_ref, sigma=sigma_ref)
+  fake_feats = features(images)
+  out = {"fid": frechet_distance(*feature_statistics(fake_feats), mu_ref, sigma_ref)}
+  train_images, _ = load_split(config.data.dataset, "train", config.data.data_dir)
+  real = train_images[np.random.default_rng(0).choice(len(train_images), len(images), replace=False)]
+  out["floor/fid"] = frechet_distance(*feature_statistics(features(real)), mu_ref, sigma_ref)
+  return out
+
+
 def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: int) -> dict[str, float]:
   """Mean total / prior / decoder bits per dim over `num_images` test images (IDDPM calc_bpd_loop)."""
   images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
@@ -89,6 +129,8 @@ def evaluate(config, workdir: str, *, step: int, model, params, schedule, mesh, 
   """All metrics for one checkpoint; `images` are its samples (uint8 [N,H,W,C])."""
   t0 = time.time()
   metrics = sample_quality(config, images)
+  if config.eval.fid:
+    metrics.update(fid(config, images, workdir))
   if config.eval.bpd_num_images > 0:
     metrics.update(bits_per_dim(config, model, params, schedule, mesh, config.eval.bpd_num_images))
   metrics["num_samples"] = float(len(images))

@@ -63,3 +63,38 @@ def kid(features1: np.ndarray, features2: np.ndarray, *, num_subsets: int = 100,
            - 2.0 * k_xy.mean())
     estimates.append(mmd)
   return float(np.mean(estimates))
+
+
+def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  sq = np.sum(a ** 2, 1)[:, None] + np.sum(b ** 2, 1)[None, :] - 2.0 * a @ b.T
+  return np.sqrt(np.maximum(sq, 0.0))
+
+
+def _knn_radii(features: np.ndarray, k: int, chunk: int) -> np.ndarray:
+  """Distance from each point to its k-th nearest other point [N]."""
+  radii = np.empty(len(features))
+  for i in range(0, len(features), chunk):
+    d = _pairwise_distances(features[i:i + chunk], features)
+    radii[i:i + chunk] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself (distance 0)
+  return radii
+
+
+def _coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, chunk: int) -> float:
+  """Fraction of queries inside the union of balls B(manifold_i, radii_i)."""
+  inside = np.zeros(len(queries), bool)
+  for i in range(0, len(queries), chunk):
+    inside[i:i + chunk] = np.any(_pairwise_distances(queries[i:i + chunk], manifold) <= radii[None, :], axis=1)
+  return float(inside.mean())
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, *, k: int = 3,
+                     chunk: int = 1000) -> dict[str, float]:
+  """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-3) with k-NN balls, k=3."""
+  real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise ValueError(f"features must be [N, D] and [M, D], got {real.shape} and {fake.shape}")
+  if min(len(real), len(fake)) <= k:
+    raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, "
+                     f"got {len(real)} and {len(fake)}")
+  return {"precision": _coverage(real, _knn_radii(real, k, chunk), fake, chunk),
+          "recall": _coverage(fake, _knn_radii(fake, k, chunk), real, chunk)}

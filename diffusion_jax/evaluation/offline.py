@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_jax.evaluation.classifier import load_params, make_feature_fn
-from diffusion_jax.evaluation.metrics import feature_statistics, frechet_distance, kid
+from diffusion_jax.evaluation.metrics import feature_statistics, frechet_distance, kid, precision_recall
 
 
 def inception_style_score(probs: np.ndarray, eps: float = 1e-12) -> float:
@@ -15,7 +15,7 @@ def inception_style_score(probs: np.ndarray, eps: float = 1e-12) -> float:
 
 
 class OfflineEvaluator:
-  """fd_<dataset>, kid_<dataset>, is_<dataset> of generated images against the real test split."""
+  """fd/kid/is/precision/recall_<dataset> of generated images against the real test split."""
 
   def __init__(self, dataset: str, reference_images: np.ndarray, *, weights: str | None = None):
     self.dataset = dataset
@@ -29,6 +29,8 @@ class OfflineEvaluator:
     out = {f"fd_{self.dataset}": frechet_distance(*feature_statistics(feats), *self.ref_stats),
            f"kid_{self.dataset}": kid(feats, self.ref_features, num_subsets=50, subset_size=min(1000, len(feats))),
            f"is_{self.dataset}": inception_style_score(probs)}
+    pr = precision_recall(self.ref_features[:len(feats)], feats)
+    out.update({f"{k}_{self.dataset}": v for k, v in pr.items()})
     if labels is not None:
       out[f"class_acc_{self.dataset}"] = float(np.mean(probs.argmax(-1) == labels))
     return out
