@@ -4,6 +4,7 @@ and bits/dim on the test split (the VLB loop of IDDPM)."""
 from __future__ import annotations
 
 import json
+import zipfile
 import os
 import time
 
@@ -46,7 +47,7 @@ def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   try:
     with np.load(path) as f:
       mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
-  except (OSError, ValueError, KeyError, EOFError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path} is not a statistics file with keys 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise ValueError(f"{path}: mu must be [D] and sigma [D,D], got {mu.shape} and {sigma.shape}")
