@@ -99,7 +99,7 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array | None, *, train: bool) -> jax.Array:
     h = nn.silu(group_norm(x.shape[-1], self.dtype)(x))
     if self.resample == "up":
       h, x = upsample_nearest(h), upsample_nearest(x)
@@ -107,10 +107,13 @@ class ResBlock(nn.Module):
       h = downsample(h, with_conv=False, conv_impl=self.conv_impl, dtype=self.dtype)
       x = downsample(x, with_conv=False, conv_impl=self.conv_impl, dtype=self.dtype)
     h = Conv(self.out_ch, 3, conv_impl=self.conv_impl, dtype=self.dtype)(h)
-    emb_out = nn.Dense(2 * self.out_ch if self.scale_shift_norm else self.out_ch, dtype=self.dtype,
-                       param_dtype=jnp.float32)(nn.silu(emb))[:, None, None, :]
     norm = group_norm(self.out_ch, self.dtype)
-    if self.scale_shift_norm:
+    if emb is not None:
+      emb_out = nn.Dense(2 * self.out_ch if self.scale_shift_norm else self.out_ch, dtype=self.dtype,
+                         param_dtype=jnp.float32)(nn.silu(emb))[:, None, None, :]
+    if emb is None:  # unconditional use (the autoencoder's blocks): no embedding projection
+      h = norm(h)
+    elif self.scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = norm(h) * (1 + scale) + shift  # ADM (Dhariwal & Nichol 2021) adaptive group norm
     else:
