@@ -17,7 +17,7 @@ import optax
 import tqdm
 from absl import logging
 
-from diffusion_jax import checkpoint, images as image_io
+from diffusion_jax import checkpoint, images as image_io, latent, loop
 from diffusion_jax import diffusion as D
 from diffusion_jax.data import DATASETS, InMemoryBatches, load_split
 from diffusion_jax.diffusion.param import check_choice
@@ -42,7 +42,7 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict) -> UNet:
   m = config.model
-  channels = config.data.channels
+  channels = config.autoencoder.z_channels if is_latent(config) else config.data.channels
   return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
               attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
               head_channels=m.head_channels, resblock_updown=m.resblock_updown,
@@ -94,10 +94,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   m = config.model
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {tuple(DTYPES)}")
   _require(m.conv_impl in CONV_IMPLS, "model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
+  size = config.data.image_size
+  what = f"config.data.image_size={size}"
+  if is_latent(config):
+    a = config.autoencoder
+    _require(isinstance(a.num_train_steps, int) and a.num_train_steps >= 0, "autoencoder.num_train_steps",
+             a.num_train_steps, "must be an int >= 0")
+    _require(a.batch_size % n == 0, "autoencoder.batch_size", a.batch_size, f"must be divisible by the {n} devices")
+    _require(a.rec_loss in ("l1", "l2"), "autoencoder.rec_loss", a.rec_loss, "choose one of ('l1', 'l2')")
+    _require(not config.sample.clip_denoised, "sample.clip_denoised", True,
+             "latents are not in [-1, 1]: set sample.clip_denoised=False for latent diffusion")
+    _require(config.eval.bpd_num_images == 0, "eval.bpd_num_images", config.eval.bpd_num_images,
+             "bits/dim is a pixel-space bound: set it to 0 for latent diffusion")
+    size = latent.build_autoencoder(config).latent_shape((size, size))[0]  # raises when f does not divide
+    what = f"the autoencoder's latent size {size}"
   try:
-    build_model(config).check_input(config.data.image_size, config.data.image_size)
+    build_model(config).check_input(size, size)
   except ValueError as e:
-    raise ValueError(f"config.data.image_size={config.data.image_size} and config.model do not fit: {e}") from None
+    raise ValueError(f"{what} and config.model do not fit: {e}") from None
   s = config.sample
   _require(s.sampler in D.SAMPLERS, "sample.sampler", s.sampler, f"choose one of {D.SAMPLERS}")
   _require(s.num_steps is None or 1 <= s.num_steps <= d.num_timesteps, "sample.num_steps", s.num_steps,
@@ -165,21 +179,34 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
 
 # ---------------------------------------------------------------- sampling
 
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
 def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.ConfigDict, mesh, *,
-                   sampler: str, num_steps: int | None):
-  """jit(params, key, batch) -> images [batch,H,W,C] in [-1,1], sharded over the mesh's data axis."""
+                   sampler: str, num_steps: int | None, decoder=None):
+  """jit(params, key, batch) -> images [batch,H,W,C] in [-1,1], sharded over the mesh's data axis.
+
+  With a `decoder` (latent.LatentDecoder), the sampler runs in latent space and the frozen decoder maps
+  its output back to pixels (its params are an argument of the compiled program, not constants).
+  """
   sharding = batch_sharding(mesh)
-  shape_tail = (config.data.image_size, config.data.image_size, config.data.channels)
+  shape_tail = image_shape(config) if decoder is None else decoder.model.latent_shape(image_shape(config))
   d = config.diffusion
 
-  def fn(params, key, batch):
+  def fn(unet_params, key, batch, decoder_params):
     def model_fn(x, t):
-      return model.apply(params, jax.lax.with_sharding_constraint(x, sharding), t)
-    return D.sample(schedule, model_fn, (batch, *shape_tail), key, sampler=sampler, num_steps=num_steps,
-                    prediction=d.prediction, eta=config.sample.eta, variance=d.variance,
-                    clip_denoised=config.sample.clip_denoised, spacing=config.sample.spacing)
+      return model.apply(unet_params, jax.lax.with_sharding_constraint(x, sharding), t)
+    x = D.sample(schedule, model_fn, (batch, *shape_tail), key, sampler=sampler, num_steps=num_steps,
+                 prediction=d.prediction, eta=config.sample.eta, variance=d.variance,
+                 clip_denoised=config.sample.clip_denoised, spacing=config.sample.spacing)
+    if decoder is not None:
+      x = latent.decode_latents(decoder.model, decoder_params, x, decoder.scale)
+    return x
 
-  return jax.jit(fn, static_argnums=2, out_shardings=sharding)
+  compiled = jax.jit(fn, static_argnums=2, out_shardings=sharding)
+  decoder_params = None if decoder is None else decoder.params
+  return lambda params, key, batch: compiled(params, key, batch, decoder_params)
 
 
 def sample_images(sample_fn, params, key: jax.Array, num_images: int, batch_size: int) -> np.ndarray:
@@ -204,24 +231,15 @@ def write_samples(workdir: str, images: np.ndarray, name: str = "samples") -> st
 
 # ---------------------------------------------------------------- the loop
 
-class NonFiniteLossError(FloatingPointError):
-  pass
-
-
-def _host_metrics(pending: list[dict], step: int) -> dict[str, float]:
-  """Mean of the metrics since the last flush; raises NonFiniteLossError on a NaN/inf loss."""
-  stacked = jax.device_get(pending)
-  losses = np.array([m["loss"] for m in stacked])
-  if not np.all(np.isfinite(losses)):
-    first = step - len(stacked) + int(np.argmin(np.isfinite(losses))) + 1
-    raise NonFiniteLossError(f"the loss became {losses[~np.isfinite(losses)][0]} at step {first}; stopping. "
-                             "The last good checkpoint is left untouched (lower optim.learning_rate or "
-                             "check the data).")
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+NonFiniteLossError = loop.NonFiniteLossError
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Train (resuming from the workdir's latest checkpoint), sample and evaluate; or only sample / evaluate."""
+  """Train (resuming from the workdir's latest checkpoint), sample and evaluate; or only sample / evaluate.
+
+  With `config.autoencoder` (latent diffusion), stage 1 trains the autoencoder first (or reuses a finished
+  one) and the diffusion model runs on its scaled latents.
+  """
   validate_config(config)
   from clu import metric_writers  # imports TensorFlow: keep it off import paths of the library
   os.makedirs(workdir, exist_ok=True)
@@ -229,42 +247,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = make_mesh()
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  training = config.mode == "train"
+  batches = _train_batches(config) if training else None
+
+  decoder = encode = None
+  shape = image_shape(config)
+  if is_latent(config):
+    ae_model, ae_params, scale = latent.prepare_autoencoder(config, workdir, mesh, writer, train=training,
+                                                            batches=batches)
+    shape = ae_model.latent_shape(shape)
+    decoder = latent.LatentDecoder(ae_model, ae_params, scale)
+    encode_fn = latent.make_encode_fn(ae_model, mesh)
+    encode = lambda key, images: encode_fn(ae_params, images, key, scale)
+
   model, schedule = build_model(config), build_schedule(config)
   tx, lr_fn = build_optimizer(config)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  base_key = jax.random.key(config.seed)
-  init_key, train_key, sample_key = jax.random.split(base_key, 3)
-  state, state_shardings = create_train_state(model, tx, init_key, image_shape, mesh, schedule.num_timesteps)
-  logging.info("model: %.2fM parameters", sum(x.size for x in jax.tree.leaves(state.params)) / 1e6)
+  init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
+  state, state_shardings = create_train_state(model, tx, init_key, shape, mesh, schedule.num_timesteps)
+  logging.info("diffusion model: %.2fM parameters on %s inputs", sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+               "x".join(map(str, shape)))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-  if config.mode in ("sample", "eval"):
+  if not training:
     state = checkpoint.restore(manager, state, config.sample.checkpoint_step)
   elif manager.latest_step() is not None:
     state = checkpoint.restore(manager, state)
     logging.info("resumed from %s at step %d", manager.directory, int(state.step))
 
-  if config.mode == "train":
+  if training:
     try:
       state = _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, schedule, train_key,
-                     manager, writer)
+                     manager, writer, batches, encode, decoder)
     finally:
       manager.wait_until_finished()  # an in-flight save completes even when training fails
 
   step = int(state.step)
   sample_fn = make_sample_fn(model, schedule, config, mesh, sampler=config.sample.sampler,
-                             num_steps=config.sample.num_steps)
+                             num_steps=config.sample.num_steps, decoder=decoder)
   t0 = time.time()
   logging.info("sampling %d images with %s (%s steps) from the EMA params of step %d", config.sample.num_images,
                config.sample.sampler, config.sample.num_steps or schedule.num_timesteps, step)
-  images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images,
-                         config.sample.batch_size)
+  images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images, config.sample.batch_size)
   if jax.process_index() == 0:
     path = write_samples(workdir, images)
     writer.write_images(step, {"samples": image_io.make_grid(images)[None]})
     logging.info("wrote %d samples in %.1fs: %s", len(images), time.time() - t0, path)
-  if config.mode == "eval" or (config.mode == "train" and config.eval.after_training):
+  if config.mode == "eval" or (training and config.eval.after_training):
     from diffusion_jax.evaluation.evaluate import evaluate
     evaluate(config, workdir, step=step, model=model, params=state.ema_params, schedule=schedule, mesh=mesh,
              images=images, writer=writer)
@@ -273,58 +302,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   manager.close()
 
 
-def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, schedule, train_key, manager,
-           writer) -> TrainState:
-  num_steps = config.num_train_steps
-  start = int(state.step)
-  if start >= num_steps:
-    logging.info("checkpoint is at step %d >= num_train_steps=%d: nothing to train", start, num_steps)
-    return state
+def is_latent(config: ml_collections.ConfigDict) -> bool:
+  return "autoencoder" in config and config.autoencoder is not None
+
+
+def _train_batches(config: ml_collections.ConfigDict) -> InMemoryBatches:
   images, labels = load_split(config.data.dataset, "train", config.data.data_dir)
-  if images.shape[1:] != (config.data.image_size, config.data.image_size, config.data.channels):
+  if images.shape[1:] != image_shape(config):
     raise ValueError(f"dataset {config.data.dataset!r} has images of shape {images.shape[1:]}, but config.data "
                      f"says image_size={config.data.image_size}, channels={config.data.channels}")
-  batches = InMemoryBatches(images, labels, global_batch=config.batch_size, seed=config.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count(),
-                            random_flip=config.data.random_flip)
+  return InMemoryBatches(images, labels, global_batch=config.batch_size, seed=config.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         random_flip=config.data.random_flip)
+
+
+def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, schedule, train_key, manager,
+           writer, batches, encode, decoder) -> TrainState:
+  """Stage 2 (or the only stage): the diffusion model on images, or on scaled latents when `encode`."""
   data_sharding = batch_sharding(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, diffusion=config.diffusion.to_dict(),
                         ema_decay=config.optim.ema_decay, learning_rate_fn=lr_fn),
       in_shardings=(state_shardings, data_sharding, replicated(mesh)),
       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-  preview_fn = make_sample_fn(model, schedule, config, mesh, sampler=config.sample.preview_sampler,
-                              num_steps=config.sample.preview_steps)
+  preview_sample = make_sample_fn(model, schedule, config, mesh, sampler=config.sample.preview_sampler,
+                                  num_steps=config.sample.preview_steps, decoder=decoder)
   preview_key = jax.random.fold_in(train_key, 2**31 - 1)  # never a train step's key
-  pending, t_last, step_last, t_start = [], time.time(), start, time.time()
-  logging.info("training steps %d..%d, global batch %d on %d devices", start, num_steps, config.batch_size,
-               jax.device_count())
-  for step in range(start + 1, num_steps + 1):
-    batch = host_to_global({"image": batches.batch(step - 1)["image"]}, data_sharding)
-    state, metrics = step_fn(state, batch, train_key)
-    pending.append(metrics)
-    is_last = step == num_steps
-    if step % config.log_every_steps == 0 or is_last or step % config.checkpoint_every_steps == 0:
-      summary = _host_metrics(pending, step)  # raises before any save when a loss went non-finite
-      pending = []
-      if step % config.log_every_steps == 0 or is_last:
-        now = time.time()
-        steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
-        summary.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.batch_size)
-        writer.write_scalars(step, summary)
-        eta = (num_steps - step) / max(steps_per_sec, 1e-9)
-        logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %dm%02ds", step,
-                     num_steps, summary["loss"], summary["grad_norm"], summary["learning_rate"], steps_per_sec,
-                     eta // 60, eta % 60)
-        t_last, step_last = now, step
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      checkpoint.save(manager, step, state)
-    if step % config.sample_every_steps == 0 or is_last:
-      grid_images = sample_images(preview_fn, state.ema_params, jax.random.fold_in(preview_key, step),
-                                  config.sample.preview_images, config.sample.batch_size)
-      if jax.process_index() == 0:
-        write_samples(workdir, grid_images, name=f"preview_{step:07d}")
-        writer.write_images(step, {"preview": image_io.make_grid(grid_images)[None]})
-  manager.wait_until_finished()
-  logging.info("trained %d steps in %.1f min", num_steps - start, (time.time() - t_start) / 60)
-  return state
+  encode_key = jax.random.fold_in(train_key, 2**31 - 2)
+
+  def batch_fn(index):
+    images = host_to_global({"image": batches.batch(index)["image"]}, data_sharding)
+    if encode is not None:  # LDM: the frozen encoder runs in the input pipeline, on device
+      images = {"image": encode(jax.random.fold_in(encode_key, index), images["image"])}
+    return images
+
+  def preview(state, step):
+    grid_images = sample_images(preview_sample, state.ema_params, jax.random.fold_in(preview_key, step),
+                                config.sample.preview_images, config.sample.batch_size)
+    if jax.process_index() == 0:
+      write_samples(workdir, grid_images, name=f"preview_{step:07d}")
+      writer.write_images(step, {"preview": image_io.make_grid(grid_images)[None]})
+
+  return loop.run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, train_key), batch_fn=batch_fn,
+                       num_steps=config.num_train_steps, batch_size=config.batch_size,
+                       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
+                       preview_every=config.sample_every_steps, manager=manager, writer=writer, preview_fn=preview,
+                       name="diffusion" if encode is not None else "train")

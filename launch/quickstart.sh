@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install_data.sh
 pip install -q -e .
-exec python -m diffusion_jax.main --config="${CONFIG:-configs/fashion_mnist.py}" \
-  --workdir="${WORKDIR:-runs/fashion_mnist}" "$@"
+exec python -m diffusion_jax.main --config="${CONFIG:-configs/latent.py}" \
+  --workdir="${WORKDIR:-runs/latent}" "$@"

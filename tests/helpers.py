@@ -49,3 +49,16 @@ def tiny_config(data_dir: str):
   config.sample.preview_images = 8
   config.sample.preview_steps = 5
   return config
+
+
+def tiny_latent_config(data_dir: str):
+  import ml_collections
+  config = tiny_config(data_dir)
+  config.autoencoder = a = ml_collections.ConfigDict()
+  a.ch, a.ch_mult, a.num_res_blocks, a.attn_resolutions, a.z_channels = 8, (1, 2), 1, (), 2
+  a.kl_weight, a.rec_loss, a.learning_rate, a.warmup_steps = 1e-6, "l1", 1e-3, 1
+  a.batch_size, a.num_train_steps = 8, 4
+  a.checkpoint_dir = ml_collections.config_dict.placeholder(str)
+  config.model.attn_resolutions = (4,)  # 8x8x2 latents
+  config.sample.clip_denoised = False
+  return config

@@ -120,7 +120,6 @@ def write_metrics(workdir: str, step: int, metrics: dict[str, float], writer=Non
     if not k.startswith("floor/"):
       floor = metrics.get(f"floor/{k}")
       lines.append(f"{k:<28}{v:>12.4f}{'' if floor is None else f'{floor:>18.4f}'}")
-  logging.info("\n".join(lines))
   print("\n".join(lines), flush=True)
   return path
 

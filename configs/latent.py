@@ -1,0 +1,70 @@
+"""Latent diffusion (LDM) on Fashion-MNIST: a KL autoencoder with f=4 (28x28x1 -> 7x7x4), then a DDPM on
+its scaled latents. Default: both stages on 2 CPU cores; ':full' for an accelerator."""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from default import get_base_config  # noqa: E402
+
+
+def get_config(variant: str = "cpu"):
+  config = get_base_config()
+  config.data.dataset = "fashion_mnist"
+  config.data.image_size = 28
+  config.data.channels = 1
+
+  config.autoencoder = a = ml_collections.ConfigDict()
+  a.ch = 16
+  a.ch_mult = (1, 2, 4)  # f = 4
+  a.num_res_blocks = 1
+  a.attn_resolutions = ()
+  a.z_channels = 4
+  a.kl_weight = 1e-6  # LDM's KL-reg weight
+  a.rec_loss = "l1"
+  a.learning_rate = 1e-3
+  a.warmup_steps = 100
+  a.batch_size = 32
+  a.num_train_steps = 1500
+  a.checkpoint_dir = ml_collections.config_dict.placeholder(str)  # reuse a finished stage 1 from elsewhere
+
+  config.diffusion.schedule = "linear"
+  config.diffusion.prediction = "eps"
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)  # 7x7 latents, padded to 8x8
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (4,)
+  config.model.dropout = 0.0
+  config.sample.clip_denoised = False  # latents are not in [-1, 1]
+  config.eval.bpd_num_images = 0  # bits/dim is a pixel-space bound
+  if variant == "cpu":
+    config.num_train_steps = 3000
+    config.batch_size = 64
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.sample_every_steps = 2000
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 200
+    config.optim.ema_decay = 0.999
+    config.sample.num_images = 256
+    config.sample.sampler = "ddpm"
+    config.sample.num_steps = 250
+  elif variant == "full":
+    a.ch, a.ch_mult, a.num_res_blocks, a.num_train_steps, a.batch_size = 64, (1, 2, 2), 2, 50_000, 64
+    a.learning_rate = 4.5e-6 * 64  # LDM: base lr 4.5e-6 scaled by the batch size
+    config.model.ch = 128
+    config.model.num_res_blocks = 2
+    config.num_train_steps = 200_000
+    config.batch_size = 128
+    config.optim.learning_rate = 2e-4
+    config.optim.warmup_steps = 1000
+    config.log_every_steps = 500
+    config.checkpoint_every_steps = 5000
+    config.sample_every_steps = 10_000
+    config.sample.num_images = 10_000
+    config.sample.batch_size = 500
+  else:
+    raise ValueError(f"unknown variant {variant!r} of configs/latent.py; choose 'cpu' or 'full'")
+  return config
