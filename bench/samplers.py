@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import apply_overrides, load_config, print_table  # noqa: E402
-from diffusion_jax import checkpoint, images as image_io, train  # noqa: E402
+from diffusion_jax import checkpoint, images as image_io, latent, train  # noqa: E402
 from diffusion_jax import diffusion as D  # noqa: E402
 from diffusion_jax.data import load_split  # noqa: E402
 from diffusion_jax.evaluation.offline import OfflineEvaluator  # noqa: E402
@@ -38,7 +38,12 @@ def main():
   mesh = make_mesh()
   model, schedule = train.build_model(config), train.build_schedule(config)
   tx, _ = train.build_optimizer(config)
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  shape = train.image_shape(config)
+  decoder = None
+  if train.is_latent(config):  # sample latents, decode with the workdir's finished autoencoder
+    ae_model, ae_params, scale = latent.prepare_autoencoder(config, args.workdir, mesh, None, train=False)
+    decoder = latent.LatentDecoder(ae_model, ae_params, scale)
+    shape = ae_model.latent_shape(shape)
   state, _ = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
   manager = checkpoint.make_manager(args.workdir)
   state = checkpoint.restore(manager, state)
@@ -52,7 +57,7 @@ def main():
     sampler, steps, *spacing = spec.split(":")
     steps = int(steps)
     config.sample.spacing = spacing[0] if spacing else None
-    fn = train.make_sample_fn(model, schedule, config, mesh, sampler=sampler, num_steps=steps)
+    fn = train.make_sample_fn(model, schedule, config, mesh, sampler=sampler, num_steps=steps, decoder=decoder)
     batch = args.batch
     fn(state.ema_params, jax.random.key(0), batch).block_until_ready()  # compile outside the timing
     t0 = time.perf_counter()
