@@ -31,6 +31,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.vlb_weight = 1e-3  # IDDPM lambda for the hybrid loss
   d.snr_gamma = 0.0  # min-SNR-gamma weighting; 0 = off
   d.timestep_sampler = "uniform"  # uniform | importance
+  d.p_uncond = 0.1  # class-conditional models: label dropout for classifier-free guidance
 
   config.model = m = ml_collections.ConfigDict()
   m.ch = 128
@@ -43,6 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.resblock_updown = False
   m.scale_shift_norm = False
   m.dtype = "float32"  # compute dtype; params stay float32
+  m.num_classes = 0  # > 0: class-conditional (a learned class embedding; label num_classes = null)
   m.conv_impl = "xla"  # xla | im2col (9 slices + one matmul; slower here, see README's bench table)
 
   config.optim = o = ml_collections.ConfigDict()
@@ -62,6 +64,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.num_steps = config_dict.placeholder(int)  # None: all T steps
   s.spacing = config_dict.placeholder(str)  # None: the sampler's default grid (samplers.DEFAULT_SPACING)
   s.eta = 0.0  # DDIM: 0 deterministic, 1 ~ ancestral
+  s.guidance_scale = 1.0  # classifier-free guidance w: out_uncond + w (out_cond - out_uncond); 1 = none
+  s.class_label = -1  # class-conditional sampling: -1 cycles through the classes
   s.clip_denoised = True
   s.checkpoint_step = config_dict.placeholder(int)  # None: latest
   s.preview_images = 36

@@ -47,6 +47,7 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
               attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
               head_channels=m.head_channels, resblock_updown=m.resblock_updown,
               scale_shift_norm=m.scale_shift_norm, conv_impl=m.conv_impl, dtype=DTYPES[m.dtype],
+              num_classes=m.num_classes,
               out_channels=2 * channels if config.diffusion.variance == "learned_range" else channels)
 
 
@@ -117,6 +118,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(s.num_steps is None or 1 <= s.num_steps <= d.num_timesteps, "sample.num_steps", s.num_steps,
            f"must be unset (all T) or an int in [1, {d.num_timesteps}]")
   _require(isinstance(s.num_images, int) and s.num_images >= 1, "sample.num_images", s.num_images, "must be >= 1")
+  k = m.num_classes
+  _require(isinstance(k, int) and k >= 0, "model.num_classes", k, "must be an int >= 0 (0: unconditional)")
+  _require(0 <= d.p_uncond <= 1, "diffusion.p_uncond", d.p_uncond, "must be a probability in [0, 1]")
+  _require(s.class_label == -1 or 0 <= s.class_label < max(k, 1) and k > 0, "sample.class_label", s.class_label,
+           f"must be -1 (every class in turn) or a class in [0, {k}) of a class-conditional model")
+  try:
+    D.check_guidance_scale(s.guidance_scale)
+  except ValueError as e:
+    raise ValueError(f"config.sample.guidance_scale: {e}") from None
   e = config.eval
   _require(isinstance(e.bpd_num_images, int) and e.bpd_num_images >= 0, "eval.bpd_num_images", e.bpd_num_images,
            "must be an int >= 0 (0 skips bits/dim)")
@@ -133,7 +143,8 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.A
   """eval_shape -> replicated shardings -> jit(init, out_shardings); returns (state, state shardings)."""
   def init(key):
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    params = model.init(key, x, jnp.zeros((1,), jnp.int32))
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    params = model.init(key, x, jnp.zeros((1,), jnp.int32), y)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=tx.init(params), loss_history=D.init_loss_history(num_timesteps))
 
@@ -147,14 +158,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
                learning_rate_fn) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch [B,H,W,C]; key = fold_in(base_key, step)."""
   key = jax.random.fold_in(base_key, state.step)
-  key_t, key_noise, key_dropout = jax.random.split(key, 3)
+  key_t, key_noise, key_dropout, key_uncond = jax.random.split(key, 4)
   x_start = batch["image"]
+  y = None
+  if model.num_classes:  # condition dropout for classifier-free guidance (Ho & Salimans 2022, algorithm 1)
+    y = D.drop_labels(key_uncond, batch["label"], diffusion["p_uncond"], model.num_classes)
   t, weights = D.sample_timesteps(key_t, x_start.shape[0], schedule.num_timesteps,
                                   sampler=diffusion["timestep_sampler"], history=state.loss_history)
   noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
 
   def loss_fn(params):
-    model_fn = lambda x, tt: model.apply(params, x, tt, train=True, rngs={"dropout": key_dropout})
+    model_fn = lambda x, tt: model.apply(params, x, tt, y, train=True, rngs={"dropout": key_dropout})
     terms = D.diffusion_loss(schedule, model_fn, x_start, t, noise, loss_type=diffusion["loss"],
                              prediction=diffusion["prediction"], variance=diffusion["variance"],
                              vlb_weight=diffusion["vlb_weight"], snr_gamma=diffusion["snr_gamma"] or None)
@@ -194,9 +208,14 @@ def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.Con
   shape_tail = image_shape(config) if decoder is None else decoder.model.latent_shape(image_shape(config))
   d = config.diffusion
 
-  def fn(unet_params, key, batch, decoder_params):
-    def model_fn(x, t):
-      return model.apply(unet_params, jax.lax.with_sharding_constraint(x, sharding), t)
+  def fn(unet_params, key, batch, decoder_params, labels):
+    def conditional(x, t, y):
+      return model.apply(unet_params, jax.lax.with_sharding_constraint(x, sharding), t, y)
+    if model.num_classes:
+      model_fn = D.guided_model_fn(conditional, labels, model.num_classes, config.sample.guidance_scale,
+                                   guided_channels=shape_tail[-1])
+    else:
+      model_fn = lambda x, t: conditional(x, t, None)
     x = D.sample(schedule, model_fn, (batch, *shape_tail), key, sampler=sampler, num_steps=num_steps,
                  prediction=d.prediction, eta=config.sample.eta, variance=d.variance,
                  clip_denoised=config.sample.clip_denoised, spacing=config.sample.spacing)
@@ -206,24 +225,38 @@ def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.Con
 
   compiled = jax.jit(fn, static_argnums=2, out_shardings=sharding)
   decoder_params = None if decoder is None else decoder.params
-  return lambda params, key, batch: compiled(params, key, batch, decoder_params)
+  return lambda params, key, batch, labels=None: compiled(params, key, batch, decoder_params, labels)
 
 
-def sample_images(sample_fn, params, key: jax.Array, num_images: int, batch_size: int) -> np.ndarray:
+def sample_labels(config: ml_collections.ConfigDict, num_images: int) -> np.ndarray | None:
+  """Class labels [N] for a class-conditional model: sample.class_label, or every class in turn (-1)."""
+  k = config.model.num_classes
+  if not k:
+    return None
+  label = config.sample.class_label
+  return np.full(num_images, label, np.int32) if label >= 0 else np.arange(num_images, dtype=np.int32) % k
+
+
+def sample_images(sample_fn, params, key: jax.Array, num_images: int, batch_size: int,
+                  labels: np.ndarray | None = None) -> np.ndarray:
   """uint8 [num_images,H,W,C]: batches of `batch_size` (a multiple of the device count), gathered."""
   n = jax.device_count()
   batch_size = max(n, -(-batch_size // n) * n)
   out = []
   for i in tqdm.trange(-(-num_images // batch_size), desc="sampling", unit="batch",
                        disable=jax.process_index() > 0 or num_images <= batch_size):
-    out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size))))
+    y = None
+    if labels is not None:  # this batch's labels, padded to the compiled batch size
+      y = jnp.asarray(np.resize(labels[i * batch_size:(i + 1) * batch_size], batch_size))
+    out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size, y))))
   return np.concatenate(out)[:num_images]
 
 
-def write_samples(workdir: str, images: np.ndarray, name: str = "samples") -> str:
+def write_samples(workdir: str, images: np.ndarray, name: str = "samples", labels: np.ndarray | None = None) -> str:
   directory = os.path.join(workdir, "samples")
   os.makedirs(directory, exist_ok=True)
-  np.savez(os.path.join(directory, f"{name}.npz"), images=images)
+  np.savez(os.path.join(directory, f"{name}.npz"), images=images,
+           **({} if labels is None else {"labels": labels}))
   path = os.path.join(directory, f"{name}.png")
   image_io.write_png(path, image_io.make_grid(images))
   return path
@@ -288,15 +321,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   t0 = time.time()
   logging.info("sampling %d images with %s (%s steps) from the EMA params of step %d", config.sample.num_images,
                config.sample.sampler, config.sample.num_steps or schedule.num_timesteps, step)
-  images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images, config.sample.batch_size)
+  labels = sample_labels(config, config.sample.num_images)
+  images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images, config.sample.batch_size,
+                         labels)
   if jax.process_index() == 0:
-    path = write_samples(workdir, images)
+    path = write_samples(workdir, images, labels=labels)
     writer.write_images(step, {"samples": image_io.make_grid(images)[None]})
     logging.info("wrote %d samples in %.1fs: %s", len(images), time.time() - t0, path)
   if config.mode == "eval" or (training and config.eval.after_training):
     from diffusion_jax.evaluation.evaluate import evaluate
     evaluate(config, workdir, step=step, model=model, params=state.ema_params, schedule=schedule, mesh=mesh,
-             images=images, writer=writer)
+             images=images, labels=labels, writer=writer)
   writer.flush()
   manager.wait_until_finished()
   manager.close()
@@ -331,14 +366,17 @@ def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, sche
   encode_key = jax.random.fold_in(train_key, 2**31 - 2)
 
   def batch_fn(index):
-    images = host_to_global({"image": batches.batch(index)["image"]}, data_sharding)
+    host = batches.batch(index)
+    batch = host_to_global({"image": host["image"], "label": host["label"]} if model.num_classes
+                           else {"image": host["image"]}, data_sharding)
     if encode is not None:  # LDM: the frozen encoder runs in the input pipeline, on device
-      images = {"image": encode(jax.random.fold_in(encode_key, index), images["image"])}
-    return images
+      batch["image"] = encode(jax.random.fold_in(encode_key, index), batch["image"])
+    return batch
 
   def preview(state, step):
     grid_images = sample_images(preview_sample, state.ema_params, jax.random.fold_in(preview_key, step),
-                                config.sample.preview_images, config.sample.batch_size)
+                                config.sample.preview_images, config.sample.batch_size,
+                                sample_labels(config, config.sample.preview_images))
     if jax.process_index() == 0:
       write_samples(workdir, grid_images, name=f"preview_{step:07d}")
       writer.write_images(step, {"preview": image_io.make_grid(grid_images)[None]})

@@ -2,6 +2,7 @@
 
 from diffusion_jax.diffusion.bpd import calc_bpd_loop
 from diffusion_jax.diffusion.forward import q_mean_variance, q_posterior_mean_variance, q_sample
+from diffusion_jax.diffusion.guidance import check_guidance_scale, drop_labels, guided_model_fn
 from diffusion_jax.diffusion.losses import (LOSS_TYPES, LossHistory, diffusion_loss,
                                             discretized_gaussian_log_likelihood, init_loss_history,
                                             min_snr_weight, normal_kl, prior_bpd, sample_timesteps,

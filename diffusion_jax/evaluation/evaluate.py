@@ -22,7 +22,7 @@ from diffusion_jax.parallel.mesh import batch_sharding, global_to_host
 OFFLINE_DATASETS = ("fashion_mnist", "mnist")
 
 
-def sample_quality(config, images: np.ndarray) -> dict[str, float]:
+def sample_quality(config, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
   """fd/kid/is in the offline classifier space for `images`, and the same for N real train images (floor)."""
   from diffusion_jax.evaluation.offline import OfflineEvaluator
   dataset = config.data.dataset
@@ -37,7 +37,7 @@ def sample_quality(config, images: np.ndarray) -> dict[str, float]:
   train_images, _ = load_split(dataset, "train", config.data.data_dir)
   evaluator = OfflineEvaluator(dataset, test_images)
   real = train_images[np.random.default_rng(0).choice(len(train_images), len(images), replace=False)]
-  out = evaluator(images)
+  out = evaluator(images, labels)
   out.update({f"floor/{k}": v for k, v in evaluator(real).items()})
   return out
 
@@ -92,7 +92,9 @@ def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: 
 
   @jax.jit
   def bpd(params, x, key):
-    model_fn = lambda x_t, t: model.apply(params, jax.lax.with_sharding_constraint(x_t, sharding), t)
+    # A class-conditional model is scored unconditionally (null label): the bound on p(x).
+    y = jnp.full((x.shape[0],), model.num_classes, jnp.int32) if model.num_classes else None
+    model_fn = lambda x_t, t: model.apply(params, jax.lax.with_sharding_constraint(x_t, sharding), t, y)
     out = D.calc_bpd_loop(schedule, model_fn, x, key, prediction=d.prediction, variance=d.variance)
     return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"], "decoder_bpd": out["vb"][:, 0]}
 
@@ -125,10 +127,10 @@ def write_metrics(workdir: str, step: int, metrics: dict[str, float], writer=Non
 
 
 def evaluate(config, workdir: str, *, step: int, model, params, schedule, mesh, images: np.ndarray,
-             writer=None) -> dict[str, float]:
+             labels: np.ndarray | None = None, writer=None) -> dict[str, float]:
   """All metrics for one checkpoint; `images` are its samples (uint8 [N,H,W,C])."""
   t0 = time.time()
-  metrics = sample_quality(config, images)
+  metrics = sample_quality(config, images, labels)
   if config.eval.fid:
     metrics.update(fid(config, images, workdir))
   if config.eval.bpd_num_images > 0:

@@ -26,6 +26,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   scale_shift_norm: bool = False
   conv_impl: str = "xla"
+  num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
   dtype: Any = jnp.float32
 
   def padded_size(self, size: int) -> int:
@@ -48,8 +49,11 @@ class UNet(nn.Module):
       raise ValueError(f"only square images are supported, got {height}x{width}")
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     b, height, width, channels = x.shape
+    if (y is None) != (self.num_classes == 0):
+      raise ValueError(f"class labels y must be given exactly when num_classes > 0 (num_classes={self.num_classes}, "
+                       f"y={'None' if y is None else 'given'})")
     self.check_input(height, width)
     size = self.padded_size(height)
     pad = size - height
@@ -62,6 +66,9 @@ class UNet(nn.Module):
     emb = timestep_embedding(t, self.ch)
     emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(emb)
     emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(nn.silu(emb))
+    if self.num_classes:
+      # A learned class embedding added to the timestep embedding (ADM / Ho & Salimans 2022); +1 for null.
+      emb = emb + nn.Embed(self.num_classes + 1, 4 * self.ch, param_dtype=jnp.float32)(y).astype(emb.dtype)
 
     h = Conv(self.ch, 3, **kw)(x.astype(self.dtype))
     skips = [h]
