@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -20,7 +19,6 @@ from absl import logging
 from diffusion_jax import checkpoint, images as image_io, latent, loop
 from diffusion_jax import diffusion as D
 from diffusion_jax.data import DATASETS, InMemoryBatches, load_split
-from diffusion_jax.diffusion.param import check_choice
 from diffusion_jax.models import UNet
 from diffusion_jax.models.layers import CONV_IMPLS
 from diffusion_jax.parallel.mesh import batch_sharding, global_to_host, host_to_global, make_mesh, replicated

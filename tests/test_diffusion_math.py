@@ -1,6 +1,5 @@
 """The diffusion math against float64 numpy references written independently here."""
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -6,8 +6,6 @@ Slow tier (needs torch: `pip install torch==2.13.0`): `bash launch/run_tests.sh 
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
 
 from diffusion_jax.evaluation import inception as I
 
@@ -139,7 +137,7 @@ def torch_fid_inception():
 @pytest.fixture(scope="module")
 def torch_net():
   try:
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (only checks that torch is installed)
   except ImportError:
     pytest.fail("this slow test needs torch: pip install torch==2.13.0")
   return torch_fid_inception()

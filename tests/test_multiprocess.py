@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from helpers import tiny_config, write_fake_fashion_mnist
 from steps import run_steps

@@ -27,7 +27,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     hint = (f" Offline, install the Debian package: apt-get install dataset-fashion-mnist "
             f"(files go to {DEBIAN_DIRS['fashion_mnist']}), or set config.data.data_dir to a directory "
             "holding the idx files." if name == "fashion_mnist" else
-            f" tfds downloads it on first use with internet, or prepare it into config.data.data_dir.")
+            " tfds downloads it on first use with internet, or prepare it into config.data.data_dir.")
     raise DataNotFoundError(f"could not load dataset {name!r} split {split!r} through tensorflow-datasets "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).{hint}") from None
   images, labels = tfds.as_numpy(ds)

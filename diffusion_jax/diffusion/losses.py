@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion.forward import extract, q_mean_variance, q_posterior_mean_variance, q_sample
+from diffusion_jax.diffusion.forward import q_mean_variance, q_posterior_mean_variance, q_sample
 from diffusion_jax.diffusion.param import (PREDICTIONS, VARIANCES, check_choice, p_mean_variance,
                                            prediction_target, split_learned_variance)
 from diffusion_jax.diffusion.schedules import Schedule
