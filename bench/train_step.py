@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import apply_overrides, load_config, print_table  # noqa: E402
 from diffusion_jax import latent, train  # noqa: E402
-from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, replicated  # noqa: E402
+from diffusion_jax.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
 
 
 def peak_flops(n: int = 2048, reps: int = 5) -> float:
@@ -99,11 +99,7 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
   model, schedule = train.build_model(config), train.build_schedule(config)
   tx, lr_fn = train.build_optimizer(config)
   state, shardings = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
-  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                      diffusion=config.diffusion.to_dict(), ema_decay=config.optim.ema_decay,
-                                      learning_rate_fn=lr_fn),
-                    in_shardings=(shardings, data, replicated(mesh)),
-                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+  step_fn = train.compile_train_step(config, model, tx, lr_fn, schedule, mesh, shardings)
   batch_arr = jax.device_put(jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *shape)), jnp.float32), data)
   rows.append(row(label, config.batch_size, time_step(step_fn, state, {"image": batch_arr}, key, steps, peak),
                   encode_s))

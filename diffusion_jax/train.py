@@ -189,6 +189,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
                     loss_history=history), metrics
 
 
+def compile_train_step(config: ml_collections.ConfigDict, model: UNet, tx: optax.GradientTransformation, lr_fn,
+                       schedule: D.Schedule, mesh, state_shardings, *, donate: bool = True):
+  """jit(state, batch, base_key) -> (state, metrics): batch sharded over the data axis, state as given."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, diffusion=config.diffusion.to_dict(),
+                        ema_decay=config.optim.ema_decay, learning_rate_fn=lr_fn),
+      in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else ())
+
+
 # ---------------------------------------------------------------- sampling
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -353,11 +363,7 @@ def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, sche
            writer, batches, encode, decoder) -> TrainState:
   """Stage 2 (or the only stage): the diffusion model on images, or on scaled latents when `encode`."""
   data_sharding = batch_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, diffusion=config.diffusion.to_dict(),
-                        ema_decay=config.optim.ema_decay, learning_rate_fn=lr_fn),
-      in_shardings=(state_shardings, data_sharding, replicated(mesh)),
-      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+  step_fn = compile_train_step(config, model, tx, lr_fn, schedule, mesh, state_shardings)
   preview_sample = make_sample_fn(model, schedule, config, mesh, sampler=config.sample.preview_sampler,
                                   num_steps=config.sample.preview_steps, decoder=decoder)
   preview_key = jax.random.fold_in(train_key, 2**31 - 1)  # never a train step's key

@@ -1,12 +1,11 @@
 """A few train steps through the public pieces, on whatever processes and devices this run has."""
 
-import functools
 
 import jax
 
 from diffusion_jax import train
 from diffusion_jax.data import InMemoryBatches, load_split
-from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
+from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh
 
 
 def run_steps(config, num_steps: int) -> list[float]:
@@ -15,11 +14,7 @@ def run_steps(config, num_steps: int) -> list[float]:
   tx, lr_fn = train.build_optimizer(config)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
   state, shardings = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                   diffusion=config.diffusion.to_dict(), ema_decay=config.optim.ema_decay,
-                                   learning_rate_fn=lr_fn),
-                 in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-                 out_shardings=(shardings, replicated(mesh)))
+  step = train.compile_train_step(config, model, tx, lr_fn, schedule, mesh, shardings, donate=False)
   images, labels = load_split("fashion_mnist", "train", config.data.data_dir)
   batches = InMemoryBatches(images, labels, global_batch=config.batch_size, seed=0,
                             process_index=jax.process_index(), process_count=jax.process_count())

@@ -1,6 +1,5 @@
 """The train step, its sharding, checkpoints and the end-to-end main job on tiny sizes."""
 
-import functools
 import json
 import os
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import checkpoint, train
-from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, replicated
+from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
 from helpers import tiny_config, write_fake_fashion_mnist
 
 
@@ -25,11 +24,7 @@ def _setup(config, devices):
   tx, lr_fn = train.build_optimizer(config)
   state, shardings = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 1), mesh,
                                               schedule.num_timesteps)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                   diffusion=config.diffusion.to_dict(), ema_decay=config.optim.ema_decay,
-                                   learning_rate_fn=lr_fn),
-                 in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-                 out_shardings=(shardings, replicated(mesh)))
+  step = train.compile_train_step(config, model, tx, lr_fn, schedule, mesh, shardings, donate=False)
   return mesh, state, step
 
 

@@ -93,11 +93,12 @@ def _karras_timesteps(schedule: Schedule, num_steps: int, rho: float = 7.0) -> n
   return _nearest_timesteps(np.log(sigmas), np.log(target))
 
 
-def _x0_prediction(schedule, model_fn, x, t_index, batch, prediction, variance, clip_denoised):
+def _predict(schedule, model_fn, x, t_index, batch, prediction, variance, clip_denoised=False):
+  """(x0, eps) [B,H,W,C] the model implies at schedule index `t_index`; x0 clipped to [-1,1] if asked."""
   t = jnp.full((batch,), t_index, jnp.int32)
   output, _ = split_learned_variance(model_fn(x, schedule.timestep_map[t]).astype(x.dtype), x, variance)
-  pred_x0, _ = predict_x0_and_eps(schedule, output, x, t, prediction)
-  return jnp.clip(pred_x0, -1.0, 1.0) if clip_denoised else pred_x0
+  pred_x0, pred_eps = predict_x0_and_eps(schedule, output, x, t, prediction)
+  return (jnp.clip(pred_x0, -1.0, 1.0) if clip_denoised else pred_x0), pred_eps
 
 
 def ddpm_sample_loop(schedule: Schedule, model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *,
@@ -137,7 +138,7 @@ def ddim_sample_loop(schedule: Schedule, model_fn: ModelFn, x_T: jax.Array, key:
 
   def step(x, inputs):
     i, t_i, t_prev = inputs
-    pred_x0 = _x0_prediction(schedule, model_fn, x, t_i, batch, prediction, variance, clip_denoised)
+    pred_x0, _ = _predict(schedule, model_fn, x, t_i, batch, prediction, variance, clip_denoised)
     a_t, a_prev = _alpha_bar(schedule, t_i), _alpha_bar(schedule, t_prev)
     # eps recomputed from the (clipped) x0 keeps the update consistent (IDDPM ddim_sample).
     eps = (x * jax.lax.rsqrt(a_t) - pred_x0) / jnp.sqrt(1.0 / a_t - 1.0)
@@ -166,19 +167,13 @@ def ddim_invert(schedule: Schedule, model_fn: ModelFn, x_start: jax.Array, grid:
 
   def step(x, inputs):
     t_prev, t_next = inputs
-    eps = _eps_prediction(schedule, model_fn, x, t_next, batch, prediction, variance)
+    _, eps = _predict(schedule, model_fn, x, t_next, batch, prediction, variance)
     a_prev, a_next = _alpha_bar(schedule, t_prev), _alpha_bar(schedule, t_next)
     pred_x0 = (x - jnp.sqrt(1.0 - a_prev) * eps) * jax.lax.rsqrt(a_prev)
     return (jnp.sqrt(a_next) * pred_x0 + jnp.sqrt(1.0 - a_next) * eps).astype(x.dtype), None
 
   x, _ = jax.lax.scan(step, x_start, (prev, ts))
   return x
-
-
-def _eps_prediction(schedule, model_fn, x, t_index, batch, prediction, variance):
-  t = jnp.full((batch,), t_index, jnp.int32)
-  output, _ = split_learned_variance(model_fn(x, schedule.timestep_map[t]).astype(x.dtype), x, variance)
-  return predict_x0_and_eps(schedule, output, x, t, prediction)[1]
 
 
 def dpmpp_2m_sample_loop(schedule: Schedule, model_fn: ModelFn, x_T: jax.Array, grid: np.ndarray, *,
@@ -195,7 +190,7 @@ def dpmpp_2m_sample_loop(schedule: Schedule, model_fn: ModelFn, x_T: jax.Array, 
   def step(carry, inputs):
     x, x0_prev, h_prev = carry
     i, t_s, t_t = inputs
-    x0 = _x0_prediction(schedule, model_fn, x, t_s, batch, prediction, variance, clip_denoised)
+    x0, _ = _predict(schedule, model_fn, x, t_s, batch, prediction, variance, clip_denoised)
     a_s, a_t = _alpha_bar(schedule, t_s), _alpha_bar(schedule, t_t)
     h = lam(t_t) - lam(t_s)
     r = h_prev / h
@@ -224,8 +219,8 @@ def karras_sample_loop(schedule: Schedule, model_fn: ModelFn, x_T: jax.Array, gr
     return jnp.where(t >= 0, sigmas_all[jnp.maximum(t, 0)], 0.0)
 
   def denoise(x_ve, t):  # D(x; sigma): the VP model on x_vp = x_ve / sqrt(1 + sigma^2) (EDM table 1)
-    return _x0_prediction(schedule, model_fn, x_ve * jax.lax.rsqrt(1.0 + sigma_of(t) ** 2), t, batch,
-                          prediction, variance, clip_denoised)
+    return _predict(schedule, model_fn, x_ve * jax.lax.rsqrt(1.0 + sigma_of(t) ** 2), t, batch,
+                    prediction, variance, clip_denoised)[0]
 
   def step(x, inputs):
     t_i, t_n = inputs
