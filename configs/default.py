@@ -45,7 +45,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.scale_shift_norm = False
   m.dtype = "float32"  # compute dtype; params stay float32
   m.num_classes = 0  # > 0: class-conditional (a learned class embedding; label num_classes = null)
+  m.context_dim = 0  # > 0: cross-attention to a text context of this width (the text encoder's: minilm 384)
+  m.concat_channels = 0  # > 0: extra input channels for spatially aligned conditions
   m.conv_impl = "xla"  # xla | im2col (9 slices + one matmul; slower here, see README's bench table)
+
+  config.text = t = ml_collections.ConfigDict()
+  t.encoder = config_dict.placeholder(str)  # None: no text; minilm | clip (frozen, pretrained)
+  t.model_dir = config_dict.placeholder(str)  # None: minilm from its pip wheel, clip from the hub
+  t.max_length = 16  # tokens per prompt (longer prompts are truncated with a warning)
 
   config.optim = o = ml_collections.ConfigDict()
   o.learning_rate = 2e-4
@@ -65,7 +72,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.spacing = config_dict.placeholder(str)  # None: the sampler's default grid (samplers.DEFAULT_SPACING)
   s.eta = 0.0  # DDIM: 0 deterministic, 1 ~ ancestral
   s.guidance_scale = 1.0  # classifier-free guidance w: out_uncond + w (out_cond - out_uncond); 1 = none
-  s.class_label = -1  # class-conditional sampling: -1 cycles through the classes
+  s.class_label = -1  # conditional sampling without a prompt: -1 cycles through the classes
+  s.prompt = ""  # text models: '' = every class's caption in turn; 'a | b' = several prompts
   s.clip_denoised = True
   s.checkpoint_step = config_dict.placeholder(int)  # None: latest
   s.preview_images = 36

@@ -42,3 +42,24 @@ def write_png(path: str, image: np.ndarray) -> None:
   with open(path, "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def captioned_grid(images: np.ndarray, captions: np.ndarray, pad: int = 2, max_per_row: int = 16) -> np.ndarray:
+  """uint8 [N,H,W,C] + captions [N] -> one image: a row per distinct caption (first-seen order), its text on the left."""
+  from PIL import Image, ImageDraw, ImageFont
+  order = list(dict.fromkeys(str(c) for c in captions))
+  rows = [images[np.asarray([str(c) == caption for c in captions])][:max_per_row] for caption in order]
+  n, h, w, c = images.shape
+  font = ImageFont.load_default()
+  text_w = max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(caption, font=font)) for caption in order) + 8
+  ncol = max(len(r) for r in rows)
+  mode = "RGB" if c == 3 else "L"
+  canvas = Image.new(mode, (text_w + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (caption, row) in enumerate(zip(order, rows)):
+    top = pad + i * (h + pad)
+    draw.text((4, top + max(0, (h - 11) // 2)), caption, fill="black", font=font)
+    strip = make_grid(row, ncol=len(row), pad=pad)[pad:pad + h]
+    canvas.paste(Image.fromarray(strip if c == 3 else strip[..., 0]), (text_w, top))
+  grid = np.asarray(canvas)
+  return grid if c == 3 else grid[..., None]

@@ -16,7 +16,7 @@ import optax
 import tqdm
 from absl import logging
 
-from diffusion_jax import checkpoint, images as image_io, latent, loop
+from diffusion_jax import checkpoint, conditioning as C, images as image_io, latent, loop
 from diffusion_jax import diffusion as D
 from diffusion_jax.data import DATASETS, InMemoryBatches, load_split
 from diffusion_jax.models import UNet
@@ -45,7 +45,7 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
               attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
               head_channels=m.head_channels, resblock_updown=m.resblock_updown,
               scale_shift_norm=m.scale_shift_norm, conv_impl=m.conv_impl, dtype=DTYPES[m.dtype],
-              num_classes=m.num_classes,
+              num_classes=m.num_classes, context_dim=m.context_dim, concat_channels=m.concat_channels,
               out_channels=2 * channels if config.diffusion.variance == "learned_range" else channels)
 
 
@@ -119,8 +119,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   k = m.num_classes
   _require(isinstance(k, int) and k >= 0, "model.num_classes", k, "must be an int >= 0 (0: unconditional)")
   _require(0 <= d.p_uncond <= 1, "diffusion.p_uncond", d.p_uncond, "must be a probability in [0, 1]")
-  _require(s.class_label == -1 or 0 <= s.class_label < max(k, 1) and k > 0, "sample.class_label", s.class_label,
+  _require(s.class_label == -1 or 0 <= s.class_label < max(k, 1) and k > 0 or C.condition_kind(config) == "text"
+           and s.class_label >= 0, "sample.class_label", s.class_label,
            f"must be -1 (every class in turn) or a class in [0, {k}) of a class-conditional model")
+  _require(isinstance(m.context_dim, int) and m.context_dim >= 0, "model.context_dim", m.context_dim,
+           "must be an int >= 0 (0: no cross-attention)")
+  kind = C.condition_kind(config)
+  if kind == "text":
+    from diffusion_jax.models.text_encoder import TEXT_ENCODERS
+    t = config.text
+    _require(t.encoder in TEXT_ENCODERS, "text.encoder", t.encoder, f"choose one of {tuple(TEXT_ENCODERS)} or None")
+    _require(m.context_dim > 0, "model.context_dim", m.context_dim,
+             f"a text-conditional model needs cross-attention: set it to the {t.encoder} encoder's width")
+    _require(k == 0, "model.num_classes", k, "text models are conditioned on captions: set it to 0")
+    _require(isinstance(t.max_length, int) and t.max_length >= 2, "text.max_length", t.max_length, "must be >= 2")
+    _require(config.data.dataset in C.CAPTIONS, "data.dataset", config.data.dataset,
+             f"text conditioning needs captions; captioned datasets: {tuple(C.CAPTIONS)}")
+    C.check_prompts(C.parse_prompts(s.prompt), s.num_images)
+    _require(s.class_label < len(C.CAPTIONS[config.data.dataset]), "sample.class_label", s.class_label,
+             f"must be -1 or a class of {config.data.dataset}")
+  else:
+    _require(m.context_dim == 0, "model.context_dim", m.context_dim,
+             "cross-attention needs a context: set text.encoder (e.g. 'minilm') or model.context_dim=0")
+    _require(not C.parse_prompts(s.get("prompt")), "sample.prompt", s.get("prompt"),
+             "prompts need a text-conditional model (set text.encoder)")
   try:
     D.check_guidance_scale(s.guidance_scale)
   except ValueError as e:
@@ -141,8 +163,7 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.A
   """eval_shape -> replicated shardings -> jit(init, out_shardings); returns (state, state shardings)."""
   def init(key):
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    params = model.init(key, x, jnp.zeros((1,), jnp.int32), y)
+    params = model.init(key, x, jnp.zeros((1,), jnp.int32), **example_condition(model, image_shape))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=tx.init(params), loss_history=D.init_loss_history(num_timesteps))
 
@@ -151,22 +172,45 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.A
   return jax.jit(init, out_shardings=shardings)(key), shardings
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array, *, model: UNet,
-               tx: optax.GradientTransformation, schedule: D.Schedule, diffusion: dict, ema_decay: float,
+def example_condition(model: UNet, image_shape: tuple, batch: int = 1) -> dict[str, jax.Array]:
+  """Zero conditioning inputs of the model's kinds (for init and shape checks)."""
+  cond = {}
+  if model.num_classes:
+    cond["y"] = jnp.zeros((batch,), jnp.int32)
+  if model.context_dim:
+    cond["context"] = jnp.zeros((batch, 1, model.context_dim), jnp.float32)
+    cond["context_mask"] = jnp.ones((batch, 1), jnp.int32)
+  if model.concat_channels:
+    cond["concat"] = jnp.zeros((batch, *image_shape[:2], model.concat_channels), jnp.float32)
+  return cond
+
+
+def model_condition_kind(model: UNet) -> str:
+  return "text" if model.context_dim else "class" if model.num_classes else "none"
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array,
+               text_table: C.TextTable | None = None, *, model: UNet, tx: optax.GradientTransformation,
+               schedule: D.Schedule, diffusion: dict, ema_decay: float,
                learning_rate_fn) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the global batch [B,H,W,C]; key = fold_in(base_key, step)."""
+  """One optimizer step on the global batch [B,H,W,C]; key = fold_in(base_key, step).
+
+  Conditional models read batch["label"] (a class, or the class whose captions a text model draws from
+  `text_table`) and batch["concat"] when the model has concat channels.
+  """
   key = jax.random.fold_in(base_key, state.step)
   key_t, key_noise, key_dropout, key_uncond = jax.random.split(key, 4)
   x_start = batch["image"]
-  y = None
-  if model.num_classes:  # condition dropout for classifier-free guidance (Ho & Salimans 2022, algorithm 1)
-    y = D.drop_labels(key_uncond, batch["label"], diffusion["p_uncond"], model.num_classes)
+  cond = C.train_condition(model_condition_kind(model), key_uncond, batch.get("label"), diffusion["p_uncond"],
+                           model.num_classes, text_table)
+  if model.concat_channels:
+    cond["concat"] = batch["concat"]
   t, weights = D.sample_timesteps(key_t, x_start.shape[0], schedule.num_timesteps,
                                   sampler=diffusion["timestep_sampler"], history=state.loss_history)
   noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
 
   def loss_fn(params):
-    model_fn = lambda x, tt: model.apply(params, x, tt, y, train=True, rngs={"dropout": key_dropout})
+    model_fn = lambda x, tt: model.apply(params, x, tt, train=True, rngs={"dropout": key_dropout}, **cond)
     terms = D.diffusion_loss(schedule, model_fn, x_start, t, noise, loss_type=diffusion["loss"],
                              prediction=diffusion["prediction"], variance=diffusion["variance"],
                              vlb_weight=diffusion["vlb_weight"], snr_gamma=diffusion["snr_gamma"] or None)
@@ -191,12 +235,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
 
 def compile_train_step(config: ml_collections.ConfigDict, model: UNet, tx: optax.GradientTransformation, lr_fn,
                        schedule: D.Schedule, mesh, state_shardings, *, donate: bool = True):
-  """jit(state, batch, base_key) -> (state, metrics): batch sharded over the data axis, state as given."""
-  return jax.jit(
+  """jit(state, batch, base_key, text_table=None) -> (state, metrics): batch sharded over the data axis, state
+  as given, the caption table replicated."""
+  compiled = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, diffusion=config.diffusion.to_dict(),
                         ema_decay=config.optim.ema_decay, learning_rate_fn=lr_fn),
-      in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+      in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else ())
+  return lambda state, batch, base_key, text_table=None: compiled(state, batch, base_key, text_table)
 
 
 # ---------------------------------------------------------------- sampling
@@ -207,7 +253,9 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.ConfigDict, mesh, *,
                    sampler: str, num_steps: int | None, decoder=None):
-  """jit(params, key, batch) -> images [batch,H,W,C] in [-1,1], sharded over the mesh's data axis.
+  """jit(params, key, batch, cond, null_cond) -> images [batch,H,W,C] in [-1,1], sharded over the mesh's data
+  axis; cond / null_cond (conditional models) are pytrees with a leading [batch] axis, guided by
+  sample.guidance_scale.
 
   With a `decoder` (latent.LatentDecoder), the sampler runs in latent space and the frozen decoder maps
   its output back to pixels (its params are an argument of the compiled program, not constants).
@@ -216,14 +264,14 @@ def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.Con
   shape_tail = image_shape(config) if decoder is None else decoder.model.latent_shape(image_shape(config))
   d = config.diffusion
 
-  def fn(unet_params, key, batch, decoder_params, labels):
-    def conditional(x, t, y):
-      return model.apply(unet_params, jax.lax.with_sharding_constraint(x, sharding), t, y)
-    if model.num_classes:
-      model_fn = D.guided_model_fn(conditional, labels, model.num_classes, config.sample.guidance_scale,
+  def fn(unet_params, key, batch, decoder_params, cond, null_cond):
+    def conditional(x, t, c):
+      return model.apply(unet_params, jax.lax.with_sharding_constraint(x, sharding), t, **c)
+    if cond:
+      model_fn = D.guided_model_fn(conditional, cond, null_cond, config.sample.guidance_scale,
                                    guided_channels=shape_tail[-1])
     else:
-      model_fn = lambda x, t: conditional(x, t, None)
+      model_fn = lambda x, t: conditional(x, t, {})
     x = D.sample(schedule, model_fn, (batch, *shape_tail), key, sampler=sampler, num_steps=num_steps,
                  prediction=d.prediction, eta=config.sample.eta, variance=d.variance,
                  clip_denoised=config.sample.clip_denoised, spacing=config.sample.spacing)
@@ -233,40 +281,36 @@ def make_sample_fn(model: UNet, schedule: D.Schedule, config: ml_collections.Con
 
   compiled = jax.jit(fn, static_argnums=2, out_shardings=sharding)
   decoder_params = None if decoder is None else decoder.params
-  return lambda params, key, batch, labels=None: compiled(params, key, batch, decoder_params, labels)
-
-
-def sample_labels(config: ml_collections.ConfigDict, num_images: int) -> np.ndarray | None:
-  """Class labels [N] for a class-conditional model: sample.class_label, or every class in turn (-1)."""
-  k = config.model.num_classes
-  if not k:
-    return None
-  label = config.sample.class_label
-  return np.full(num_images, label, np.int32) if label >= 0 else np.arange(num_images, dtype=np.int32) % k
+  return lambda params, key, batch, cond=None, null_cond=None: compiled(params, key, batch, decoder_params,
+                                                                        cond or {}, null_cond or {})
 
 
 def sample_images(sample_fn, params, key: jax.Array, num_images: int, batch_size: int,
-                  labels: np.ndarray | None = None) -> np.ndarray:
-  """uint8 [num_images,H,W,C]: batches of `batch_size` (a multiple of the device count), gathered."""
+                  cond: dict | None = None, null_cond: dict | None = None) -> np.ndarray:
+  """uint8 [num_images,H,W,C]: batches of `batch_size` (a multiple of the device count), gathered; cond and
+  null_cond are host pytrees with a leading [num_images] axis (see conditioning.sample_condition)."""
   n = jax.device_count()
   batch_size = max(n, -(-batch_size // n) * n)
   out = []
   for i in tqdm.trange(-(-num_images // batch_size), desc="sampling", unit="batch",
                        disable=jax.process_index() > 0 or num_images <= batch_size):
-    y = None
-    if labels is not None:  # this batch's labels, padded to the compiled batch size
-      y = jnp.asarray(np.resize(labels[i * batch_size:(i + 1) * batch_size], batch_size))
-    out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size, y))))
+    # This batch's conditions, padded to the compiled batch size by repetition.
+    part = lambda a: jnp.asarray(np.resize(a[i * batch_size:(i + 1) * batch_size], (batch_size, *a.shape[1:])))
+    c, u = jax.tree.map(part, cond or {}), jax.tree.map(part, null_cond or {})
+    out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size, c, u))))
   return np.concatenate(out)[:num_images]
 
 
-def write_samples(workdir: str, images: np.ndarray, name: str = "samples", labels: np.ndarray | None = None) -> str:
+def write_samples(workdir: str, images: np.ndarray, name: str = "samples", labels: np.ndarray | None = None,
+                  prompts: np.ndarray | None = None) -> str:
+  """DIR/samples/<name>.npz (images uint8 [N,H,W,C], labels int [N], prompts [N]) and a grid .png, one row per
+  prompt with its caption for text models."""
   directory = os.path.join(workdir, "samples")
   os.makedirs(directory, exist_ok=True)
-  np.savez(os.path.join(directory, f"{name}.npz"), images=images,
-           **({} if labels is None else {"labels": labels}))
+  extra = {k: v for k, v in (("labels", labels), ("prompts", prompts)) if v is not None}
+  np.savez(os.path.join(directory, f"{name}.npz"), images=images, **extra)
   path = os.path.join(directory, f"{name}.png")
-  image_io.write_png(path, image_io.make_grid(images))
+  image_io.write_png(path, image_io.make_grid(images) if prompts is None else image_io.captioned_grid(images, prompts))
   return path
 
 
@@ -302,6 +346,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     encode_fn = latent.make_encode_fn(ae_model, mesh)
     encode = lambda key, images: encode_fn(ae_params, images, key, scale)
 
+  kind = C.condition_kind(config)
+  encoder = C.load_encoder(config) if kind == "text" else None  # frozen; runs once per distinct prompt
+  text_table = None
+  if kind == "text" and training:
+    text_table = C.build_text_table(encoder, C.dataset_captions(config.data.dataset))
+    logging.info("text conditioning: %s encoder, %d captions embedded as [%d,%d,%d]", encoder.name,
+                 text_table.context.shape[0] - 1, *text_table.context.shape)
   model, schedule = build_model(config), build_schedule(config)
   tx, lr_fn = build_optimizer(config)
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -319,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if training:
     try:
       state = _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, schedule, train_key,
-                     manager, writer, batches, encode, decoder)
+                     manager, writer, batches, encode, decoder, text_table, encoder)
     finally:
       manager.wait_until_finished()  # an in-flight save completes even when training fails
 
@@ -329,11 +380,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   t0 = time.time()
   logging.info("sampling %d images with %s (%s steps) from the EMA params of step %d", config.sample.num_images,
                config.sample.sampler, config.sample.num_steps or schedule.num_timesteps, step)
-  labels = sample_labels(config, config.sample.num_images)
+  labels, prompts = C.sample_prompts_and_labels(config, config.sample.num_images)
+  cond, null_cond = C.sample_condition(kind, labels, prompts, config.model.num_classes, encoder)
   images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images, config.sample.batch_size,
-                         labels)
+                         cond, null_cond)
   if jax.process_index() == 0:
-    path = write_samples(workdir, images, labels=labels)
+    path = write_samples(workdir, images, labels=labels, prompts=prompts)
     writer.write_images(step, {"samples": image_io.make_grid(images)[None]})
     logging.info("wrote %d samples in %.1fs: %s", len(images), time.time() - t0, path)
   if config.mode == "eval" or (training and config.eval.after_training):
@@ -360,7 +412,7 @@ def _train_batches(config: ml_collections.ConfigDict) -> InMemoryBatches:
 
 
 def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, schedule, train_key, manager,
-           writer, batches, encode, decoder) -> TrainState:
+           writer, batches, encode, decoder, text_table=None, encoder=None) -> TrainState:
   """Stage 2 (or the only stage): the diffusion model on images, or on scaled latents when `encode`."""
   data_sharding = batch_sharding(mesh)
   step_fn = compile_train_step(config, model, tx, lr_fn, schedule, mesh, state_shardings)
@@ -371,21 +423,23 @@ def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, sche
 
   def batch_fn(index):
     host = batches.batch(index)
-    batch = host_to_global({"image": host["image"], "label": host["label"]} if model.num_classes
+    batch = host_to_global({"image": host["image"], "label": host["label"]} if model_condition_kind(model) != "none"
                            else {"image": host["image"]}, data_sharding)
     if encode is not None:  # LDM: the frozen encoder runs in the input pipeline, on device
       batch["image"] = encode(jax.random.fold_in(encode_key, index), batch["image"])
     return batch
 
+  labels, prompts = C.sample_prompts_and_labels(config, config.sample.preview_images, every_class=True)
+  cond, null_cond = C.sample_condition(C.condition_kind(config), labels, prompts, config.model.num_classes, encoder)
+
   def preview(state, step):
     grid_images = sample_images(preview_sample, state.ema_params, jax.random.fold_in(preview_key, step),
-                                config.sample.preview_images, config.sample.batch_size,
-                                sample_labels(config, config.sample.preview_images))
+                                config.sample.preview_images, config.sample.batch_size, cond, null_cond)
     if jax.process_index() == 0:
-      write_samples(workdir, grid_images, name=f"preview_{step:07d}")
+      write_samples(workdir, grid_images, name=f"preview_{step:07d}", labels=labels, prompts=prompts)
       writer.write_images(step, {"preview": image_io.make_grid(grid_images)[None]})
 
-  return loop.run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, train_key), batch_fn=batch_fn,
+  return loop.run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, train_key, text_table), batch_fn=batch_fn,
                        num_steps=config.num_train_steps, batch_size=config.batch_size,
                        log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
                        preview_every=config.sample_every_steps, manager=manager, writer=writer, preview_fn=preview,

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install_data.sh
+bash launch/install_text_encoder.sh
 pip install -q -e .
 exec python -m diffusion_jax.main --config="${CONFIG:-configs/latent.py}" \
   --workdir="${WORKDIR:-runs/latent}" "$@"

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install_data.sh
+bash launch/install_text_encoder.sh
 pip install -q -e '.[test]'
 exec python -m pytest -q tests "$@"

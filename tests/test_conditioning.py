@@ -33,21 +33,22 @@ def test_guidance_scale_one_is_the_conditional_model_and_zero_the_unconditional(
     return x * (1.0 + y[:, None, None, None].astype(jnp.float32))
 
   x, t, y = jnp.ones((3, 2, 2, 1)), jnp.zeros((3,), jnp.int32), jnp.array([1, 2, 3])
-  np.testing.assert_array_equal(D.guided_model_fn(model_fn, y, 9, 1.0)(x, t), model_fn(x, t, y))
+  null = jnp.full_like(y, 9)
+  np.testing.assert_array_equal(D.guided_model_fn(model_fn, y, null, 1.0)(x, t), model_fn(x, t, y))
   calls.clear()
-  np.testing.assert_allclose(D.guided_model_fn(model_fn, y, 9, 0.0)(x, t), 10.0 * x)  # null label 9
+  np.testing.assert_allclose(D.guided_model_fn(model_fn, y, null, 0.0)(x, t), 10.0 * x)  # null label 9
   assert calls == [6]  # conditional and unconditional in one batched call
   w = 3.0
   expected = 10.0 * x + w * (model_fn(x, t, y) - 10.0 * x)
-  np.testing.assert_allclose(D.guided_model_fn(model_fn, y, 9, w)(x, t), expected, rtol=1e-6)
+  np.testing.assert_allclose(D.guided_model_fn(model_fn, y, null, w)(x, t), expected, rtol=1e-6)
   # A learned variance: only the prediction channels are guided.
   two = lambda x, t, y: jnp.concatenate([model_fn(x, t, y), model_fn(x, t, y)], -1)
-  out = D.guided_model_fn(two, y, 9, w, guided_channels=1)(x, t)
+  out = D.guided_model_fn(two, y, null, w, guided_channels=1)(x, t)
   np.testing.assert_allclose(out[..., :1], expected, rtol=1e-6)
   np.testing.assert_allclose(out[..., 1:], model_fn(x, t, y), rtol=1e-6)
   for bad in (-1.0, "strong", True):
     with pytest.raises(ValueError, match="guidance_scale must be a number >= 0"):
-      D.guided_model_fn(model_fn, y, 9, bad)
+      D.guided_model_fn(model_fn, y, null, bad)
 
 
 def test_condition_dropout_rate():

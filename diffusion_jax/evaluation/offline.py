@@ -31,6 +31,7 @@ class OfflineEvaluator:
            f"is_{self.dataset}": inception_style_score(probs)}
     pr = precision_recall(self.ref_features[:len(feats)], feats)
     out.update({f"{k}_{self.dataset}": v for k, v in pr.items()})
-    if labels is not None:
-      out[f"class_acc_{self.dataset}"] = float(np.mean(probs.argmax(-1) == labels))
+    known = None if labels is None else np.asarray(labels) >= 0  # -1: a free prompt of no class
+    if known is not None and known.any():
+      out[f"class_acc_{self.dataset}"] = float(np.mean(probs.argmax(-1)[known] == np.asarray(labels)[known]))
     return out

@@ -125,6 +125,32 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def attention_heads(channels: int, num_heads: int, head_channels: int) -> int:
+  """Heads from num_heads, or from head_channels when > 0 (ADM); ValueError when they do not divide."""
+  heads = channels // head_channels if head_channels > 0 else num_heads
+  if heads < 1 or channels % heads:
+    raise ValueError(f"attention over {channels} channels cannot split into {heads} heads "
+                     f"(num_heads={num_heads}, head_channels={head_channels})")
+  return heads
+
+
+def multi_head_attention(h: jax.Array, context: jax.Array | None, context_mask: jax.Array | None, heads: int,
+                         dtype: Dtype, prefix: str = "") -> jax.Array:
+  """softmax(QK^T/sqrt(d))V (Vaswani et al. 2017, eq. 1): Q from h [B,N,C], K and V from context [B,L,D]
+  (h itself when None), padding keys masked by context_mask [B,L]; out projection zero-initialised.
+
+  Call inside a compact method: its Dense layers belong to the caller, named prefix + q/k/v/proj_out.
+  """
+  c = h.shape[-1]
+  source = h if context is None else context.astype(dtype)
+  dense = lambda name: nn.DenseGeneral((heads, c // heads), dtype=dtype, param_dtype=jnp.float32, name=prefix + name)
+  q, k, v = dense("q")(h), dense("k")(source), dense("v")(source)  # [B,N,heads,D], [B,L,heads,D]
+  mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)  # [B,1,1,L]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return nn.DenseGeneral(c, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
+                         kernel_init=nn.initializers.zeros, name=prefix + "proj_out")(out)
+
+
 class AttentionBlock(nn.Module):
   """Spatial self-attention with a residual (DDPM appendix B); heads from num_heads or head_channels."""
 
@@ -135,15 +161,30 @@ class AttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
-    heads = c // self.head_channels if self.head_channels > 0 else self.num_heads
-    if heads < 1 or c % heads:
-      raise ValueError(f"attention over {c} channels cannot split into {heads} heads "
-                       f"(num_heads={self.num_heads}, head_channels={self.head_channels})")
+    heads = attention_heads(c, self.num_heads, self.head_channels)
     h = group_norm(c, self.dtype)(x).reshape(b, hgt * wid, c)
-    dense = lambda name: nn.DenseGeneral(
-        (heads, c // heads), dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)  # [B,HW,N,D]
-    out = jax.nn.dot_product_attention(q, k, v)
-    out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-                          kernel_init=nn.initializers.zeros, name="proj_out")(out)
-    return x + out.reshape(b, hgt, wid, c)
+    return x + multi_head_attention(h, None, None, heads, self.dtype).reshape(b, hgt, wid, c)
+
+
+class SpatialTransformer(nn.Module):
+  """LDM's transformer on feature maps (Rombach et al. 2022, sec. 3.3): norm, proj_in, then self-attention,
+  cross-attention to the context [B,L,D] and a GEGLU feed-forward (Shazeer 2020), each pre-LN with a residual,
+  and a zero-initialised proj_out, so a new block starts as the identity."""
+
+  num_heads: int = 1
+  head_channels: int = -1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None = None) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    heads = attention_heads(c, self.num_heads, self.head_channels)
+    dense = lambda features, name, **kw: nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name, **kw)
+    norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    h = dense(c, "proj_in")(group_norm(c, self.dtype)(x).reshape(b, hgt * wid, c))
+    h = h + multi_head_attention(norm("norm1")(h), None, None, heads, self.dtype, prefix="attn1_")
+    h = h + multi_head_attention(norm("norm2")(h), context, context_mask, heads, self.dtype, prefix="attn2_")
+    value, gate = jnp.split(dense(8 * c, "ff_in")(norm("norm3")(h)), 2, axis=-1)
+    h = h + dense(c, "ff_out")(value * nn.gelu(gate, approximate=False))  # GEGLU, inner width 4C
+    h = dense(c, "proj_out", kernel_init=nn.initializers.zeros)(h)
+    return x + h.reshape(b, hgt, wid, c)

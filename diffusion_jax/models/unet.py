@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, downsample, group_norm,
-                                         timestep_embedding, upsample_nearest)
+from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, SpatialTransformer, downsample,
+                                         group_norm, timestep_embedding, upsample_nearest)
 
 
 class UNet(nn.Module):
-  """eps/x0/v network [B,H,W,C] x t [B] -> [B,H,W,out_channels]; odd sizes are padded then cropped."""
+  """eps/x0/v network [B,H,W,C] x t [B] -> [B,H,W,out_channels]; odd sizes are padded then cropped.
+
+  Conditioning: class labels y [B] (num_classes > 0), a text context [B,L,context_dim] read by cross-attention
+  at the attention resolutions (context_dim > 0), and concat [B,H,W,concat_channels] spatially aligned inputs.
+  """
 
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -27,6 +32,8 @@ class UNet(nn.Module):
   scale_shift_norm: bool = False
   conv_impl: str = "xla"
   num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
+  context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context
+  concat_channels: int = 0  # > 0: extra input channels (masked image, low-resolution image)
   dtype: Any = jnp.float32
 
   def padded_size(self, size: int) -> int:
@@ -49,19 +56,35 @@ class UNet(nn.Module):
       raise ValueError(f"only square images are supported, got {height}x{width}")
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None, concat: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     b, height, width, channels = x.shape
     if (y is None) != (self.num_classes == 0):
       raise ValueError(f"class labels y must be given exactly when num_classes > 0 (num_classes={self.num_classes}, "
                        f"y={'None' if y is None else 'given'})")
+    if (context is None) != (self.context_dim == 0) or context is not None and (
+        context.ndim != 3 or context.shape[-1] != self.context_dim):
+      raise ValueError(f"a context [B,L,{self.context_dim}] must be given exactly when context_dim > 0 "
+                       f"(context_dim={self.context_dim}, context={'None' if context is None else context.shape})")
+    if (concat is None) != (self.concat_channels == 0) or concat is not None and (
+        concat.shape != (b, height, width, self.concat_channels)):
+      raise ValueError(f"concat [B,H,W,{self.concat_channels}] = {(b, height, width, self.concat_channels)} must be "
+                       f"given exactly when concat_channels > 0, got {None if concat is None else concat.shape}")
     self.check_input(height, width)
+    if concat is not None:  # concatenation conditioning (LDM sec. 3.3; SR3): aligned inputs as extra channels
+      x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
     size = self.padded_size(height)
     pad = size - height
     # Odd sizes (28x28 with 3 downsamplings): pad to the multiple the levels need, crop at the end.
     x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)))
     kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
     res_kw = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, **kw)
-    attn = lambda: AttentionBlock(self.num_heads, self.head_channels, dtype=self.dtype)
+    if self.context_dim:
+      attn = lambda: functools.partial(SpatialTransformer(self.num_heads, self.head_channels, dtype=self.dtype),
+                                       context=context, context_mask=context_mask)
+    else:
+      attn = lambda: AttentionBlock(self.num_heads, self.head_channels, dtype=self.dtype)
 
     emb = timestep_embedding(t, self.ch)
     emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(emb)
