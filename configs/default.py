@@ -46,6 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype; params stay float32
   m.num_classes = 0  # > 0: class-conditional (a learned class embedding; label num_classes = null)
   m.context_dim = 0  # > 0: cross-attention to a text context of this width (the text encoder's: minilm 384)
+  m.pooled_context = True  # text models: the mean token also joins the timestep embedding (Imagen)
   m.concat_channels = 0  # > 0: extra input channels for spatially aligned conditions
   m.conv_impl = "xla"  # xla | im2col (9 slices + one matmul; slower here, see README's bench table)
 

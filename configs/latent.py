@@ -1,5 +1,6 @@
-"""Latent diffusion (LDM) on Fashion-MNIST: a KL autoencoder with f=4 (28x28x1 -> 7x7x4), then a DDPM on
-its scaled latents. Default: both stages on 2 CPU cores; ':full' for an accelerator."""
+"""Text-conditional latent diffusion (LDM) on Fashion-MNIST: a KL autoencoder with f=4 (28x28x1 -> 7x7x4),
+then a DDPM on its scaled latents that reads captions through a frozen MiniLM encoder (cross-attention) with
+classifier-free guidance. Default: both stages on 2 CPU cores; ':full' for an accelerator."""
 
 import os
 import sys
@@ -37,6 +38,11 @@ def get_config(variant: str = "cpu"):
   config.model.num_res_blocks = 2
   config.model.attn_resolutions = (4,)
   config.model.dropout = 0.0
+  config.model.head_channels = 32
+  config.text.encoder = "minilm"  # captions -> frozen all-MiniLM-L6-v2 tokens [B,16,384]
+  config.model.context_dim = 384
+  config.diffusion.p_uncond = 0.1  # empty prompt 10% of the time, for guidance
+  config.sample.guidance_scale = 3.0
   config.sample.clip_denoised = False  # latents are not in [-1, 1]
   config.eval.bpd_num_images = 0  # bits/dim is a pixel-space bound
   if variant == "cpu":

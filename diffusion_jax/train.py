@@ -45,7 +45,8 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
               attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
               head_channels=m.head_channels, resblock_updown=m.resblock_updown,
               scale_shift_norm=m.scale_shift_norm, conv_impl=m.conv_impl, dtype=DTYPES[m.dtype],
-              num_classes=m.num_classes, context_dim=m.context_dim, concat_channels=m.concat_channels,
+              num_classes=m.num_classes, context_dim=m.context_dim, pooled_context=m.pooled_context,
+              concat_channels=m.concat_channels,
               out_channels=2 * channels if config.diffusion.variance == "learned_range" else channels)
 
 

@@ -85,3 +85,114 @@ def test_conditioning_config_errors(tmp_path, key, value, message):
   config[section][leaf] = value
   with pytest.raises(ValueError, match=message):
     train.validate_config(config)
+
+
+# ---------------------------------------------------------------- text conditioning
+
+def test_cross_attention_reads_the_context_and_respects_its_mask():
+  model = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), context_dim=6, pooled_context=False)
+  x, t = jnp.ones((2, 8, 8, 1)), jnp.array([5, 5])
+  ctx = jax.random.normal(jax.random.key(0), (2, 3, 6))
+  mask = jnp.array([[1, 1, 0], [1, 1, 0]])
+  params = model.init(jax.random.key(0), x, t, context=ctx, context_mask=mask)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  out = model.apply(params, x, t, context=ctx, context_mask=mask)
+  assert out.shape == (2, 8, 8, 1)
+  other = ctx.at[1, :2].set(jax.random.normal(jax.random.key(2), (2, 6)))
+  changed = model.apply(params, x, t, context=other, context_mask=mask)
+  np.testing.assert_allclose(changed[0], out[0], atol=1e-6)
+  assert float(jnp.abs(changed[1] - out[1]).max()) > 1e-4
+  padded = ctx.at[:, 2].set(100.0)  # a masked (padding) token changes nothing
+  np.testing.assert_allclose(model.apply(params, x, t, context=padded, context_mask=mask), out, atol=1e-6)
+  with pytest.raises(ValueError, match=r"a context \[B,L,6\] must be given exactly when context_dim > 0"):
+    model.apply(params, x, t)
+  with pytest.raises(ValueError, match=r"a context \[B,L,6\]"):
+    model.apply(params, x, t, context=ctx[..., :4], context_mask=mask)
+
+
+def test_concat_conditioning_adds_input_channels():
+  model = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), concat_channels=2)
+  x, t = jnp.ones((1, 8, 8, 1)), jnp.array([3])
+  params = model.init(jax.random.key(0), x, t, concat=jnp.zeros((1, 8, 8, 2)))
+  assert params["params"]["Conv_0"]["kernel"].shape[-2] == 3
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  a = model.apply(params, x, t, concat=jnp.zeros((1, 8, 8, 2)))
+  b = model.apply(params, x, t, concat=jnp.ones((1, 8, 8, 2)))
+  assert a.shape == (1, 8, 8, 1) and float(jnp.abs(a - b).max()) > 0
+  with pytest.raises(ValueError, match="must be given exactly when concat_channels > 0"):
+    model.apply(params, x, t)
+
+
+def test_caption_table_and_text_condition_dropout():
+  from diffusion_jax import conditioning as C
+  from diffusion_jax.models.text_encoder import load_minilm
+  captions = C.CAPTIONS["fashion_mnist"]
+  table = C.build_text_table(load_minilm(max_length=16), captions)
+  assert table.context.shape == (1 + sum(map(len, captions)), 16, 384) and int(table.mask[0].sum()) == 2  # ""
+  labels = jnp.asarray(np.arange(20000) % 10, jnp.int32)
+  cond = jax.jit(lambda k: C.train_condition("text", k, labels, 0.1, 0, table))(jax.random.key(0))
+  rows = np.asarray([_row_of(table, c) for c in np.asarray(cond["context"][:2000, :4, 0])])
+  null = np.mean(rows == 0)
+  assert abs(null - 0.1) < 0.02
+  drawn = rows[rows > 0]
+  owner = np.repeat(np.arange(10), [len(c) for c in captions])
+  np.testing.assert_array_equal(owner[drawn - 1], np.asarray(labels[:2000])[rows > 0])  # a caption of its class
+  assert len(np.unique(drawn)) == sum(map(len, captions))  # every template gets drawn
+
+
+def _row_of(table, context_prefix):
+  return int(np.argmin(np.abs(np.asarray(table.context[:, :4, 0]) - context_prefix).sum(-1)))
+
+
+def _text_config(data_dir):
+  config = tiny_config(data_dir)
+  config.data.dataset = "fashion_mnist"
+  config.text.encoder, config.model.context_dim = "minilm", 384
+  config.model.head_channels = 8
+  config.sample.guidance_scale = 3.0
+  return config
+
+
+def test_text_conditional_run_writes_prompted_samples_and_a_captioned_grid(tmp_path):
+  data_dir = write_fake_fashion_mnist(str(tmp_path))
+  config = _text_config(data_dir)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  out = np.load(os.path.join(workdir, "samples", "samples.npz"))
+  assert out["images"].shape == (10, 16, 16, 1)
+  np.testing.assert_array_equal(out["labels"], np.arange(10))
+  assert out["prompts"][7] == "a photo of a sneaker"
+  grid = os.path.join(workdir, "samples", "samples.png")
+  assert os.path.getsize(grid) > 0
+  config.mode, config.sample.num_images = "sample", 4
+  config.sample.prompt = "some blue jeans | a photo of a bag | x | y"
+  train.train_and_evaluate(config, workdir)
+  out = np.load(os.path.join(workdir, "samples", "samples.npz"))
+  assert list(out["prompts"]) == ["some blue jeans", "a photo of a bag", "x", "y"]
+  np.testing.assert_array_equal(out["labels"], [-1, 8, -1, -1])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sample.prompt", "a | b", r"2 prompts but sample.num_images=10"),
+    ("text.encoder", "bert", r"config.text.encoder='bert' is invalid"),
+    ("model.context_dim", 0, r"config.model.context_dim=0 is invalid: a text-conditional model needs"),
+    ("model.num_classes", 10, r"config.model.num_classes=10 is invalid: text models are conditioned on captions"),
+])
+def test_text_config_errors(tmp_path, key, value, message):
+  config = _text_config(str(tmp_path))
+  section, _, leaf = key.rpartition(".")
+  config[section][leaf] = value
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(config)
+
+
+def test_prompt_without_text_model_and_wrong_context_dim(tmp_path):
+  config = tiny_config(str(tmp_path))
+  config.sample.prompt = "a bag"
+  with pytest.raises(ValueError, match="prompts need a text-conditional model"):
+    train.validate_config(config)
+  from diffusion_jax import conditioning as C
+  config = _text_config(str(tmp_path))
+  config.model.context_dim = 128
+  with pytest.raises(ValueError, match="set --config.model.context_dim=384"):
+    C.load_encoder(config)

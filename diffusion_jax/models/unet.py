@@ -33,6 +33,7 @@ class UNet(nn.Module):
   conv_impl: str = "xla"
   num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
   context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context
+  pooled_context: bool = True  # also add the mean text token to the timestep embedding (Imagen)
   concat_channels: int = 0  # > 0: extra input channels (masked image, low-resolution image)
   dtype: Any = jnp.float32
 
@@ -92,6 +93,12 @@ class UNet(nn.Module):
     if self.num_classes:
       # A learned class embedding added to the timestep embedding (ADM / Ho & Salimans 2022); +1 for null.
       emb = emb + nn.Embed(self.num_classes + 1, 4 * self.ch, param_dtype=jnp.float32)(y).astype(emb.dtype)
+    if self.context_dim and self.pooled_context:
+      # The masked mean of the text tokens added to the timestep embedding (Imagen, Saharia et al. 2022, sec. 2.1),
+      # so every residual block sees the prompt, not only the cross-attention layers.
+      m = jnp.ones(context.shape[:2]) if context_mask is None else context_mask.astype(jnp.float32)
+      pooled = (context * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
+      emb = emb + nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32, name="context_embed")(pooled)
 
     h = Conv(self.ch, 3, **kw)(x.astype(self.dtype))
     skips = [h]
