@@ -43,3 +43,34 @@ def print_table(rows: list[dict]) -> None:
   print("|" + "---|" * len(keys))
   for r in rows:
     print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+
+
+def restore_workdir(config, workdir: str):
+  """A trained workdir's (mesh, model, schedule, decoder or None, state) at its latest checkpoint."""
+  import jax
+  from diffusion_jax import checkpoint, latent, train
+  from diffusion_jax.parallel.mesh import make_mesh
+  mesh = make_mesh()
+  model, schedule = train.build_model(config), train.build_schedule(config)
+  tx, _ = train.build_optimizer(config)
+  shape = train.image_shape(config)
+  decoder = None
+  if train.is_latent(config):  # sample latents, decode with the workdir's finished autoencoder
+    ae_model, ae_params, scale = latent.prepare_autoencoder(config, workdir, mesh, None, train=False)
+    decoder = latent.LatentDecoder(ae_model, ae_params, scale)
+    shape = ae_model.latent_shape(shape)
+  state, _ = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
+  state = checkpoint.restore(checkpoint.make_manager(workdir), state)
+  return mesh, model, schedule, decoder, state
+
+
+def sampling_condition(config, num_images: int, encoder=None):
+  """(labels, prompts, cond, null_cond) for sampling `num_images` from the config's kind of model (all None/{}
+  for an unconditional one); loads the text encoder when the model needs it and none is given."""
+  from diffusion_jax import conditioning as C
+  kind = C.condition_kind(config)
+  if kind == "text" and encoder is None:
+    encoder = C.load_encoder(config)
+  labels, prompts = C.sample_prompts_and_labels(config, num_images)
+  cond, null_cond = C.sample_condition(kind, labels, prompts, config.model.num_classes, encoder)
+  return labels, prompts, cond, null_cond

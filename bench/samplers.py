@@ -15,12 +15,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import apply_overrides, load_config, print_table  # noqa: E402
-from diffusion_jax import checkpoint, images as image_io, latent, train  # noqa: E402
+from common import apply_overrides, load_config, print_table, restore_workdir, sampling_condition  # noqa: E402
+from diffusion_jax import images as image_io, train  # noqa: E402
 from diffusion_jax import diffusion as D  # noqa: E402
 from diffusion_jax.data import load_split  # noqa: E402
 from diffusion_jax.evaluation.offline import OfflineEvaluator  # noqa: E402
-from diffusion_jax.parallel.mesh import make_mesh  # noqa: E402
 
 DEFAULT_RUNS = "ddpm:1000,ddpm:50,ddim:10,ddim:20,ddim:50,dpmpp_2m:10,dpmpp_2m:20,dpmpp_2m:50,euler:20,euler:50,heun:10,heun:25"
 
@@ -35,18 +34,8 @@ def main():
   parser.add_argument("--set", action="append", default=[])
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), args.set)
-  mesh = make_mesh()
-  model, schedule = train.build_model(config), train.build_schedule(config)
-  tx, _ = train.build_optimizer(config)
-  shape = train.image_shape(config)
-  decoder = None
-  if train.is_latent(config):  # sample latents, decode with the workdir's finished autoencoder
-    ae_model, ae_params, scale = latent.prepare_autoencoder(config, args.workdir, mesh, None, train=False)
-    decoder = latent.LatentDecoder(ae_model, ae_params, scale)
-    shape = ae_model.latent_shape(shape)
-  state, _ = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
-  manager = checkpoint.make_manager(args.workdir)
-  state = checkpoint.restore(manager, state)
+  mesh, model, schedule, decoder, state = restore_workdir(config, args.workdir)
+  labels, _, cond, null_cond = sampling_condition(config, args.num_images)  # every class in turn if conditional
   test_images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
   train_images, _ = load_split(config.data.dataset, "train", config.data.data_dir)
   evaluator = OfflineEvaluator(config.data.dataset, test_images)
@@ -59,11 +48,11 @@ def main():
     config.sample.spacing = spacing[0] if spacing else None
     fn = train.make_sample_fn(model, schedule, config, mesh, sampler=sampler, num_steps=steps, decoder=decoder)
     batch = args.batch
-    fn(state.ema_params, jax.random.key(0), batch).block_until_ready()  # compile outside the timing
+    train.sample_images(fn, state.ema_params, jax.random.key(0), batch, batch, cond, null_cond)  # compile
     t0 = time.perf_counter()
-    images = train.sample_images(fn, state.ema_params, jax.random.key(1), args.num_images, batch)
+    images = train.sample_images(fn, state.ema_params, jax.random.key(1), args.num_images, batch, cond, null_cond)
     seconds = time.perf_counter() - t0
-    metrics = evaluator(images)
+    metrics = evaluator(images, labels)
     rows.append(dict(sampler=sampler + (f" ({spacing[0]})" if spacing else ""), steps=steps,
                      nfe=D.num_function_evals(sampler, steps), s_per_image=f"{seconds / args.num_images:.4f}",
                      **{k: f"{v:.3f}" for k, v in metrics.items()}))

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import apply_overrides, load_config, print_table  # noqa: E402
-from diffusion_jax import latent, train  # noqa: E402
+from diffusion_jax import conditioning as C, latent, train  # noqa: E402
 from diffusion_jax.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
 
 
@@ -35,20 +35,20 @@ def peak_flops(n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / min(times)
 
 
-def time_step(step_fn, state, batch, key, steps: int, peak: float) -> dict:
-  """AOT-compile `step_fn(state, batch, key) -> (state, metrics)`, then time `steps` calls."""
+def time_step(step_fn, state, args: tuple, steps: int, peak: float) -> dict:
+  """AOT-compile `step_fn(state, *args) -> (state, metrics)`, then time `steps` calls."""
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, key).compile()
+  compiled = step_fn.lower(state, *args).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) * jax.device_count()  # cost analysis is per device
-  state, m = compiled(state, batch, key)
+  state, m = compiled(state, *args)
   jax.block_until_ready(m)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, m = compiled(state, batch, key)
+    state, m = compiled(state, *args)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   med = float(np.median(times))
@@ -85,7 +85,7 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
     ae_step = jax.jit(functools.partial(latent.autoencoder_train_step, model=ae, tx=tx, kl_weight=1e-6,
                                         rec_loss="l1", learning_rate_fn=lambda _: 1e-4))
     rows.append(row(f"{label} stage 1 (autoencoder)", config.autoencoder.batch_size,
-                    time_step(ae_step, ae_state, {"image": ae_batch}, key, steps, peak)))
+                    time_step(ae_step, ae_state, ({"image": ae_batch}, key), steps, peak)))
     # Stage 2 encodes each batch with the frozen encoder: its time is part of a latent step.
     encode = latent.make_encode_fn(ae, mesh)
     images = jax.device_put(jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *pixels)), jnp.float32), data)
@@ -100,9 +100,13 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
   tx, lr_fn = train.build_optimizer(config)
   state, shardings = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
   step_fn = train.compile_train_step(config, model, tx, lr_fn, schedule, mesh, shardings)
-  batch_arr = jax.device_put(jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *shape)), jnp.float32), data)
-  rows.append(row(label, config.batch_size, time_step(step_fn, state, {"image": batch_arr}, key, steps, peak),
-                  encode_s))
+  batch = {"image": jax.device_put(jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *shape)), jnp.float32), data)}
+  table = None
+  if C.condition_kind(config) != "none":  # a conditional step also gathers the condition of each example
+    batch["label"] = jax.device_put(jnp.asarray(rng.integers(0, 10, config.batch_size), jnp.int32), data)
+  if C.condition_kind(config) == "text":
+    table = C.build_text_table(C.load_encoder(config), C.dataset_captions(config.data.dataset))
+  rows.append(row(label, config.batch_size, time_step(step_fn, state, (batch, key, table), steps, peak), encode_s))
   return rows
 
 

@@ -1,6 +1,8 @@
 """Text-conditional latent diffusion (LDM) on Fashion-MNIST: a KL autoencoder with f=4 (28x28x1 -> 7x7x4),
 then a DDPM on its scaled latents that reads captions through a frozen MiniLM encoder (cross-attention) with
-classifier-free guidance. Default: both stages on 2 CPU cores; ':full' for an accelerator."""
+classifier-free guidance. Variants (comma-separated): size 'cpu' (default: both stages on 2 CPU cores) or
+'full' (an accelerator); conditioning 'text' (default), 'class' (class labels) or 'uncond'.
+E.g. --config=configs/latent.py:full,class"""
 
 import os
 import sys
@@ -11,7 +13,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from default import get_base_config  # noqa: E402
 
 
+SIZES = ("cpu", "full")
+CONDITIONINGS = ("text", "class", "uncond")
+
+
 def get_config(variant: str = "cpu"):
+  parts = [p for p in variant.split(",") if p]
+  unknown = [p for p in parts if p not in SIZES + CONDITIONINGS]
+  if unknown:
+    raise ValueError(f"unknown variant {unknown} of configs/latent.py; choose from {SIZES} and {CONDITIONINGS}")
+  size = next((p for p in parts if p in SIZES), "cpu")
+  conditioning = next((p for p in parts if p in CONDITIONINGS), "text")
   config = get_base_config()
   config.data.dataset = "fashion_mnist"
   config.data.image_size = 28
@@ -38,14 +50,18 @@ def get_config(variant: str = "cpu"):
   config.model.num_res_blocks = 2
   config.model.attn_resolutions = (4,)
   config.model.dropout = 0.0
-  config.model.head_channels = 32
-  config.text.encoder = "minilm"  # captions -> frozen all-MiniLM-L6-v2 tokens [B,16,384]
-  config.model.context_dim = 384
-  config.diffusion.p_uncond = 0.1  # empty prompt 10% of the time, for guidance
-  config.sample.guidance_scale = 3.0
+  if conditioning == "text":
+    config.model.head_channels = 32  # 2 heads of 32 at 4x4 (class/uncond: 1 head, as their README rows used)
+    config.text.encoder = "minilm"  # captions -> frozen all-MiniLM-L6-v2 tokens [B,16,384]
+    config.model.context_dim = 384
+  elif conditioning == "class":
+    config.model.num_classes = 10
+  if conditioning != "uncond":
+    config.diffusion.p_uncond = 0.1  # the null condition 10% of the time, for guidance
+    config.sample.guidance_scale = 3.0
   config.sample.clip_denoised = False  # latents are not in [-1, 1]
   config.eval.bpd_num_images = 0  # bits/dim is a pixel-space bound
-  if variant == "cpu":
+  if size == "cpu":
     config.num_train_steps = 3000
     config.batch_size = 64
     config.log_every_steps = 100
@@ -57,7 +73,7 @@ def get_config(variant: str = "cpu"):
     config.sample.num_images = 256
     config.sample.sampler = "ddpm"
     config.sample.num_steps = 250
-  elif variant == "full":
+  else:
     a.ch, a.ch_mult, a.num_res_blocks, a.num_train_steps, a.batch_size = 64, (1, 2, 2), 2, 50_000, 64
     a.learning_rate = 4.5e-6 * 64  # LDM: base lr 4.5e-6 scaled by the batch size
     config.model.ch = 128
@@ -71,6 +87,4 @@ def get_config(variant: str = "cpu"):
     config.sample_every_steps = 10_000
     config.sample.num_images = 10_000
     config.sample.batch_size = 500
-  else:
-    raise ValueError(f"unknown variant {variant!r} of configs/latent.py; choose 'cpu' or 'full'")
   return config

@@ -50,7 +50,7 @@ def captioned_grid(images: np.ndarray, captions: np.ndarray, pad: int = 2, max_p
   order = list(dict.fromkeys(str(c) for c in captions))
   rows = [images[np.asarray([str(c) == caption for c in captions])][:max_per_row] for caption in order]
   n, h, w, c = images.shape
-  font = ImageFont.load_default()
+  font = ImageFont.load_default(size=max(9, min(h // 2, 13)))  # Pillow's bundled TrueType font
   text_w = max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(caption, font=font)) for caption in order) + 8
   ncol = max(len(r) for r in rows)
   mode = "RGB" if c == 3 else "L"
@@ -58,7 +58,7 @@ def captioned_grid(images: np.ndarray, captions: np.ndarray, pad: int = 2, max_p
   draw = ImageDraw.Draw(canvas)
   for i, (caption, row) in enumerate(zip(order, rows)):
     top = pad + i * (h + pad)
-    draw.text((4, top + max(0, (h - 11) // 2)), caption, fill="black", font=font)
+    draw.text((4, top + h // 2), caption, fill="black", font=font, anchor="lm")
     strip = make_grid(row, ncol=len(row), pad=pad)[pad:pad + h]
     canvas.paste(Image.fromarray(strip if c == 3 else strip[..., 0]), (text_w, top))
   grid = np.asarray(canvas)

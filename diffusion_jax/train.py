@@ -236,14 +236,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
 
 def compile_train_step(config: ml_collections.ConfigDict, model: UNet, tx: optax.GradientTransformation, lr_fn,
                        schedule: D.Schedule, mesh, state_shardings, *, donate: bool = True):
-  """jit(state, batch, base_key, text_table=None) -> (state, metrics): batch sharded over the data axis, state
-  as given, the caption table replicated."""
-  compiled = jax.jit(
+  """jit(state, batch, base_key, text_table) -> (state, metrics): batch sharded over the data axis, state as
+  given, the caption table (None unless text-conditional) replicated."""
+  return jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, diffusion=config.diffusion.to_dict(),
                         ema_decay=config.optim.ema_decay, learning_rate_fn=lr_fn),
       in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else ())
-  return lambda state, batch, base_key, text_table=None: compiled(state, batch, base_key, text_table)
 
 
 # ---------------------------------------------------------------- sampling

@@ -21,6 +21,6 @@ def run_steps(config, num_steps: int) -> list[float]:
   losses = []
   for s in range(num_steps):
     batch = host_to_global({"image": batches.batch(s)["image"]}, batch_sharding(mesh))
-    state, metrics = step(state, batch, jax.random.key(1))
+    state, metrics = step(state, batch, jax.random.key(1), None)
     losses.append(float(metrics["loss"]))
   return losses

@@ -10,7 +10,7 @@ import pytest
 
 from diffusion_jax import checkpoint, train
 from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
-from helpers import tiny_config, write_fake_fashion_mnist
+from helpers import ROOT, tiny_config, write_fake_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_train_step_overfits_a_fixed_batch(data_dir):
   losses = []
   for _ in range(40):
     state = state.replace(step=jnp.zeros((), jnp.int32) + 1000)
-    state, metrics = step(state, batch, jax.random.key(0))
+    state, metrics = step(state, batch, jax.random.key(0), None)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.5 * losses[0], losses
 
@@ -58,7 +58,7 @@ def test_sharded_step_equals_single_device(data_dir, loss, variance):
     mesh, state, step = _setup(config, devices)
     batch = jax.device_put(_batch(data_dir), batch_sharding(mesh))
     for _ in range(2):
-      state, metrics = step(state, batch, jax.random.key(1))
+      state, metrics = step(state, batch, jax.random.key(1), None)
     outs.append((float(metrics["loss"]), jax.device_get(state.params)))
   assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
   for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
@@ -68,7 +68,7 @@ def test_sharded_step_equals_single_device(data_dir, loss, variance):
 def test_checkpoint_round_trip(data_dir, tmp_path):
   config = tiny_config(data_dir)
   mesh, state, step = _setup(config, jax.devices())
-  state, _ = step(state, jax.device_put(_batch(data_dir), batch_sharding(mesh)), jax.random.key(1))
+  state, _ = step(state, jax.device_put(_batch(data_dir), batch_sharding(mesh)), jax.random.key(1), None)
   manager = checkpoint.make_manager(str(tmp_path), async_save=False)
   checkpoint.save(manager, 1, state)
   manager.wait_until_finished()
@@ -141,3 +141,15 @@ def test_sample_mode_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
   config.mode = "sample"
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
     train.train_and_evaluate(config, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name,variant", [("fashion_mnist", None), ("fashion_mnist", "full"), ("latent", None),
+                                          ("latent", "full"), ("latent", "class"), ("latent", "uncond"),
+                                          ("cifar10_ddpm", None)])
+def test_every_shipped_config_validates(name, variant):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  train.validate_config(config)
