@@ -51,6 +51,15 @@ def tiny_config(data_dir: str):
   return config
 
 
+def tiny_text_config(data_dir: str):
+  """tiny_config, text-conditional through the real MiniLM encoder (cross-attention at 8x8), guided w=3."""
+  config = tiny_config(data_dir)
+  config.text.encoder, config.model.context_dim = "minilm", 384
+  config.model.head_channels = 8
+  config.sample.guidance_scale = 3.0
+  return config
+
+
 def tiny_latent_config(data_dir: str):
   import ml_collections
   config = tiny_config(data_dir)

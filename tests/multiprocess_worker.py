@@ -11,7 +11,7 @@ port, process_id, data_dir, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import tiny_config  # noqa: E402
+from helpers import tiny_config, tiny_text_config  # noqa: E402
 from steps import run_steps  # noqa: E402
 
 from diffusion_jax import train  # noqa: E402
@@ -20,5 +20,6 @@ assert jax.device_count() == 4 and jax.local_device_count() == 2
 config = tiny_config(data_dir)
 losses = run_steps(config, num_steps=3)
 print("LOSSES", " ".join(f"{x:.8f}" for x in losses), flush=True)
-train.train_and_evaluate(config, workdir)
+# The whole job, text-conditional: the caption table and prompt embeddings are replicated to both processes.
+train.train_and_evaluate(tiny_text_config(data_dir), workdir)
 print("DONE", flush=True)

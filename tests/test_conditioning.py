@@ -10,7 +10,7 @@ import pytest
 from diffusion_jax import diffusion as D
 from diffusion_jax import train
 from diffusion_jax.models import UNet
-from helpers import tiny_config, write_fake_fashion_mnist
+from helpers import tiny_config, tiny_text_config, write_fake_fashion_mnist
 
 
 def test_class_embedding_changes_the_output_and_labels_are_required():
@@ -144,18 +144,9 @@ def _row_of(table, context_prefix):
   return int(np.argmin(np.abs(np.asarray(table.context[:, :4, 0]) - context_prefix).sum(-1)))
 
 
-def _text_config(data_dir):
-  config = tiny_config(data_dir)
-  config.data.dataset = "fashion_mnist"
-  config.text.encoder, config.model.context_dim = "minilm", 384
-  config.model.head_channels = 8
-  config.sample.guidance_scale = 3.0
-  return config
-
-
 def test_text_conditional_run_writes_prompted_samples_and_a_captioned_grid(tmp_path):
   data_dir = write_fake_fashion_mnist(str(tmp_path))
-  config = _text_config(data_dir)
+  config = tiny_text_config(data_dir)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   out = np.load(os.path.join(workdir, "samples", "samples.npz"))
@@ -179,7 +170,7 @@ def test_text_conditional_run_writes_prompted_samples_and_a_captioned_grid(tmp_p
     ("model.num_classes", 10, r"config.model.num_classes=10 is invalid: text models are conditioned on captions"),
 ])
 def test_text_config_errors(tmp_path, key, value, message):
-  config = _text_config(str(tmp_path))
+  config = tiny_text_config(str(tmp_path))
   section, _, leaf = key.rpartition(".")
   config[section][leaf] = value
   with pytest.raises(ValueError, match=message):
@@ -192,7 +183,7 @@ def test_prompt_without_text_model_and_wrong_context_dim(tmp_path):
   with pytest.raises(ValueError, match="prompts need a text-conditional model"):
     train.validate_config(config)
   from diffusion_jax import conditioning as C
-  config = _text_config(str(tmp_path))
+  config = tiny_text_config(str(tmp_path))
   config.model.context_dim = 128
   with pytest.raises(ValueError, match="set --config.model.context_dim=384"):
     C.load_encoder(config)

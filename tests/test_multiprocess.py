@@ -1,4 +1,5 @@
-"""Two processes x 2 CPU devices (jax.distributed over gloo) train, checkpoint and sample like one process."""
+"""Two processes x 2 CPU devices (jax.distributed over gloo) train, checkpoint and sample like one process
+(the whole job text-conditional)."""
 
 import os
 import socket
@@ -39,5 +40,6 @@ def test_two_processes_match_one_and_write_one_workdir(tmp_path):
   single = run_steps(tiny_config(data_dir), num_steps=3)
   np.testing.assert_allclose(losses[0], single, rtol=1e-5)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  samples = np.load(os.path.join(workdir, "samples", "samples.npz"))["images"]
-  assert samples.shape == (10, 16, 16, 1)
+  samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
+  assert samples["images"].shape == (10, 16, 16, 1)
+  assert samples["prompts"][0] == "a photo of a t-shirt"
