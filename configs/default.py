@@ -74,6 +74,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.eta = 0.0  # DDIM: 0 deterministic, 1 ~ ancestral
   s.guidance_scale = 1.0  # classifier-free guidance w: out_uncond + w (out_cond - out_uncond); 1 = none
   s.class_label = -1  # conditional sampling without a prompt: -1 cycles through the classes
+  s.class_labels = ""  # or several: '0,3,7' (one label, or exactly num_images)
   s.prompt = ""  # text models: '' = every class's caption in turn; 'a | b' = several prompts
   s.clip_denoised = True
   s.checkpoint_step = config_dict.placeholder(int)  # None: latest

@@ -130,18 +130,38 @@ def check_prompts(prompts: Sequence[str], num_images: int) -> None:
                      f"{len(prompts)})")
 
 
+def requested_labels(config: ml_collections.ConfigDict, num_images: int, num_classes: int, *,
+                     every_class: bool = False) -> np.ndarray:
+  """Class labels int [N] to sample: sample.class_labels ('3' or '0,3,7': one label, or exactly num_images),
+  else sample.class_label (-1: every class in turn, as `every_class` always does)."""
+  text = "" if every_class else str(config.sample.get("class_labels") or "")
+  if text.strip():
+    try:
+      labels = [int(x) for x in text.split(",")]
+    except ValueError:
+      raise ValueError(f"config.sample.class_labels={text!r} is invalid: give comma-separated class indices, "
+                       f"e.g. '0,3,7'") from None
+    bad = [x for x in labels if not 0 <= x < num_classes]
+    if bad:
+      raise ValueError(f"config.sample.class_labels={text!r} is invalid: {bad} out of range [0, {num_classes})")
+    if len(labels) not in (1, num_images):
+      raise ValueError(f"config.sample.class_labels has {len(labels)} labels but sample.num_images={num_images}: "
+                       f"give one label or exactly num_images")
+    return np.resize(np.asarray(labels, np.int32), num_images)
+  label = -1 if every_class else config.sample.class_label
+  return np.full(num_images, label, np.int32) if label >= 0 else np.arange(num_images, dtype=np.int32) % num_classes
+
+
 def sample_prompts_and_labels(config: ml_collections.ConfigDict, num_images: int, *, every_class: bool = False
                               ) -> tuple[np.ndarray | None, np.ndarray | None]:
   """(labels int [N] or None, prompts str [N] or None) to sample: the given prompts (label = the class whose
-  caption they are, else -1), or every class in turn (sample.class_label = -1, or `every_class`: previews) / one
-  class, by its first caption."""
+  caption they are, else -1), or the requested classes (`requested_labels`; text models use each class's first
+  caption)."""
   kind = condition_kind(config)
-  label = -1 if every_class else config.sample.class_label
   if kind == "none":
     return None, None
   if kind == "class":
-    k = config.model.num_classes
-    return (np.full(num_images, label, np.int32) if label >= 0 else np.arange(num_images, dtype=np.int32) % k), None
+    return requested_labels(config, num_images, config.model.num_classes, every_class=every_class), None
   captions = dataset_captions(config.data.dataset)
   prompts = [] if every_class else parse_prompts(config.sample.prompt)
   if prompts:
@@ -150,7 +170,7 @@ def sample_prompts_and_labels(config: ml_collections.ConfigDict, num_images: int
     owner = {c: k for k, per_class in enumerate(captions) for c in per_class}
     labels = np.asarray([owner.get(p, -1) for p in prompts], np.int32)
   else:
-    labels = np.full(num_images, label, np.int32) if label >= 0 else np.arange(num_images, dtype=np.int32) % len(captions)
+    labels = requested_labels(config, num_images, len(captions), every_class=every_class)
     prompts = np.asarray([captions[k][0] for k in labels], dtype=object)
   return labels, prompts.astype(str)
 

@@ -120,9 +120,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   k = m.num_classes
   _require(isinstance(k, int) and k >= 0, "model.num_classes", k, "must be an int >= 0 (0: unconditional)")
   _require(0 <= d.p_uncond <= 1, "diffusion.p_uncond", d.p_uncond, "must be a probability in [0, 1]")
-  _require(s.class_label == -1 or 0 <= s.class_label < max(k, 1) and k > 0 or C.condition_kind(config) == "text"
-           and s.class_label >= 0, "sample.class_label", s.class_label,
-           f"must be -1 (every class in turn) or a class in [0, {k}) of a class-conditional model")
   _require(isinstance(m.context_dim, int) and m.context_dim >= 0, "model.context_dim", m.context_dim,
            "must be an int >= 0 (0: no cross-attention)")
   kind = C.condition_kind(config)
@@ -137,13 +134,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(config.data.dataset in C.CAPTIONS, "data.dataset", config.data.dataset,
              f"text conditioning needs captions; captioned datasets: {tuple(C.CAPTIONS)}")
     C.check_prompts(C.parse_prompts(s.prompt), s.num_images)
-    _require(s.class_label < len(C.CAPTIONS[config.data.dataset]), "sample.class_label", s.class_label,
-             f"must be -1 or a class of {config.data.dataset}")
   else:
     _require(m.context_dim == 0, "model.context_dim", m.context_dim,
              "cross-attention needs a context: set text.encoder (e.g. 'minilm') or model.context_dim=0")
     _require(not C.parse_prompts(s.get("prompt")), "sample.prompt", s.get("prompt"),
              "prompts need a text-conditional model (set text.encoder)")
+  num_labels = {"none": 0, "class": k, "text": len(C.CAPTIONS.get(config.data.dataset, ()))}[kind]
+  _require(s.class_label == -1 or 0 <= s.class_label < num_labels, "sample.class_label", s.class_label,
+           f"must be -1 (every class in turn) or a class in [0, {num_labels}) of a conditional model")
+  _require(kind != "none" or not s.class_labels, "sample.class_labels", s.class_labels,
+           "labels need a conditional model")
+  if kind != "none":
+    C.requested_labels(config, s.num_images, num_labels)  # ValueError naming a bad sample.class_labels
   try:
     D.check_guidance_scale(s.guidance_scale)
   except ValueError as e:

@@ -71,12 +71,18 @@ def test_class_conditional_run_writes_labelled_samples(tmp_path):
   config.mode, config.sample.class_label, config.sample.num_images = "sample", 3, 4
   train.train_and_evaluate(config, workdir)
   np.testing.assert_array_equal(np.load(os.path.join(workdir, "samples", "samples.npz"))["labels"], [3, 3, 3, 3])
+  config.sample.class_labels = "0,9,2,2"
+  train.train_and_evaluate(config, workdir)
+  np.testing.assert_array_equal(np.load(os.path.join(workdir, "samples", "samples.npz"))["labels"], [0, 9, 2, 2])
 
 
 @pytest.mark.parametrize("key,value,message", [
     ("sample.guidance_scale", -1.0, "guidance_scale must be a number >= 0"),
     ("sample.class_label", 10, r"config.sample.class_label=10 is invalid"),
     ("diffusion.p_uncond", 1.5, r"config.diffusion.p_uncond=1.5 is invalid"),
+    ("sample.class_labels", "1,12", r"config.sample.class_labels='1,12' is invalid: \[12\] out of range \[0, 10\)"),
+    ("sample.class_labels", "1,2", r"class_labels has 2 labels but sample.num_images=10"),
+    ("sample.class_labels", "one", r"give comma-separated class indices"),
 ])
 def test_conditioning_config_errors(tmp_path, key, value, message):
   config = tiny_config(str(tmp_path))
@@ -161,6 +167,10 @@ def test_text_conditional_run_writes_prompted_samples_and_a_captioned_grid(tmp_p
   out = np.load(os.path.join(workdir, "samples", "samples.npz"))
   assert list(out["prompts"]) == ["some blue jeans", "a photo of a bag", "x", "y"]
   np.testing.assert_array_equal(out["labels"], [-1, 8, -1, -1])
+  config.sample.prompt, config.sample.class_labels = "", "7"
+  train.train_and_evaluate(config, workdir)
+  out = np.load(os.path.join(workdir, "samples", "samples.npz"))
+  assert list(out["prompts"]) == ["a photo of a sneaker"] * 4 and list(out["labels"]) == [7] * 4
 
 
 @pytest.mark.parametrize("key,value,message", [
