@@ -45,18 +45,22 @@ def write_png(path: str, image: np.ndarray) -> None:
 
 
 def captioned_grid(images: np.ndarray, captions: np.ndarray, pad: int = 2, max_per_row: int = 16) -> np.ndarray:
-  """uint8 [N,H,W,C] + captions [N] -> one image: a row per distinct caption (first-seen order), its text on the left."""
+  """uint8 [N,H,W,C] + captions [N] -> one image: rows per distinct caption (first-seen order, `max_per_row`
+  images a row), the caption written left of its first row."""
   from PIL import Image, ImageDraw, ImageFont
-  order = list(dict.fromkeys(str(c) for c in captions))
-  rows = [images[np.asarray([str(c) == caption for c in captions])][:max_per_row] for caption in order]
+  captions = np.asarray([str(c) for c in captions])
+  order = list(dict.fromkeys(captions))
+  rows = [(caption if i == 0 else "", group[i:i + max_per_row])
+          for caption in order for group in [images[captions == caption]]
+          for i in range(0, len(group), max_per_row)]
   n, h, w, c = images.shape
   font = ImageFont.load_default(size=max(9, min(h // 2, 13)))  # Pillow's bundled TrueType font
   text_w = max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(caption, font=font)) for caption in order) + 8
-  ncol = max(len(r) for r in rows)
+  ncol = max(len(r) for _, r in rows)
   mode = "RGB" if c == 3 else "L"
   canvas = Image.new(mode, (text_w + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
   draw = ImageDraw.Draw(canvas)
-  for i, (caption, row) in enumerate(zip(order, rows)):
+  for i, (caption, row) in enumerate(rows):
     top = pad + i * (h + pad)
     draw.text((4, top + h // 2), caption, fill="black", font=font, anchor="lm")
     strip = make_grid(row, ncol=len(row), pad=pad)[pad:pad + h]

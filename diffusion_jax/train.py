@@ -304,16 +304,17 @@ def sample_images(sample_fn, params, key: jax.Array, num_images: int, batch_size
 
 
 def write_samples(workdir: str, images: np.ndarray, name: str = "samples", labels: np.ndarray | None = None,
-                  prompts: np.ndarray | None = None) -> str:
+                  prompts: np.ndarray | None = None) -> tuple[str, np.ndarray]:
   """DIR/samples/<name>.npz (images uint8 [N,H,W,C], labels int [N], prompts [N]) and a grid .png, one row per
-  prompt with its caption for text models."""
+  prompt with its caption for text models; returns (png path, grid image)."""
   directory = os.path.join(workdir, "samples")
   os.makedirs(directory, exist_ok=True)
   extra = {k: v for k, v in (("labels", labels), ("prompts", prompts)) if v is not None}
   np.savez(os.path.join(directory, f"{name}.npz"), images=images, **extra)
   path = os.path.join(directory, f"{name}.png")
-  image_io.write_png(path, image_io.make_grid(images) if prompts is None else image_io.captioned_grid(images, prompts))
-  return path
+  grid = image_io.make_grid(images) if prompts is None else image_io.captioned_grid(images, prompts)
+  image_io.write_png(path, grid)
+  return path, grid
 
 
 # ---------------------------------------------------------------- the loop
@@ -387,8 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images, config.sample.batch_size,
                          cond, null_cond)
   if jax.process_index() == 0:
-    path = write_samples(workdir, images, labels=labels, prompts=prompts)
-    writer.write_images(step, {"samples": image_io.make_grid(images)[None]})
+    path, grid = write_samples(workdir, images, labels=labels, prompts=prompts)
+    writer.write_images(step, {"samples": grid[None]})
     logging.info("wrote %d samples in %.1fs: %s", len(images), time.time() - t0, path)
   if config.mode == "eval" or (training and config.eval.after_training):
     from diffusion_jax.evaluation.evaluate import evaluate
@@ -438,8 +439,8 @@ def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, sche
     grid_images = sample_images(preview_sample, state.ema_params, jax.random.fold_in(preview_key, step),
                                 config.sample.preview_images, config.sample.batch_size, cond, null_cond)
     if jax.process_index() == 0:
-      write_samples(workdir, grid_images, name=f"preview_{step:07d}", labels=labels, prompts=prompts)
-      writer.write_images(step, {"preview": image_io.make_grid(grid_images)[None]})
+      _, grid = write_samples(workdir, grid_images, name=f"preview_{step:07d}", labels=labels, prompts=prompts)
+      writer.write_images(step, {"preview": grid[None]})
 
   return loop.run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, train_key, text_table), batch_fn=batch_fn,
                        num_steps=config.num_train_steps, batch_size=config.batch_size,
