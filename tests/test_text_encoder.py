@@ -190,3 +190,27 @@ def test_missing_packages_name_the_pip_command(monkeypatch):
     te.Tokenizer("unused.json", 8, 0)
   with pytest.raises(ValueError, match="unknown text encoder 'bert'"):
     te.load_text_encoder("bert")
+
+
+@pytest.mark.slow
+def test_minilm_equals_the_pytorch_model(minilm):
+  """Slow tier: the Flax port against transformers' PyTorch BertModel on the same files (needs
+  `pip install torch==2.13.0 transformers`)."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    pytest.fail("this slow test needs torch and transformers: pip install torch==2.13.0 transformers")
+  model = transformers.AutoModel.from_pretrained(te.minilm_model_dir()).eval()
+  prompts = ["a pair of trousers", "an ankle boot, studio shot", "", "The weather is lovely today."]
+  hidden, mask = minilm(prompts)
+  ids, _ = minilm.tokenizer(prompts)
+  with torch.no_grad():
+    ref = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                attention_mask=torch.as_tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(hidden[valid], ref[valid], atol=1e-4, rtol=1e-4)
+  # The HF tokenizer gives the same ids as ours.
+  hf = transformers.AutoTokenizer.from_pretrained(te.minilm_model_dir())
+  enc = hf(prompts, padding="max_length", max_length=minilm.max_length, truncation=True, return_tensors="np")
+  np.testing.assert_array_equal(enc["input_ids"], ids)
