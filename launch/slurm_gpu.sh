@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node GPU training under SLURM: one process per node, every GPU of the node visible to it.
+# Install first on the shared environment: pip install -e ".[gpu]" && bash launch/install_text_encoder.sh
 #   sbatch --nodes=2 --gpus-per-node=8 launch/slurm_gpu.sh configs/cifar10_ddpm.py /shared/runs/cifar10
 #SBATCH --job-name=diffusion_jax
 #SBATCH --ntasks-per-node=1

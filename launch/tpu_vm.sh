@@ -9,6 +9,6 @@ REPO=${REPO:-https://github.com/diffusion-jax/diffusion_jax.git}
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e
   [ -d diffusion_jax ] || git clone $REPO diffusion_jax
-  cd diffusion_jax && pip install -q -e '.[tpu]'
+  cd diffusion_jax && pip install -q -e '.[tpu]' && bash launch/install_text_encoder.sh
   DJ_DISTRIBUTED=auto python -m diffusion_jax.main --config=$CONFIG --workdir=$WORKDIR $*
 "
