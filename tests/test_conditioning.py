@@ -131,9 +131,9 @@ def test_concat_conditioning_adds_input_channels():
 
 def test_caption_table_and_text_condition_dropout():
   from diffusion_jax import conditioning as C
-  from diffusion_jax.models.text_encoder import load_minilm
+  from diffusion_jax.models.text_encoder import load_text_encoder
   captions = C.CAPTIONS["fashion_mnist"]
-  table = C.build_text_table(load_minilm(max_length=16), captions)
+  table = C.build_text_table(load_text_encoder("minilm", max_length=16), captions)
   assert table.context.shape == (1 + sum(map(len, captions)), 16, 384) and int(table.mask[0].sum()) == 2  # ""
   labels = jnp.asarray(np.arange(20000) % 10, jnp.int32)
   cond = jax.jit(lambda k: C.train_condition("text", k, labels, 0.1, 0, table))(jax.random.key(0))

