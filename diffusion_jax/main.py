@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,7 +33,13 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache")))
   maybe_initialize_distributed()
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, ImportError, train.NonFiniteLossError) as e:
+    # Errors that name the bad value and the fix: print that line, not a traceback (DJ_TRACEBACK=1 shows it).
+    if os.environ.get("DJ_TRACEBACK"):
+      raise
+    sys.exit(f"error: {type(e).__name__}: {e}\n(set DJ_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

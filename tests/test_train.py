@@ -153,3 +153,17 @@ def test_every_shipped_config_validates(name, variant):
   spec.loader.exec_module(module)
   config = module.get_config(variant) if variant else module.get_config()
   train.validate_config(config)
+
+
+def test_main_prints_one_clear_line_for_user_errors(tmp_path):
+  import subprocess
+  import sys
+  base = [sys.executable, "-m", "diffusion_jax.main", f"--config={os.path.join(ROOT, 'configs', 'latent.py')}",
+          f"--workdir={tmp_path / 'empty'}"]
+  env = {k: v for k, v in os.environ.items() if k != "DJ_TRACEBACK"}
+  out = subprocess.run(base + ["--config.sample.guidance_scale=-1"], capture_output=True, text=True, env=env)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "error: ValueError: config.sample.guidance_scale: guidance_scale must be a number >= 0" in out.stderr
+  out = subprocess.run(base + ["--config.mode=sample"], capture_output=True, text=True, env=env)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "no finished autoencoder in" in out.stderr and "run config.mode='train' first" in out.stderr
