@@ -68,9 +68,6 @@ def sampling_condition(config, num_images: int, encoder=None):
   """(labels, prompts, cond, null_cond) for sampling `num_images` from the config's kind of model (all None/{}
   for an unconditional one); loads the text encoder when the model needs it and none is given."""
   from diffusion_jax import conditioning as C
-  kind = C.condition_kind(config)
-  if kind == "text" and encoder is None:
+  if C.condition_kind(config) == "text" and encoder is None:
     encoder = C.load_encoder(config)
-  labels, prompts = C.sample_prompts_and_labels(config, num_images)
-  cond, null_cond = C.sample_condition(kind, labels, prompts, config.model.num_classes, encoder)
-  return labels, prompts, cond, null_cond
+  return C.sampling_inputs(config, num_images, encoder)

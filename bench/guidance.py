@@ -64,10 +64,10 @@ def main():
       t0 = time.perf_counter()
       images = train.sample_images(fn, state.ema_params, jax.random.key(1), len(labels), args.batch, cond, null_cond)
       seconds = time.perf_counter() - t0
-      _, probs = evaluator.features(images)
+      feats, probs = evaluator.features(images)
       hit = probs.argmax(-1) == labels
       share[set_name, w] = np.asarray([hit[labels == k].mean() for k in range(num_classes)])
-      metrics = evaluator(images, labels)
+      metrics = evaluator.from_features(feats, probs, labels)
       summary.append({"prompts": set_name, "w": w, "class_acc": f"{hit.mean():.3f}",
                       f"fd_{config.data.dataset}": f"{metrics[f'fd_{config.data.dataset}']:.1f}",
                       "s_per_image": f"{seconds / len(labels):.3f}"})

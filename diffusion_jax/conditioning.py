@@ -69,7 +69,8 @@ def condition_kind(config: ml_collections.ConfigDict) -> str:
 
 def dataset_captions(dataset: str) -> tuple[tuple[str, ...], ...]:
   if dataset not in CAPTIONS:
-    raise ValueError(f"text conditioning needs captions; dataset {dataset!r} has none (captioned: {tuple(CAPTIONS)})")
+    raise ValueError(f"config.data.dataset={dataset!r} is invalid: text conditioning needs captions; captioned "
+                     f"datasets: {tuple(CAPTIONS)}")
   return CAPTIONS[dataset]
 
 
@@ -123,11 +124,17 @@ def parse_prompts(prompt: Any) -> list[str]:
   raise ValueError(f"config.sample.prompt={prompt!r} is invalid: give a string ('|' separates prompts) or strings")
 
 
+def _one_or_each(values: Sequence, num_images: int, key: str, noun: str) -> np.ndarray:
+  """`values` repeated to [num_images]; a ValueError unless there is one value or exactly num_images."""
+  if len(values) not in (1, num_images):
+    raise ValueError(f"config.sample.{key} has {len(values)} {noun} but sample.num_images={num_images}: give one "
+                     f"(used for every image) or exactly num_images (e.g. --config.sample.num_images={len(values)})")
+  return np.resize(np.asarray(values, dtype=object if noun == "prompts" else np.int32), num_images)
+
+
 def check_prompts(prompts: Sequence[str], num_images: int) -> None:
-  if prompts and len(prompts) not in (1, num_images):
-    raise ValueError(f"config.sample.prompt has {len(prompts)} prompts but sample.num_images={num_images}: give one "
-                     f"prompt (used for every image) or exactly num_images prompts (e.g. --config.sample.num_images="
-                     f"{len(prompts)})")
+  if prompts:
+    _one_or_each(prompts, num_images, "prompt", "prompts")
 
 
 def requested_labels(config: ml_collections.ConfigDict, num_images: int, num_classes: int, *,
@@ -144,10 +151,7 @@ def requested_labels(config: ml_collections.ConfigDict, num_images: int, num_cla
     bad = [x for x in labels if not 0 <= x < num_classes]
     if bad:
       raise ValueError(f"config.sample.class_labels={text!r} is invalid: {bad} out of range [0, {num_classes})")
-    if len(labels) not in (1, num_images):
-      raise ValueError(f"config.sample.class_labels has {len(labels)} labels but sample.num_images={num_images}: "
-                       f"give one label or exactly num_images")
-    return np.resize(np.asarray(labels, np.int32), num_images)
+    return _one_or_each(labels, num_images, "class_labels", "labels")
   label = -1 if every_class else config.sample.class_label
   return np.full(num_images, label, np.int32) if label >= 0 else np.arange(num_images, dtype=np.int32) % num_classes
 
@@ -165,8 +169,7 @@ def sample_prompts_and_labels(config: ml_collections.ConfigDict, num_images: int
   captions = dataset_captions(config.data.dataset)
   prompts = [] if every_class else parse_prompts(config.sample.prompt)
   if prompts:
-    check_prompts(prompts, num_images)
-    prompts = np.resize(np.asarray(prompts, dtype=object), num_images)
+    prompts = _one_or_each(prompts, num_images, "prompt", "prompts")
     owner = {c: k for k, per_class in enumerate(captions) for c in per_class}
     labels = np.asarray([owner.get(p, -1) for p in prompts], np.int32)
   else:
@@ -187,6 +190,15 @@ def sample_condition(kind: str, labels: np.ndarray | None, prompts: np.ndarray |
   n = len(prompts)
   return ({"context": context[:n], "context_mask": mask[:n]},
           {"context": np.repeat(context[n:], n, 0), "context_mask": np.repeat(mask[n:], n, 0)})
+
+
+def sampling_inputs(config: ml_collections.ConfigDict, num_images: int, encoder=None, *, every_class: bool = False
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, dict, dict]:
+  """(labels, prompts, cond, null_cond) to sample `num_images` from the config's kind of model (None/{} when it is
+  unconditional): `sample_prompts_and_labels` then `sample_condition`."""
+  labels, prompts = sample_prompts_and_labels(config, num_images, every_class=every_class)
+  cond, null_cond = sample_condition(condition_kind(config), labels, prompts, config.model.num_classes, encoder)
+  return labels, prompts, cond, null_cond
 
 
 def load_encoder(config: ml_collections.ConfigDict):

@@ -131,8 +131,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"a text-conditional model needs cross-attention: set it to the {t.encoder} encoder's width")
     _require(k == 0, "model.num_classes", k, "text models are conditioned on captions: set it to 0")
     _require(isinstance(t.max_length, int) and t.max_length >= 2, "text.max_length", t.max_length, "must be >= 2")
-    _require(config.data.dataset in C.CAPTIONS, "data.dataset", config.data.dataset,
-             f"text conditioning needs captions; captioned datasets: {tuple(C.CAPTIONS)}")
+    C.dataset_captions(config.data.dataset)  # ValueError naming data.dataset when it has no captions
     C.check_prompts(C.parse_prompts(s.prompt), s.num_images)
   else:
     _require(m.context_dim == 0, "model.context_dim", m.context_dim,
@@ -175,16 +174,16 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.A
   return jax.jit(init, out_shardings=shardings)(key), shardings
 
 
-def example_condition(model: UNet, image_shape: tuple, batch: int = 1) -> dict[str, jax.Array]:
-  """Zero conditioning inputs of the model's kinds (for init and shape checks)."""
+def example_condition(model: UNet, image_shape: tuple) -> dict[str, jax.Array]:
+  """Zero conditioning inputs of the model's kinds for one example (what init traces)."""
   cond = {}
   if model.num_classes:
-    cond["y"] = jnp.zeros((batch,), jnp.int32)
+    cond["y"] = jnp.zeros((1,), jnp.int32)
   if model.context_dim:
-    cond["context"] = jnp.zeros((batch, 1, model.context_dim), jnp.float32)
-    cond["context_mask"] = jnp.ones((batch, 1), jnp.int32)
+    cond["context"] = jnp.zeros((1, 1, model.context_dim), jnp.float32)
+    cond["context_mask"] = jnp.ones((1, 1), jnp.int32)
   if model.concat_channels:
-    cond["concat"] = jnp.zeros((batch, *image_shape[:2], model.concat_channels), jnp.float32)
+    cond["concat"] = jnp.zeros((1, *image_shape[:2], model.concat_channels), jnp.float32)
   return cond
 
 
@@ -383,8 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   t0 = time.time()
   logging.info("sampling %d images with %s (%s steps) from the EMA params of step %d", config.sample.num_images,
                config.sample.sampler, config.sample.num_steps or schedule.num_timesteps, step)
-  labels, prompts = C.sample_prompts_and_labels(config, config.sample.num_images)
-  cond, null_cond = C.sample_condition(kind, labels, prompts, config.model.num_classes, encoder)
+  labels, prompts, cond, null_cond = C.sampling_inputs(config, config.sample.num_images, encoder)
   images = sample_images(sample_fn, state.ema_params, sample_key, config.sample.num_images, config.sample.batch_size,
                          cond, null_cond)
   if jax.process_index() == 0:
@@ -432,8 +430,7 @@ def _train(config, workdir, state, state_shardings, mesh, model, tx, lr_fn, sche
       batch["image"] = encode(jax.random.fold_in(encode_key, index), batch["image"])
     return batch
 
-  labels, prompts = C.sample_prompts_and_labels(config, config.sample.preview_images, every_class=True)
-  cond, null_cond = C.sample_condition(C.condition_kind(config), labels, prompts, config.model.num_classes, encoder)
+  labels, prompts, cond, null_cond = C.sampling_inputs(config, config.sample.preview_images, encoder, every_class=True)
 
   def preview(state, step):
     grid_images = sample_images(preview_sample, state.ema_params, jax.random.fold_in(preview_key, step),

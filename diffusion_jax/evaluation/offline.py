@@ -25,7 +25,11 @@ class OfflineEvaluator:
     self.ref_stats = feature_statistics(ref_feats)
 
   def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-    feats, probs = self.features(images)
+    return self.from_features(*self.features(images), labels)
+
+  def from_features(self, feats: np.ndarray, probs: np.ndarray, labels: np.ndarray | None = None
+                    ) -> dict[str, float]:
+    """The metrics of images already passed through `self.features` (feats [N,D], class probs [N,K])."""
     out = {f"fd_{self.dataset}": frechet_distance(*feature_statistics(feats), *self.ref_stats),
            f"kid_{self.dataset}": kid(feats, self.ref_features, num_subsets=50, subset_size=min(1000, len(feats))),
            f"is_{self.dataset}": inception_style_score(probs)}

@@ -125,6 +125,12 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean over the token axis of x [B,L,D] where mask [B,L] is 1 (all tokens when None): [B,D]."""
+  m = jnp.ones(x.shape[:2]) if mask is None else jnp.asarray(mask, jnp.float32)
+  return (x * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
+
+
 def attention_heads(channels: int, num_heads: int, head_channels: int) -> int:
   """Heads from num_heads, or from head_channels when > 0 (ADM); ValueError when they do not divide."""
   heads = channels // head_channels if head_channels > 0 else num_heads

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models.layers import masked_mean
+
 TOKENIZERS_PIP = "pip install tokenizers"
 HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 
@@ -231,8 +233,7 @@ def encode_prompts(encoder: TextEncoder, prompts: Sequence[str]) -> tuple[np.nda
 
 def mean_pooled_embedding(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """sentence-transformers' Pooling(mean) + Normalize: [B,L,D], [B,L] -> unit vectors [B,D]."""
-  m = mask[..., None].astype(np.float32)
-  pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+  pooled = np.asarray(masked_mean(hidden, mask))
   return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
@@ -253,7 +254,7 @@ def hf_spec(c: dict, **architecture) -> TransformerSpec:
 
 
 def assemble(name: str, model_dir: str, spec: TransformerSpec, weights: dict, top: dict[str, str],
-              layer_prefix: str, layer_names: Sequence[str], max_length: int, pad_id: int) -> TextEncoder:
+             layer_prefix: str, layer_names: Sequence[str], max_length: int, pad_id: int) -> TextEncoder:
   """Map PyTorch tensor names onto the Flax tree: `top` {flax name: torch prefix} (embeddings, norms) and, per
   layer i, `layer_prefix`i.`layer_names` in LAYER_PARTS order."""
   params = {k: _norm(weights, v) if k.endswith("norm") else {"embedding": weights[v + ".weight"]}

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, SpatialTransformer, downsample,
-                                         group_norm, timestep_embedding, upsample_nearest)
+                                         group_norm, masked_mean, timestep_embedding, upsample_nearest)
 
 
 class UNet(nn.Module):
@@ -96,9 +96,8 @@ class UNet(nn.Module):
     if self.context_dim and self.pooled_context:
       # The masked mean of the text tokens added to the timestep embedding (Imagen, Saharia et al. 2022, sec. 2.1),
       # so every residual block sees the prompt, not only the cross-attention layers.
-      m = jnp.ones(context.shape[:2]) if context_mask is None else context_mask.astype(jnp.float32)
-      pooled = (context * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
-      emb = emb + nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32, name="context_embed")(pooled)
+      emb = emb + nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32,
+                           name="context_embed")(masked_mean(context, context_mask))
 
     h = Conv(self.ch, 3, **kw)(x.astype(self.dtype))
     skips = [h]
