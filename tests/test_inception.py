@@ -1,15 +1,19 @@
 """The Flax FID Inception against a PyTorch reference in pytorch-fid's layout, through a real .pth file.
 
-Slow tier (needs torch: `pip install torch==2.13.0`): `bash launch/run_tests.sh -m slow`.
+The tests that build the PyTorch reference are in the slow tier (needs torch: `pip install torch==2.13.0`):
+`bash launch/run_tests.sh -m slow`. The weight file's messages are checked without torch.
 """
+
+import os
+import re
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 
-
 from diffusion_jax.evaluation import inception as I
-
-pytestmark = pytest.mark.slow
+from diffusion_jax.weights.torch_pickle import load_torch_state_dict
 
 
 def torch_fid_inception():
@@ -143,16 +147,18 @@ def torch_net():
   return torch_fid_inception()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("legacy", [False, True])
 def test_pth_loader_reads_both_torch_formats(torch_net, tmp_path, legacy):
   import torch
   path = str(tmp_path / "w.pth")
   torch.save(torch_net.state_dict(), path, _use_new_zipfile_serialization=not legacy)
-  loaded = I.load_torch_state_dict(path)
+  loaded = load_torch_state_dict(path)
   for key, value in torch_net.state_dict().items():
     np.testing.assert_array_equal(loaded[key], value.numpy(), err_msg=key)
 
 
+@pytest.mark.slow
 def test_flax_port_matches_torch_pool3_features(torch_net, tmp_path):
   import torch
   path = str(tmp_path / I.FID_WEIGHTS_NAME)
@@ -172,10 +178,26 @@ def test_flax_port_matches_torch_pool3_features(torch_net, tmp_path):
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path):
-  with pytest.raises(FileNotFoundError, match="Download https://github.com/mseitzer/pytorch-fid/releases/.*put it there"):
-    I.load_inception_variables(str(tmp_path / "nope.pth"), download=False)
+  path = str(tmp_path / "nope.pth")
+  message = f"not at {path}: download {I.FID_WEIGHTS_URL} and put it at {path}, or point DIFFUSION_JAX_INCEPTION"
+  with pytest.raises(FileNotFoundError, match=re.escape(message)):
+    I.load_inception_variables(path, download=False)
 
 
+def test_offline_download_says_where_to_put_the_weights(tmp_path, monkeypatch):
+  def offline(url, filename):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+  monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+  path = str(tmp_path / "cache" / I.FID_WEIGHTS_NAME)
+  with pytest.raises(FileNotFoundError) as e:
+    I.load_inception_variables(path)
+  assert str(e.value).startswith(f"could not download {I.FID_WEIGHTS_URL} (<urlopen error [Errno -3]")
+  assert f"without internet, download it elsewhere and put it at {path}" in str(e.value)
+  assert os.listdir(tmp_path / "cache") == []
+
+
+@pytest.mark.slow
 def test_fid_in_the_evaluation_uses_cached_reference_stats(torch_net, tmp_path):
   import torch
   from diffusion_jax.evaluation import evaluate

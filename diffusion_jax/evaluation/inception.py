@@ -3,24 +3,23 @@
 The network is torchvision's Inception-v3 with pytorch-fid's FID patches: average pools in the A, C and
 E_1 blocks exclude the zero padding (TF semantics) and the last E block max-pools. Module names follow
 pytorch-fid's state dict, so `pt_inception-2015-12-05-6726825d.pth` maps onto it key by key. The file
-is read without torch (a .pth is pickled tensors, in a zip or in the legacy stream format).
+is read without torch by `diffusion_jax.weights.torch_pickle` and fetched by `diffusion_jax.weights.download`.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import struct
-import urllib.request
-import zipfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
+
+from diffusion_jax.weights.download import default_cache_dir, download_file
+from diffusion_jax.weights.torch_pickle import load_torch_state_dict
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -154,90 +153,6 @@ class FIDInceptionV3(nn.Module):
     return jnp.mean(x, axis=(1, 2))  # [B,2048] adaptive average pool
 
 
-# ------------------------------------------------------------------ reading .pth files without torch
-
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
-           "ByteStorage": np.uint8, "BoolStorage": np.bool_, "BFloat16Storage": np.uint16}
-
-
-class _Storage:
-  def __init__(self, dtype):
-    self.dtype, self.data = np.dtype(dtype), None
-
-
-class _LazyTensor:
-  def __init__(self, storage, offset, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-  def materialize(self) -> np.ndarray:
-    flat = self.storage.data
-    item = flat.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(flat[self.offset:], self.size, [s * item for s in self.stride]).copy()
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *args, **kwargs):
-  return _LazyTensor(storage, storage_offset, size, stride)
-
-
-class _TorchUnpickler(pickle.Unpickler):
-  def __init__(self, file, storages: dict):
-    super().__init__(file)
-    self.storages = storages
-
-  def find_class(self, module, name):
-    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-      return _rebuild_tensor
-    if module == "torch" and name in _DTYPES:
-      return name
-    if module == "collections" and name == "OrderedDict":
-      import collections
-      return collections.OrderedDict
-    if module == "torch._utils" and name == "_rebuild_parameter":
-      return lambda data, requires_grad, hooks: data
-    raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a weight file")
-
-  def persistent_load(self, pid):
-    # ('storage', storage_type, key, location, numel[, view_metadata])
-    if not (isinstance(pid, tuple) and pid[0] == "storage"):
-      raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-    key = str(pid[2])
-    if key not in self.storages:
-      self.storages[key] = _Storage(_DTYPES[pid[1]])
-    return self.storages[key]
-
-
-def _materialize(obj):
-  if isinstance(obj, _LazyTensor):
-    return obj.materialize()
-  if isinstance(obj, dict):
-    return {k: _materialize(v) for k, v in obj.items()}
-  return obj
-
-
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict as numpy arrays, from the zip format (torch >= 1.6) or the legacy stream."""
-  storages: dict[str, _Storage] = {}
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as zf:
-      pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-      prefix = pkl[:-len("data.pkl")]
-      obj = _TorchUnpickler(io.BytesIO(zf.read(pkl)), storages).load()
-      for key, storage in storages.items():
-        storage.data = np.frombuffer(zf.read(f"{prefix}data/{key}"), storage.dtype)
-  else:
-    with open(path, "rb") as f:
-      for _ in range(3):  # magic number, protocol version, system info
-        pickle.load(f)
-      obj = _TorchUnpickler(f, storages).load()
-      keys = pickle.load(f)
-      for key in keys:
-        storage = storages[str(key)]
-        (numel,) = struct.unpack("<q", f.read(8))
-        storage.data = np.frombuffer(f.read(numel * storage.dtype.itemsize), storage.dtype)
-  return _materialize(obj)
-
-
 def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, Any]:
   """pytorch-fid keys (Mixed_5b.branch1x1.conv.weight, .bn.running_mean, ...) -> Flax variables."""
   params, stats = {}, {}
@@ -258,22 +173,21 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def default_weights_path() -> str:
-  cache = os.environ.get("DIFFUSION_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
-  return os.environ.get("DIFFUSION_JAX_INCEPTION_WEIGHTS", os.path.join(cache, FID_WEIGHTS_NAME))
+  """Where the FID weights are read from: $DIFFUSION_JAX_INCEPTION_WEIGHTS, else the weights cache."""
+  return os.environ.get("DIFFUSION_JAX_INCEPTION_WEIGHTS", os.path.join(default_cache_dir(), FID_WEIGHTS_NAME))
 
 
 def load_inception_variables(path: str | None = None, *, download: bool = True) -> dict[str, Any]:
-  """FID Inception variables from `path` (default: the user cache), downloading it there when missing."""
+  """FID Inception variables from `path` (local or any epath; default: `default_weights_path()`), downloading
+  the file there first when it is missing and `download` is set. FileNotFoundError (saying where to put the
+  file) when it is missing and cannot be downloaded; ValueError when it holds other weights."""
   path = path or default_weights_path()
-  if not os.path.exists(path):
+  put_it = (f"put it at {path}, or point DIFFUSION_JAX_INCEPTION_WEIGHTS (or config.eval.inception_weights) "
+            "at the file")
+  if not epath.Path(path).exists():
     if not download:
-      raise FileNotFoundError(_missing_message(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-      urllib.request.urlretrieve(FID_WEIGHTS_URL, path + ".part")
-      os.replace(path + ".part", path)
-    except OSError as e:
-      raise FileNotFoundError(f"{_missing_message(path)} (download failed: {e})") from None
+      raise FileNotFoundError(f"the FID Inception weights are not at {path}: download {FID_WEIGHTS_URL} and {put_it}")
+    download_file(FID_WEIGHTS_URL, path, what_to_do_offline=f"without internet, download it elsewhere and {put_it}")
   variables = convert_state_dict(load_torch_state_dict(path))
   expected = jax.eval_shape(lambda: FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3))))
   got = jax.tree.map(np.shape, variables)
@@ -282,12 +196,7 @@ def load_inception_variables(path: str | None = None, *, download: bool = True) 
   return variables
 
 
-def _missing_message(path: str) -> str:
-  return (f"the FID Inception weights are not at {path}. Download {FID_WEIGHTS_URL} and put it there, "
-          "or point DIFFUSION_JAX_INCEPTION_WEIGHTS (or config.eval.inception_weights) at the file")
-
-
-def make_inception_fn(variables, batch_size: int = 100):
+def make_inception_fn(variables: dict[str, Any], batch_size: int = 100) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 images [N,H,W,C] (C = 1 or 3) -> pool3 features [N,2048] float64 numpy."""
   apply = jax.jit(lambda x: FIDInceptionV3().apply(variables, x))
 

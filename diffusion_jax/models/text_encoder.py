@@ -2,128 +2,35 @@
 
 One `TextTransformer` serves both (post-LN BERT, pre-LN causal CLIP); each encoder is a small file under
 `text_encoders/` whose `load()` maps its PyTorch safetensors (Linear weights are (out, in)) onto the Flax tree
-with `assemble`. `encode_prompts` returns the
-per-token hidden states [B,L,D] and the attention mask [B,L] that the U-Net's cross-attention reads.
+with `assemble`, and `text_encoders.TEXT_ENCODERS` names them (this module never imports that package: its
+files import this one). `encode_prompts` returns the per-token hidden states [B,L,D] and the attention mask
+[B,L] that the U-Net's cross-attention reads. Weight files are read by `diffusion_jax.weights`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import os
-import struct
-import urllib.request
-import warnings
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from diffusion_jax.models.layers import masked_mean
-
-TOKENIZERS_PIP = "pip install tokenizers"
-HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
-
-
-# ---------------------------------------------------------------- weights and tokenizer files
-
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A .safetensors file (8-byte header size, JSON header, raw little-endian data) -> numpy arrays."""
-  with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
-    data = f.read()
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    start, end = info["data_offsets"]
-    if info["dtype"] == "BF16":  # bfloat16 = the upper half of a float32
-      raw = np.frombuffer(data[start:end], np.uint16).astype(np.uint32) << 16
-      array = raw.view(np.float32)
-    elif info["dtype"] in _SAFETENSORS_DTYPES:
-      array = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[info["dtype"]])
-    else:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
-    out[name] = array.reshape(info["shape"])
-  return out
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-  """Write float32/int64 numpy arrays as .safetensors (tests build fake checkpoints with it)."""
-  names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-  header, chunks, offset = {}, [], 0
-  for name, array in tensors.items():
-    array = np.ascontiguousarray(array)
-    header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + array.nbytes]}
-    chunks.append(array.tobytes())
-    offset += array.nbytes
-  blob = json.dumps(header).encode()
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
-
-
-def download_from_hub(repo: str, files: Sequence[str], cache_dir: str | None = None) -> str:
-  """Fetch `files` of a Hugging Face hub repo into ~/.cache/diffusion_jax/hub/<repo> (once); returns the dir."""
-  directory = os.path.join(cache_dir or os.path.expanduser("~/.cache/diffusion_jax/hub"), repo.replace("/", "--"))
-  os.makedirs(directory, exist_ok=True)
-  for name in files:
-    path = os.path.join(directory, name)
-    if os.path.exists(path):
-      continue
-    url = HUB_URL.format(repo=repo, file=name)
-    try:
-      urllib.request.urlretrieve(url, path + ".part")
-    except OSError as e:
-      raise FileNotFoundError(f"could not download {url} ({e}); without internet, download {repo} elsewhere and "
-                              f"set config.text.model_dir to a directory holding {list(files)}") from None
-    os.replace(path + ".part", path)
-  return directory
-
-
-class Tokenizer:
-  """A `tokenizers` tokenizer.json, padded/truncated to a fixed length so every batch compiles once."""
-
-  def __init__(self, path: str, max_length: int, pad_id: int):
-    try:
-      import tokenizers
-    except ImportError:
-      raise ImportError(f"text conditioning needs the 'tokenizers' package: {TOKENIZERS_PIP}") from None
-    if max_length < 2:
-      raise ValueError(f"text max_length must be >= 2 (a start and an end token), got {max_length}")
-    self.tokenizer = tokenizers.Tokenizer.from_file(path)
-    self.tokenizer.no_padding()
-    self.tokenizer.no_truncation()
-    self.max_length, self.pad_id = max_length, pad_id
-
-  def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """prompts -> (token ids int32 [B,L], mask int32 [B,L]); too long prompts keep their end token, with a warning."""
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-      raise TypeError(f"prompts must be a list of strings, got {prompts!r}")
-    ids = np.full((len(prompts), self.max_length), self.pad_id, np.int32)
-    mask = np.zeros((len(prompts), self.max_length), np.int32)
-    for i, encoding in enumerate(self.tokenizer.encode_batch(list(prompts))):
-      tokens = encoding.ids
-      if len(tokens) > self.max_length:
-        warnings.warn(f"prompt {prompts[i][:60]!r}... has {len(tokens)} tokens; truncated to max_length="
-                      f"{self.max_length}", stacklevel=2)
-        tokens = tokens[:self.max_length - 1] + tokens[-1:]  # keep [SEP] / <|endoftext|>, as HF truncation does
-      ids[i, :len(tokens)], mask[i, :len(tokens)] = tokens, 1
-    return ids, mask
+from diffusion_jax.models.tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------- the transformer
 
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
+  """The shape and switches of a BERT- or CLIP-style text transformer (see `hf_spec`)."""
+
   vocab_size: int
   max_positions: int
   hidden: int
@@ -142,10 +49,14 @@ _ACTIVATIONS = {"gelu": functools.partial(jax.nn.gelu, approximate=False),
 
 
 class TransformerLayer(nn.Module):
+  """One self-attention + MLP block, pre-LN (CLIP) or post-LN (BERT) by `spec.pre_norm`."""
+
   spec: TransformerSpec
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    """x [B,L,hidden] and an additive attention bias broadcastable to [B,heads,L,L] (0 where a query may
+    attend a key, float32 min where not) -> [B,L,hidden]."""
     s = self.spec
     b, length, _ = x.shape
     norm = lambda name: nn.LayerNorm(epsilon=s.layer_norm_eps, name=name)
@@ -167,6 +78,7 @@ class TextTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """ids int [B,L], mask [B,L] (1: token, 0: padding) -> hidden states [B,L,hidden]."""
     s = self.spec
     length = ids.shape[1]
     if length > s.max_positions:
@@ -209,10 +121,12 @@ class TextEncoder:
 
   @property
   def dim(self) -> int:
+    """The width of the hidden states (the U-Net's context_dim)."""
     return self.module.spec.hidden
 
   @property
   def max_length(self) -> int:
+    """The fixed number of tokens per prompt."""
     return self.tokenizer.max_length
 
   @functools.cached_property
@@ -220,6 +134,7 @@ class TextEncoder:
     return jax.jit(self.module.apply)
 
   def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """prompts -> (hidden states float32 [B,L,dim], mask int32 [B,L])."""
     ids, mask = self.tokenizer(prompts)
     return np.asarray(self._apply(self.params, ids, mask)), mask
 
@@ -241,8 +156,8 @@ LAYER_PARTS = ("query", "key", "value", "attn_out", "attn_norm", "mlp_in", "mlp_
 
 
 def read_config(model_dir: str, nested: str | None = None) -> dict:
-  with open(os.path.join(model_dir, "config.json")) as f:
-    c = json.load(f)
+  """`model_dir`/config.json (local or any epath) as a dict, or its `nested` sub-config when it has one."""
+  c = json.loads((epath.Path(model_dir) / "config.json").read_text())
   return c.get(nested, c) if nested else c
 
 
@@ -265,12 +180,3 @@ def assemble(name: str, model_dir: str, spec: TransformerSpec, weights: dict, to
   tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.json"), max_length, pad_id)
   return TextEncoder(name, TextTransformer(spec), {"params": jax.tree.map(jnp.asarray, params)}, tokenizer)
 
-
-TEXT_ENCODERS = ("minilm", "clip")  # diffusion_jax/models/text_encoders/<name>.py, each with load()
-
-
-def load_text_encoder(name: str, model_dir: str | None = None, max_length: int = 16) -> TextEncoder:
-  """One of TEXT_ENCODERS by name, from `model_dir` or its default location."""
-  if name not in TEXT_ENCODERS:
-    raise ValueError(f"unknown text encoder {name!r}; choose one of {TEXT_ENCODERS}")
-  return importlib.import_module(f"diffusion_jax.models.text_encoders.{name}").load(model_dir, max_length)

