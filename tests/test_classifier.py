@@ -1,4 +1,4 @@
-"""The offline feature network: its committed weights, their accuracy, and the metrics built on it."""
+"""diffusion_jax.evaluation.classifier and offline: the committed feature network, its accuracy, the metrics on it."""
 
 import numpy as np
 import pytest
@@ -9,12 +9,12 @@ from diffusion_jax.evaluation.offline import OfflineEvaluator, inception_style_s
 
 
 @pytest.fixture(scope="module")
-def test_split():
+def fashion_mnist_test():
   return load_split("fashion_mnist", "test")
 
 
-def test_committed_classifier_reaches_90_percent(test_split):
-  images, labels = test_split
+def test_committed_classifier_reaches_90_percent(fashion_mnist_test):
+  images, labels = fashion_mnist_test
   fn = make_feature_fn(load_params("fashion_mnist"))
   feats, probs = fn(images)
   assert feats.shape == (10000, 128) and probs.shape == (10000, 10)
@@ -24,8 +24,8 @@ def test_committed_classifier_reaches_90_percent(test_split):
     assert float(f["meta_test_accuracy"]) == pytest.approx(acc, abs=1e-3)  # what its script reported
 
 
-def test_offline_metrics_floor_and_bad_input(test_split):
-  images, labels = test_split
+def test_offline_metrics_floor_and_bad_input(fashion_mnist_test):
+  images, labels = fashion_mnist_test
   evaluator = OfflineEvaluator("fashion_mnist", images[:5000])
   real = evaluator(images[5000:6000], labels[5000:6000])
   noise = evaluator(np.random.default_rng(0).integers(0, 256, (1000, 28, 28, 1), dtype=np.uint8))

@@ -1,4 +1,4 @@
-"""The idx reader and the step-indexed input pipeline."""
+"""diffusion_jax.data (idx.py, pipeline.py): the idx reader, load_split and the step-indexed input pipeline."""
 
 import numpy as np
 import pytest
@@ -22,6 +22,15 @@ def test_load_split_from_data_dir_and_missing_data_message(tmp_path):
   write_fake_fashion_mnist(str(tmp_path))
   images, labels = load_split("fashion_mnist", "train", str(tmp_path))
   assert images.shape == (64, 16, 16, 1) and images.dtype == np.uint8 and labels.shape == (64,)
+  # Each fake image is its label's bright square (helpers.write_fake_fashion_mnist): pixels and labels pair up.
+  assert set(np.unique(labels)) <= set(range(10)) and len(np.unique(labels)) > 1
+  for image, label in zip(images[..., 0], labels):
+    r, col = divmod(int(label), 4)
+    expected = np.zeros((16, 16), np.uint8)
+    expected[2 + 3 * r:6 + 3 * r, 1 + 3 * col:5 + 3 * col] = 255
+    np.testing.assert_array_equal(image, expected)
+  test_images, test_labels = load_split("fashion_mnist", "test", str(tmp_path))
+  assert test_images.shape == (16, 16, 16, 1) and test_labels.shape == (16,)
   with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
     load_split("fashion_mnist", "train", str(tmp_path / "empty"))
   with pytest.raises(ValueError, match="not an in-memory dataset"):

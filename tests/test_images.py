@@ -1,27 +1,18 @@
-"""Sample grids: the plain tiling, the captioned one, and the PNG writer."""
-
-import zlib
+"""diffusion_jax.images: the plain grid, the captioned grid, the PNG writer (decoded by Pillow) and to_uint8."""
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from diffusion_jax import images as I
 
 
-def _read_png(path):
-  """A minimal PNG reader for 8-bit images written with filter 0 (what write_png writes)."""
-  data = open(path, "rb").read()
-  assert data[:8] == b"\x89PNG\r\n\x1a\n"
-  pos, chunks = 8, {}
-  while pos < len(data):
-    n = int.from_bytes(data[pos:pos + 4], "big")
-    tag = data[pos + 4:pos + 8]
-    chunks[tag] = chunks.get(tag, b"") + data[pos + 8:pos + 8 + n]
-    pos += 12 + n
-  w, h = int.from_bytes(chunks[b"IHDR"][:4], "big"), int.from_bytes(chunks[b"IHDR"][4:8], "big")
-  channels = {0: 1, 2: 3, 6: 4}[chunks[b"IHDR"][9]]
-  raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * channels)
-  assert (raw[:, 0] == 0).all()
-  return raw[:, 1:].reshape(h, w, channels)
+def read_png(path):
+  """Decoded by Pillow, an independent reader that also checks the chunk CRCs and the zlib stream."""
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    im.load()
+    return im.mode, np.asarray(im)
 
 
 def test_make_grid_and_png_roundtrip(tmp_path):
@@ -29,9 +20,31 @@ def test_make_grid_and_png_roundtrip(tmp_path):
   grid = I.make_grid(images, ncol=2, pad=1)
   assert grid.shape == (3 * 5 + 1, 2 * 4 + 1, 3)
   np.testing.assert_array_equal(grid[1 + 2 * 5:1 + 2 * 5 + 4, 1:4], images[4])
+  assert (grid[:, 0] == 255).all() and (grid[1 + 2 * 5:, 1 + 4 + 1:] == 255).all()  # padding and the empty slot
   path = str(tmp_path / "g.png")
   I.write_png(path, grid)
-  np.testing.assert_array_equal(_read_png(path), grid)
+  mode, pixels = read_png(path)
+  assert mode == "RGB"
+  np.testing.assert_array_equal(pixels, grid)
+
+
+@pytest.mark.parametrize("shape,mode", [((7, 5), "L"), ((7, 5, 1), "L"), ((7, 5, 3), "RGB"), ((7, 5, 4), "RGBA")])
+def test_png_pixels_decode_to_the_array_written(tmp_path, shape, mode):
+  image = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+  image.flat[:2] = (0, 255)  # both extremes survive
+  path = tmp_path / "x.png"
+  I.write_png(path, image)
+  got_mode, pixels = read_png(path)
+  assert got_mode == mode
+  np.testing.assert_array_equal(pixels, image.reshape(pixels.shape))
+  assert pixels.shape[:2] == (7, 5)  # rows are the height
+  with pytest.raises(ValueError, match=r"write_png needs .* uint8, got \(7, 5, 2\)"):
+    I.write_png(tmp_path / "bad.png", np.zeros((7, 5, 2), np.uint8))
+
+
+def test_to_uint8_rounds_and_clips():
+  np.testing.assert_array_equal(I.to_uint8(np.array([-2.0, -1.0, -0.5, 0.0, 1 / 255, 1.0, 3.0])),
+                                [0, 0, 64, 128, 128, 255, 255])
 
 
 def test_captioned_grid_wraps_each_caption_onto_its_own_rows():

@@ -1,4 +1,4 @@
-"""Fréchet distance and KID against closed forms and a float64 scipy reference."""
+"""diffusion_jax.evaluation.metrics (and evaluate.load_reference_stats): FD, KID, precision/recall vs references."""
 
 import numpy as np
 import pytest
@@ -88,9 +88,11 @@ def test_precision_recall_by_hand_and_on_mode_dropping():
 def test_reference_stats_files(tmp_path):
   from diffusion_jax.evaluation.evaluate import load_reference_stats
   good = tmp_path / "good.npz"
-  np.savez(good, mu=np.zeros(4), sigma=np.eye(4))
+  ref_mu, ref_sigma = np.arange(4.0) - 1.5, random_cov(np.random.default_rng(5), 4)
+  np.savez(good, mu=ref_mu, sigma=ref_sigma)
   mu, sigma = load_reference_stats(str(good))
-  assert mu.shape == (4,) and sigma.shape == (4, 4)
+  np.testing.assert_array_equal(mu, ref_mu)
+  np.testing.assert_array_equal(sigma, ref_sigma)
   (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
   with pytest.raises(ValueError, match="corrupt.npz is not a statistics file with keys 'mu' and 'sigma'"):
     load_reference_stats(str(tmp_path / "corrupt.npz"))

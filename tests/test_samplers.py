@@ -1,4 +1,4 @@
-"""Every sampler on Gaussian data, where the optimal denoiser and the ODE solution are analytic."""
+"""diffusion_jax.diffusion.samplers: every sampler on Gaussian data (analytic denoiser and ODE flow), timestep grids."""
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,26 @@ def test_timestep_grids(spacing, num_steps):
   assert len(g) == num_steps and g[0] == 999 and np.all(np.diff(g) < 0) and g[-1] >= 0
   if num_steps == 1000:
     np.testing.assert_array_equal(g, np.arange(999, -1, -1))
+
+
+def test_timestep_grid_values():
+  """Each spacing against its formula, written here in float64 from the papers."""
+  expected = {("uniform", 5): [999, 749, 500, 250, 0],  # round(linspace(0, T-1, K)) (IDDPM)
+              ("trailing", 4): [999, 749, 499, 249],  # round(arange(T, 0, -T/K)) - 1 (Lin et al. 2024 table 2)
+              ("quadratic", 5): [999, 562, 250, 62, 0]}  # round(linspace(0, sqrt(T-1), K)^2) (DDIM sec. 5)
+  for (spacing, k), grid in expected.items():
+    np.testing.assert_array_equal(D.timestep_grid(SCHED, k, spacing), grid, err_msg=spacing)
+  alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # DDPM's linear schedule
+  log_sigma = 0.5 * np.log((1 - alphas_cumprod) / alphas_cumprod)  # EDM table 1: sigma = sqrt((1-ab)/ab)
+  nearest = lambda target: np.abs(log_sigma[None] - target[:, None]).argmin(axis=1)
+  for k in (5, 20):
+    ramp, rho = np.linspace(0, 1, k), 7.0
+    lo, hi = np.exp(log_sigma[0]) ** (1 / rho), np.exp(log_sigma[-1]) ** (1 / rho)
+    karras = nearest(rho * np.log(hi + ramp * (lo - hi)))  # EDM eq. 5, quantised to the nearest discrete sigma
+    logsnr = nearest(np.linspace(log_sigma[-1], log_sigma[0], k))  # uniform in log-SNR (DPM-Solver sec. 3.3)
+    np.testing.assert_array_equal(D.timestep_grid(SCHED, k, "karras"), karras)
+    np.testing.assert_array_equal(D.timestep_grid(SCHED, k, "logsnr"), logsnr)
+    assert karras[0] == 999 and karras[-1] == 0 and len(set(karras)) == k
 
 
 def test_sharded_sampling_equals_unsharded():

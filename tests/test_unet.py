@@ -1,12 +1,14 @@
-"""U-Net shapes, parameter count and the im2col conv against lax.conv."""
+"""diffusion_jax.models.unet: shapes, parameter count, options wired into every block, im2col conv against lax.conv."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import layer_refs as R
 from diffusion_jax.models import UNet
-from diffusion_jax.models.layers import conv_im2col
+from diffusion_jax.models.layers import AttentionBlock, ResBlock, conv_im2col
 
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 
@@ -47,16 +49,48 @@ def test_unet_shapes_and_options(size, ch_mult, kw):
   out = model.apply(params, x, t)
   assert out.shape == (2, size, size, 2) and out.dtype == jnp.float32
   # The zero-initialised output conv gives a zero output at init (DDPM); perturb it to see t matter.
-  params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(2), p.shape), params)
+  np.testing.assert_array_equal(out, 0.0)
+  params = R.perturb(params, 0.01)
   out = model.apply(params, x, t)
   assert float(jnp.abs(out[0] - out[1]).max()) > 0
+
+
+def test_unet_options_reach_every_block_and_match_the_reference():
+  """resblock_updown, scale_shift_norm and num_heads=2 in a whole U-Net: each ResBlock and AttentionBlock call
+  equals the float64 reference (tests/layer_refs.py) on its own params and inputs, and the resampling ResBlocks
+  halve (encoder) and double (decoder) the resolution where a plain U-Net would use a conv."""
+  model = UNet(**{**SMALL, "ch_mult": (1, 2, 2)}, resblock_updown=True, scale_shift_norm=True, num_heads=2)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 1)), jnp.float32)
+  t = jnp.array([3, 500])
+  params = {"params": R.random_params(model, x, t, scale=0.05)}
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, (ResBlock, AttentionBlock)):
+      calls.append((context.module, R.to_numpy(context.module.variables["params"]),
+                    [np.asarray(a, np.float64) for a in args], np.asarray(out, np.float64)))
+    return out
+
+  with nn.intercept_methods(record):
+    model.apply(params, x, t)
+  resamples = [(m.resample, a[0].shape[1], out.shape[1]) for m, _, a, out in calls if isinstance(m, ResBlock)]
+  assert [r for r in resamples if r[0]] == [("down", 16, 8), ("down", 8, 4), ("up", 4, 8), ("up", 8, 16)]
+  assert sum(isinstance(m, AttentionBlock) for m, *_ in calls) == 4  # at 8x8: 1 down, 2 up; 1 in the middle
+  for module, p, args, out in calls:
+    if isinstance(module, ResBlock):
+      assert module.scale_shift_norm and p["Dense_0"]["kernel"].shape[-1] == 2 * module.out_ch
+      ref = R.resblock(p, *args, scale_shift_norm=True, resample=module.resample)
+    else:
+      assert p["q"]["kernel"].shape[1] == 2  # two heads
+      ref = R.attention_block(p, *args)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=module.name)
 
 
 def test_unet_bfloat16_compute_and_xla_conv_agree():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
   t = jnp.array([3, 500])
-  params = UNet(**SMALL).init(jax.random.key(0), x, t)
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), params)
+  params = R.perturb(UNet(**SMALL).init(jax.random.key(0), x, t), 0.02, seed=3)
   ref = UNet(**SMALL, conv_impl="xla").apply(params, x, t)
   np.testing.assert_allclose(UNet(**SMALL, conv_impl="im2col").apply(params, x, t), ref, rtol=1e-4, atol=1e-4)
   low = UNet(**SMALL, dtype=jnp.bfloat16).apply(params, x, t)

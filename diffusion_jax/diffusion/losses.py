@@ -147,16 +147,17 @@ def update_loss_history(history: LossHistory, t: jax.Array, losses: jax.Array) -
   return jax.lax.fori_loop(0, t.shape[0], push, history)
 
 
-def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int, *, sampler: str = "uniform",
+def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int, *, method: str = "uniform",
                      history: LossHistory | None = None, uniform_prob: float = 1e-3):
-  """Timesteps [B] and importance weights [B] (all 1 for uniform); IDDPM sec. 3.3 p_t ∝ sqrt(E[L_t^2])."""
-  check_choice("timestep sampler", sampler, TIMESTEP_SAMPLERS)
+  """Timesteps [B] and importance weights [B] (all 1 for method='uniform'); method='importance': IDDPM
+  sec. 3.3, p_t ∝ sqrt(E[L_t^2]) over the loss history."""
+  check_choice("timestep sampling method", method, TIMESTEP_SAMPLERS)
   uniform = jnp.full((num_timesteps,), 1.0 / num_timesteps)
-  if sampler == "uniform":
+  if method == "uniform":
     probs = uniform
   else:
     if history is None:
-      raise ValueError("sampler='importance' needs a LossHistory (init_loss_history)")
+      raise ValueError("method='importance' needs a LossHistory (init_loss_history)")
     warm = jnp.all(history.counts == history.losses.shape[1])
     weights = jnp.sqrt(jnp.mean(history.losses ** 2, axis=-1))
     weights = weights / jnp.maximum(jnp.sum(weights), 1e-12) * (1 - uniform_prob) + uniform_prob / num_timesteps

@@ -1,0 +1,98 @@
+"""diffusion_jax.models.layers: ResBlock (FiLM, up/down), attention heads, timestep embedding vs float64 numpy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import layer_refs as R
+from diffusion_jax.models.layers import AttentionBlock, ResBlock, attention_heads, timestep_embedding
+
+IN_CH, EMB = 48, 20  # 48 channels: GroupNorm with gcd(32, 48) = 16 groups of 3 channels
+
+
+def inputs(size=8):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, IN_CH))
+  emb = jax.random.normal(jax.random.key(1), (2, EMB))
+  return x, emb
+
+
+def close(got, ref):
+  np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("scale_shift_norm", [False, True])
+@pytest.mark.parametrize("resample,out_ch", [(None, IN_CH), (None, 64), ("down", IN_CH), ("up", 64)])
+def test_resblock_matches_reference(scale_shift_norm, resample, out_ch):
+  x, emb = inputs()
+  block = ResBlock(out_ch, scale_shift_norm=scale_shift_norm, resample=resample)
+  params = R.random_params(block, x, emb, train=False)
+  assert params["Dense_0"]["kernel"].shape == (EMB, 2 * out_ch if scale_shift_norm else out_ch)
+  assert ("skip" in params) == (out_ch != IN_CH)
+  got = block.apply({"params": params}, x, emb, train=False)
+  size = {"up": 16, "down": 4, None: 8}[resample]
+  assert got.shape == (2, size, size, out_ch)
+  close(got, R.resblock(R.to_numpy(params), np.asarray(x, np.float64), np.asarray(emb, np.float64),
+                        scale_shift_norm=scale_shift_norm, resample=resample))
+
+
+def test_scale_shift_norm_is_film_not_an_added_embedding():
+  """The same params read by the other rule give a different output: the test above tells the two apart."""
+  x, emb = inputs()
+  params = R.random_params(ResBlock(IN_CH, scale_shift_norm=True), x, emb, train=False)
+  got = np.asarray(ResBlock(IN_CH, scale_shift_norm=True).apply({"params": params}, x, emb, train=False))
+  p, x64, e64 = R.to_numpy(params), np.asarray(x, np.float64), np.asarray(emb, np.float64)
+  # The additive rule on the first half of the FiLM projection (out_ch columns) is another function.
+  p["Dense_0"] = {"kernel": p["Dense_0"]["kernel"][:, :IN_CH], "bias": p["Dense_0"]["bias"][:IN_CH]}
+  assert np.abs(got - R.resblock(p, x64, e64, scale_shift_norm=False)).max() > 0.1
+
+
+@pytest.mark.parametrize("resample,resize", [("down", R.avg_pool2), ("up", R.nearest_up2)])
+def test_resample_resblock_with_zeroed_residual_is_the_resampled_input(resample, resize):
+  x, emb = inputs()
+  block = ResBlock(IN_CH, scale_shift_norm=True, resample=resample)
+  params = R.random_params(block, x, emb, train=False)
+  params["Conv_1"] = jax.tree.map(jnp.zeros_like, params["Conv_1"])  # the residual branch's last conv
+  got = np.asarray(block.apply({"params": params}, x, emb, train=False))
+  np.testing.assert_allclose(got, resize(np.asarray(x)), rtol=0, atol=1e-6)
+  if resample == "down":  # the 2x2 mean, written out
+    np.testing.assert_allclose(got[:, 1, 2], np.asarray(x[:, 2:4, 4:6]).mean(axis=(1, 2)), atol=1e-6)
+  else:  # nearest: each input pixel fills a 2x2 block
+    np.testing.assert_array_equal(got[:, 6:8, 2:4], np.broadcast_to(np.asarray(x)[:, 3:4, 1:2], (2, 2, 2, IN_CH)))
+
+
+@pytest.mark.parametrize("num_heads,head_channels,heads", [(1, -1, 1), (2, -1, 2), (1, 16, 3)])
+def test_attention_block_matches_multi_head_reference(num_heads, head_channels, heads):
+  x, _ = inputs()
+  block = AttentionBlock(num_heads=num_heads, head_channels=head_channels)
+  params = R.random_params(block, x, scale=0.3)
+  assert params["q"]["kernel"].shape == (IN_CH, heads, IN_CH // heads)
+  close(block.apply({"params": params}, x), R.attention_block(R.to_numpy(params), np.asarray(x, np.float64)))
+
+
+def test_two_heads_are_not_one_head_of_the_same_weights():
+  """Splitting the same Q, K, V projections into 2 heads changes the output: the head count is really used."""
+  x, _ = inputs()
+  params = R.random_params(AttentionBlock(num_heads=2), x, scale=0.3)
+  got = np.asarray(AttentionBlock(num_heads=2).apply({"params": params}, x))
+  one = R.to_numpy(params)
+  for n in "qkv":
+    one[n] = {"kernel": one[n]["kernel"].reshape(IN_CH, 1, IN_CH), "bias": one[n]["bias"].reshape(1, IN_CH)}
+  one["proj_out"] = {**one["proj_out"], "kernel": one["proj_out"]["kernel"].reshape(1, IN_CH, IN_CH)}
+  assert np.abs(got - R.attention_block(one, np.asarray(x, np.float64))).max() > 1e-2
+  with pytest.raises(ValueError, match=r"attention over 48 channels cannot split into 5 heads"):
+    attention_heads(48, 5, -1)
+
+
+def test_timestep_embedding_matches_ddpm_formula():
+  t = np.array([0, 1, 17, 999])
+  dim = 32
+  # DDPM get_timestep_embedding: [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)).
+  w = np.exp(-math.log(10000) * np.arange(dim // 2) / (dim // 2 - 1))
+  ref = np.concatenate([np.sin(t[:, None] * w), np.cos(t[:, None] * w)], axis=1)
+  np.testing.assert_allclose(timestep_embedding(jnp.asarray(t), dim), ref, atol=2e-4)
+  odd = np.asarray(timestep_embedding(jnp.asarray(t), dim + 1))
+  np.testing.assert_allclose(odd[:, :dim], ref, atol=2e-4)
+  assert np.all(odd[:, dim] == 0)
