@@ -1,40 +1,9 @@
-"""Helpers shared by the bench scripts: load a config file by name, apply key=value overrides."""
+"""Helpers shared by the bench scripts: a config by name with `--set a.b=value` overrides (parsed by
+diffusion_jax.config.load_config, exactly as main's --config.a.b flags), a table printer, a restored workdir."""
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-CONFIG_DIR = os.path.join(ROOT, "configs")
-
-
-def load_config(name: str):
-  """'fashion_mnist' or 'fashion_mnist:full' -> configs/fashion_mnist.py's get_config(variant)."""
-  file, _, variant = name.partition(":")
-  spec = importlib.util.spec_from_file_location(file, os.path.join(CONFIG_DIR, file + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
-def apply_overrides(config, overrides):
-  """'model.ch=16' style overrides, values parsed as Python literals where they parse."""
-  for item in overrides:
-    key, _, value = item.partition("=")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    *path, leaf = key.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+from diffusion_jax.config import load_config  # noqa: F401  (the scripts' one config loader)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -46,28 +15,24 @@ def print_table(rows: list[dict]) -> None:
 
 
 def restore_workdir(config, workdir: str):
-  """A trained workdir's (mesh, model, schedule, decoder or None, state) at its latest checkpoint."""
+  """A trained workdir's (mesh, components, decoder or None, text encoder or None, state) at its latest
+  checkpoint."""
   import jax
-  from diffusion_jax import checkpoint, latent, train
+  from diffusion_jax import build, checkpoint, latent, train
+  from diffusion_jax.keys import RunKeys
   from diffusion_jax.parallel.mesh import make_mesh
-  mesh = make_mesh()
-  model, schedule = train.build_model(config), train.build_schedule(config)
-  tx, _ = train.build_optimizer(config)
-  shape = train.image_shape(config)
+  mesh, parts = make_mesh(), build.build_components(config)
   decoder = None
-  if train.is_latent(config):  # sample latents, decode with the workdir's finished autoencoder
-    ae_model, ae_params, scale = latent.prepare_autoencoder(config, workdir, mesh, None, train=False)
-    decoder = latent.LatentDecoder(ae_model, ae_params, scale)
-    shape = ae_model.latent_shape(shape)
-  state, _ = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
+  if parts.autoencoder is not None:  # sample latents, decode with the workdir's finished autoencoder
+    decoder = latent.prepare_autoencoder(config, parts.autoencoder, workdir, mesh, None, RunKeys.from_seed(0))
+  state, _ = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
+                                      parts.schedule.num_timesteps)
   state = checkpoint.restore(checkpoint.make_manager(workdir), state)
-  return mesh, model, schedule, decoder, state
+  return mesh, parts, decoder, build.load_text_encoder(config), state
 
 
-def sampling_condition(config, num_images: int, encoder=None):
-  """(labels, prompts, cond, null_cond) for sampling `num_images` from the config's kind of model (all None/{}
-  for an unconditional one); loads the text encoder when the model needs it and none is given."""
-  from diffusion_jax import conditioning as C
-  if C.condition_kind(config) == "text" and encoder is None:
-    encoder = C.load_encoder(config)
-  return C.sampling_inputs(config, num_images, encoder)
+def make_sampler(parts, settings, mesh, decoder):
+  """The compiled sample function of a workdir's model with these SampleSettings."""
+  from diffusion_jax.sampling import make_sample_fn
+  return make_sample_fn(parts.model, parts.schedule, settings, mesh, parts.input_shape,
+                        prediction=parts.diffusion.prediction, variance=parts.diffusion.variance, decoder=decoder)

@@ -9,18 +9,19 @@ Class-conditional models (model.num_classes > 0) get one row per class label.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
 import time
 
 import jax
 import numpy as np
+from common import load_config, make_sampler, print_table, restore_workdir
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import apply_overrides, load_config, print_table, restore_workdir  # noqa: E402
-from diffusion_jax import conditioning as C, images as image_io, train  # noqa: E402
-from diffusion_jax.data import load_split  # noqa: E402
-from diffusion_jax.evaluation.offline import OfflineEvaluator  # noqa: E402
+from diffusion_jax import conditioning as C
+from diffusion_jax import images as image_io
+from diffusion_jax.data import load_split
+from diffusion_jax.evaluation.offline import OfflineEvaluator
+from diffusion_jax.sampling import SampleSettings, sample_images
 
 
 def prompt_sets(config) -> dict[str, list[str]]:
@@ -40,15 +41,14 @@ def main():
   parser.add_argument("--batch", type=int, default=160)
   parser.add_argument("--set", action="append", default=[])
   args = parser.parse_args()
-  config = apply_overrides(load_config(args.config), args.set)
-  kind = C.condition_kind(config)
+  config = load_config(args.config, args.set)
+  mesh, parts, decoder, encoder, state = restore_workdir(config, args.workdir)
+  kind = parts.condition.kind
   if kind == "none":
     raise SystemExit(f"{args.config} is unconditional: guidance needs model.num_classes > 0 or text.encoder")
-  mesh, model, schedule, decoder, state = restore_workdir(config, args.workdir)
-  encoder = C.load_encoder(config) if kind == "text" else None
   test_images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
   evaluator = OfflineEvaluator(config.data.dataset, test_images)
-  num_classes = len(C.dataset_captions(config.data.dataset))
+  num_classes = parts.condition.num_labels
   labels = np.repeat(np.arange(num_classes, dtype=np.int32), args.per_class)
   sets = prompt_sets(config) if kind == "text" else {"class label": [str(k) for k in range(num_classes)]}
   scales = [float(s) for s in args.scales.split(",")]
@@ -56,13 +56,12 @@ def main():
   summary = []
   for set_name, prompts in sets.items():
     per_image = np.asarray(prompts)[labels] if kind == "text" else None
-    cond, null_cond = C.sample_condition(kind, labels, per_image, config.model.num_classes, encoder)
+    cond, null_cond = C.sample_condition(parts.condition, labels, per_image, encoder)
     for w in scales:
-      config.sample.guidance_scale = w
-      fn = train.make_sample_fn(model, schedule, config, mesh, sampler=config.sample.sampler,
-                                num_steps=config.sample.num_steps, decoder=decoder)
+      settings = dataclasses.replace(SampleSettings.from_config(config.sample), guidance_scale=w)
+      fn = make_sampler(parts, settings, mesh, decoder)
       t0 = time.perf_counter()
-      images = train.sample_images(fn, state.ema_params, jax.random.key(1), len(labels), args.batch, cond, null_cond)
+      images = sample_images(fn, state.ema_params, jax.random.key(1), len(labels), args.batch, cond, null_cond)
       seconds = time.perf_counter() - t0
       feats, probs = evaluator.features(images)
       hit = probs.argmax(-1) == labels

@@ -7,19 +7,20 @@ The data floor row compares two disjoint real sets of the same size (train subse
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
 import time
 
 import jax
 import numpy as np
+from common import load_config, make_sampler, print_table, restore_workdir
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import apply_overrides, load_config, print_table, restore_workdir, sampling_condition  # noqa: E402
-from diffusion_jax import images as image_io, train  # noqa: E402
-from diffusion_jax import diffusion as D  # noqa: E402
-from diffusion_jax.data import load_split  # noqa: E402
-from diffusion_jax.evaluation.offline import OfflineEvaluator  # noqa: E402
+from diffusion_jax import conditioning as C
+from diffusion_jax import diffusion as D
+from diffusion_jax import images as image_io
+from diffusion_jax.data import load_split
+from diffusion_jax.evaluation.offline import OfflineEvaluator
+from diffusion_jax.sampling import SampleSettings, sample_images
 
 DEFAULT_RUNS = "ddpm:1000,ddpm:50,ddim:10,ddim:20,ddim:50,dpmpp_2m:10,dpmpp_2m:20,dpmpp_2m:50,euler:20,euler:50,heun:10,heun:25"
 
@@ -33,9 +34,10 @@ def main():
   parser.add_argument("--runs", default=DEFAULT_RUNS, help="sampler:steps[:spacing],...")
   parser.add_argument("--set", action="append", default=[])
   args = parser.parse_args()
-  config = apply_overrides(load_config(args.config), args.set)
-  mesh, model, schedule, decoder, state = restore_workdir(config, args.workdir)
-  labels, _, cond, null_cond = sampling_condition(config, args.num_images)  # every class in turn if conditional
+  config = load_config(args.config, args.set)
+  mesh, parts, decoder, encoder, state = restore_workdir(config, args.workdir)
+  # Every class in turn if conditional.
+  labels, _, cond, null_cond = C.sampling_inputs(parts.condition, args.num_images, encoder)
   test_images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
   train_images, _ = load_split(config.data.dataset, "train", config.data.data_dir)
   evaluator = OfflineEvaluator(config.data.dataset, test_images)
@@ -45,12 +47,13 @@ def main():
   for spec in args.runs.split(","):
     sampler, steps, *spacing = spec.split(":")
     steps = int(steps)
-    config.sample.spacing = spacing[0] if spacing else None
-    fn = train.make_sample_fn(model, schedule, config, mesh, sampler=sampler, num_steps=steps, decoder=decoder)
+    settings = SampleSettings.from_config(config.sample)
+    settings = dataclasses.replace(settings, sampler=sampler, num_steps=steps, spacing=spacing[0] if spacing else None)
+    fn = make_sampler(parts, settings, mesh, decoder)
     batch = args.batch
-    train.sample_images(fn, state.ema_params, jax.random.key(0), batch, batch, cond, null_cond)  # compile
+    sample_images(fn, state.ema_params, jax.random.key(0), batch, batch, cond, null_cond)  # compile
     t0 = time.perf_counter()
-    images = train.sample_images(fn, state.ema_params, jax.random.key(1), args.num_images, batch, cond, null_cond)
+    images = sample_images(fn, state.ema_params, jax.random.key(1), args.num_images, batch, cond, null_cond)
     seconds = time.perf_counter() - t0
     metrics = evaluator(images, labels)
     rows.append(dict(sampler=sampler + (f" ({spacing[0]})" if spacing else ""), steps=steps,

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import load_config, print_table
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import apply_overrides, load_config, print_table  # noqa: E402
-from diffusion_jax import conditioning as C, latent, train  # noqa: E402
-from diffusion_jax.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
+from diffusion_jax import build, conditioning as C, latent, train
+from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
 
 
 def peak_flops(n: int = 2048, reps: int = 5) -> float:
@@ -65,47 +62,43 @@ def row(label, batch, timing, extra_s=0.0):
 
 def bench_config(name: str, steps: int, batch: int | None, peak: float, overrides=()) -> list[dict]:
   """One row per train step of the config: the diffusion step, and for latent configs the autoencoder's."""
-  config = apply_overrides(load_config(name), list(overrides))
-  if batch:
-    config.batch_size = batch
+  config = load_config(name, list(overrides) + ([f"batch_size={batch}"] if batch else []))
   label = name + "".join(f" {o}" for o in overrides)
   mesh = make_mesh()
   data = batch_sharding(mesh)
   key = jax.random.key(1)
   rng = np.random.default_rng(0)
-  pixels = (config.data.image_size, config.data.image_size, config.data.channels)
-  rows, shape, encode_s = [], pixels, 0.0
-  if train.is_latent(config):
-    import optax
-    ae = latent.build_autoencoder(config)
-    tx = optax.adam(1e-4)
-    params = ae.init(jax.random.key(0), jnp.zeros((1, *pixels)), key)
-    ae_state = latent.AutoencoderState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    ae_batch = jax.device_put(jnp.asarray(rng.uniform(-1, 1, (config.autoencoder.batch_size, *pixels)), jnp.float32), data)
-    ae_step = jax.jit(functools.partial(latent.autoencoder_train_step, model=ae, tx=tx, kl_weight=1e-6,
-                                        rec_loss="l1", learning_rate_fn=lambda _: 1e-4))
-    rows.append(row(f"{label} stage 1 (autoencoder)", config.autoencoder.batch_size,
-                    time_step(ae_step, ae_state, ({"image": ae_batch}, key), steps, peak)))
+  parts = build.build_components(config)
+  pixels, shape = parts.image_shape, parts.input_shape
+  rows, encode_s = [], 0.0
+  random_batch = lambda n, tail: jax.device_put(jnp.asarray(rng.uniform(-1, 1, (n, *tail)), jnp.float32), data)
+  if parts.autoencoder is not None:
+    ae, a = parts.autoencoder, config.autoencoder
+    tx, lr = build.build_optimizer(build.OptimSettings(**a.optim))
+    ae_state, _ = latent.create_autoencoder_state(ae, tx, jax.random.key(0), pixels, mesh)
+    ae_step = jax.jit(functools.partial(latent.autoencoder_train_step, model=ae, tx=tx, kl_weight=a.kl_weight,
+                                        rec_loss=a.rec_loss, learning_rate_fn=lr))
+    rows.append(row(f"{label} stage 1 (autoencoder)", a.batch_size,
+                    time_step(ae_step, ae_state, ({"image": random_batch(a.batch_size, pixels)}, key), steps, peak)))
     # Stage 2 encodes each batch with the frozen encoder: its time is part of a latent step.
     encode = latent.make_encode_fn(ae, mesh)
-    images = jax.device_put(jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *pixels)), jnp.float32), data)
-    encode(params, images, key, 1.0).block_until_ready()
+    images = random_batch(config.batch_size, pixels)
+    encode(ae_state.params, images, key, 1.0).block_until_ready()
     t0 = time.perf_counter()
     for _ in range(steps):
-      encode(params, images, key, 1.0).block_until_ready()
+      encode(ae_state.params, images, key, 1.0).block_until_ready()
     encode_s = (time.perf_counter() - t0) / steps
-    shape = ae.latent_shape(pixels)
     label = f"{label} stage 2 (U-Net on {'x'.join(map(str, shape))} + encoder)"
-  model, schedule = train.build_model(config), train.build_schedule(config)
-  tx, lr_fn = train.build_optimizer(config)
-  state, shardings = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
-  step_fn = train.compile_train_step(config, model, tx, lr_fn, schedule, mesh, shardings)
-  batch = {"image": jax.device_put(jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *shape)), jnp.float32), data)}
+  state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), shape, mesh,
+                                              parts.schedule.num_timesteps)
+  step_fn = train.compile_train_step(parts, mesh, shardings)
+  batch = {"image": random_batch(config.batch_size, shape)}
   table = None
-  if C.condition_kind(config) != "none":  # a conditional step also gathers the condition of each example
-    batch["label"] = jax.device_put(jnp.asarray(rng.integers(0, 10, config.batch_size), jnp.int32), data)
-  if C.condition_kind(config) == "text":
-    table = C.build_text_table(C.load_encoder(config), C.dataset_captions(config.data.dataset))
+  if parts.condition.kind != "none":  # a conditional step also gathers the condition of each example
+    batch["label"] = jax.device_put(jnp.asarray(rng.integers(0, parts.condition.num_labels, config.batch_size),
+                                                jnp.int32), data)
+  if parts.condition.kind == "text":
+    table = C.build_text_table(build.load_text_encoder(config), parts.condition.captions)
   rows.append(row(label, config.batch_size, time_step(step_fn, state, (batch, key, table), steps, peak), encode_s))
   return rows
 

@@ -1,10 +1,6 @@
 """The DDPM paper's CIFAR-10 setup (Ho et al. 2020, sec. 4 and appendix B) for accelerators."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from default import get_base_config  # noqa: E402
+from diffusion_jax.config import get_base_config
 
 
 def get_config():
@@ -29,7 +25,7 @@ def get_config():
   config.num_train_steps = 800_000
   config.log_every_steps = 1000
   config.checkpoint_every_steps = 10_000
-  config.sample_every_steps = 50_000
+  config.preview_every_steps = 50_000
   config.sample.num_images = 50_000
   config.sample.batch_size = 1000
   config.eval.bpd_num_images = 10_000  # the whole test split, as IDDPM reports

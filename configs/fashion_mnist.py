@@ -1,10 +1,6 @@
 """DDPM on Fashion-MNIST. Default: sized for ~15 minutes on 2 CPU cores; ':full' for an accelerator."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from default import get_base_config  # noqa: E402
+from diffusion_jax.config import get_base_config
 
 
 def get_config(variant: str = "cpu"):
@@ -18,7 +14,7 @@ def get_config(variant: str = "cpu"):
     config.batch_size = 32
     config.log_every_steps = 100
     config.checkpoint_every_steps = 500
-    config.sample_every_steps = 1000
+    config.preview_every_steps = 1000
     config.model.ch = 16
     config.model.ch_mult = (1, 2, 4)
     config.model.num_res_blocks = 1
@@ -36,7 +32,7 @@ def get_config(variant: str = "cpu"):
     config.batch_size = 128
     config.log_every_steps = 500
     config.checkpoint_every_steps = 5000
-    config.sample_every_steps = 10_000
+    config.preview_every_steps = 10_000
     config.model.ch = 64
     config.model.ch_mult = (1, 2, 2)
     config.model.num_res_blocks = 2

@@ -4,13 +4,9 @@ classifier-free guidance. Variants (comma-separated): size 'cpu' (default: both 
 'full' (an accelerator); conditioning 'text' (default), 'class' (class labels) or 'uncond'.
 E.g. --config=configs/latent.py:full,class"""
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from default import get_base_config  # noqa: E402
+from diffusion_jax.config import get_base_config, optim_config
 
 
 SIZES = ("cpu", "full")
@@ -29,16 +25,13 @@ def get_config(variant: str = "cpu"):
   config.data.image_size = 28
   config.data.channels = 1
 
+  # Stage 1: the KL autoencoder. `model` is AutoencoderKL's arguments (out_channels follow the data).
   config.autoencoder = a = ml_collections.ConfigDict()
-  a.ch = 16
-  a.ch_mult = (1, 2, 4)  # f = 4
-  a.num_res_blocks = 1
-  a.attn_resolutions = ()
-  a.z_channels = 4
+  a.model = ml_collections.ConfigDict(dict(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
+                                           z_channels=4, conv_impl="xla"))  # f = 4
+  a.optim = optim_config(learning_rate=1e-3, warmup_steps=100)  # Adam, no clipping, no EMA
   a.kl_weight = 1e-6  # LDM's KL-reg weight
   a.rec_loss = "l1"
-  a.learning_rate = 1e-3
-  a.warmup_steps = 100
   a.batch_size = 32
   a.num_train_steps = 1500
   a.checkpoint_dir = ml_collections.config_dict.placeholder(str)  # reuse a finished stage 1 from elsewhere
@@ -66,7 +59,7 @@ def get_config(variant: str = "cpu"):
     config.batch_size = 64
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000
-    config.sample_every_steps = 2000
+    config.preview_every_steps = 2000
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 200
     config.optim.ema_decay = 0.999
@@ -74,8 +67,9 @@ def get_config(variant: str = "cpu"):
     config.sample.sampler = "ddpm"
     config.sample.num_steps = 250
   else:
-    a.ch, a.ch_mult, a.num_res_blocks, a.num_train_steps, a.batch_size = 64, (1, 2, 2), 2, 50_000, 64
-    a.learning_rate = 4.5e-6 * 64  # LDM: base lr 4.5e-6 scaled by the batch size
+    a.model.ch, a.model.ch_mult, a.model.num_res_blocks = 64, (1, 2, 2), 2
+    a.num_train_steps, a.batch_size = 50_000, 64
+    a.optim.learning_rate = 4.5e-6 * 64  # LDM: base lr 4.5e-6 scaled by the batch size
     config.model.ch = 128
     config.model.num_res_blocks = 2
     config.num_train_steps = 200_000
@@ -84,7 +78,7 @@ def get_config(variant: str = "cpu"):
     config.optim.warmup_steps = 1000
     config.log_every_steps = 500
     config.checkpoint_every_steps = 5000
-    config.sample_every_steps = 10_000
+    config.preview_every_steps = 10_000
     config.sample.num_images = 10_000
     config.sample.batch_size = 500
   return config

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 
-def make_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager of DIR/checkpoints/<step>; DIR may be local (made absolute, as Orbax wants) or remote (gs://)."""
+  directory = epath.Path(workdir) / "checkpoints"
+  if "://" not in str(workdir):
+    directory = directory.absolute()
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save))
 

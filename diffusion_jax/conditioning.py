@@ -7,12 +7,12 @@ caption per example by index, so the encoder never runs inside training.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from diffusion_jax import diffusion as D
@@ -60,11 +60,27 @@ PARAPHRASES = {
 }
 
 
-def condition_kind(config: ml_collections.ConfigDict) -> str:
-  """'text' with a text encoder, 'class' with model.num_classes > 0, else 'none'."""
-  if config.get("text") is not None and config.text.encoder:
-    return "text"
-  return "class" if config.model.num_classes else "none"
+@dataclasses.dataclass(frozen=True)
+class ConditionSpec:
+  """What a model is conditioned on, decided once from the config (build.condition_spec).
+
+  kind: 'none', 'class' (labels [B], label `num_classes` is the null class) or 'text' (captions; `captions`
+  holds each class's training captions, and the null condition is the empty prompt).
+  """
+
+  kind: str = "none"
+  num_classes: int = 0
+  p_uncond: float = 0.0  # condition dropout in training (classifier-free guidance)
+  captions: tuple[tuple[str, ...], ...] = ()
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"condition kind {self.kind!r} is invalid: choose one of {KINDS}")
+
+  @property
+  def num_labels(self) -> int:
+    """How many classes sampling can ask for: the model's classes, or the classes with captions."""
+    return {"none": 0, "class": self.num_classes, "text": len(self.captions)}[self.kind]
 
 
 def dataset_captions(dataset: str) -> tuple[tuple[str, ...], ...]:
@@ -76,12 +92,12 @@ def dataset_captions(dataset: str) -> tuple[tuple[str, ...], ...]:
 
 @flax.struct.dataclass
 class TextTable:
-  """Every training caption embedded once: context [P,L,D], mask [P,L]; caption_ids [K,T] rows of the table per
-  class (padded by repeating), counts [K]. Row 0 is the empty prompt (the null condition)."""
+  """Every training caption embedded once: context [P,L,D], mask [P,L]; caption_rows [K,T] the table rows of
+  each class's captions (padded by repeating), counts [K]. Row 0 is the empty prompt (the null condition)."""
 
   context: jax.Array
   mask: jax.Array
-  caption_ids: jax.Array
+  caption_rows: jax.Array
   counts: jax.Array
 
 
@@ -91,25 +107,25 @@ def build_text_table(encoder, captions: Sequence[Sequence[str]]) -> TextTable:
   flat = [""] + [c for per_class in captions for c in per_class]
   context, mask = encode_prompts(encoder, flat)
   width = max(len(c) for c in captions)
-  ids, start = np.zeros((len(captions), width), np.int32), 1
+  rows, start = np.zeros((len(captions), width), np.int32), 1
   for k, per_class in enumerate(captions):
-    ids[k] = np.resize(np.arange(start, start + len(per_class)), width)
+    rows[k] = np.resize(np.arange(start, start + len(per_class)), width)
     start += len(per_class)
-  return TextTable(context=jnp.asarray(context), mask=jnp.asarray(mask), caption_ids=jnp.asarray(ids),
+  return TextTable(context=jnp.asarray(context), mask=jnp.asarray(mask), caption_rows=jnp.asarray(rows),
                    counts=jnp.asarray([len(c) for c in captions], jnp.int32))
 
 
-def train_condition(kind: str, key: jax.Array, labels: jax.Array | None, p_uncond: float, null_label: int,
+def train_condition(spec: ConditionSpec, key: jax.Array, labels: jax.Array | None,
                     table: TextTable | None) -> dict[str, jax.Array]:
   """The condition of a training batch, with condition dropout (Ho & Salimans 2022, algorithm 1): {} / {"y"} /
   {"context", "context_mask"} for a random caption of each example's class (row 0, "", when dropped)."""
-  if kind == "none":
+  if spec.kind == "none":
     return {}
   key_drop, key_caption = jax.random.split(key)
-  if kind == "class":
-    return {"y": D.drop_labels(key_drop, labels, p_uncond, null_label)}
+  if spec.kind == "class":
+    return {"y": D.drop_labels(key_drop, labels, spec.p_uncond, spec.num_classes)}
   choice = jax.random.randint(key_caption, labels.shape, 0, table.counts[labels])
-  rows = D.drop_labels(key_drop, table.caption_ids[labels, choice], p_uncond, 0)
+  rows = D.drop_labels(key_drop, table.caption_rows[labels, choice], spec.p_uncond, 0)
   return {"context": table.context[rows], "context_mask": table.mask[rows]}
 
 
@@ -124,6 +140,22 @@ def parse_prompts(prompt: Any) -> list[str]:
   raise ValueError(f"config.sample.prompt={prompt!r} is invalid: give a string ('|' separates prompts) or strings")
 
 
+def parse_class_labels(text: Any, num_labels: int) -> list[int]:
+  """sample.class_labels: '' (none given), '3' or '0,3,7' (or an int), each in [0, num_labels)."""
+  text = str(text if text is not None else "").strip()
+  if not text:
+    return []
+  try:
+    labels = [int(x) for x in text.split(",")]
+  except ValueError:
+    raise ValueError(f"config.sample.class_labels={text!r} is invalid: give comma-separated class indices, "
+                     f"e.g. '0,3,7'") from None
+  bad = [x for x in labels if not 0 <= x < num_labels]
+  if bad:
+    raise ValueError(f"config.sample.class_labels={text!r} is invalid: {bad} out of range [0, {num_labels})")
+  return labels
+
+
 def _one_or_each(values: Sequence, num_images: int, key: str, noun: str) -> np.ndarray:
   """`values` repeated to [num_images]; a ValueError unless there is one value or exactly num_images."""
   if len(values) not in (1, num_images):
@@ -132,80 +164,62 @@ def _one_or_each(values: Sequence, num_images: int, key: str, noun: str) -> np.n
   return np.resize(np.asarray(values, dtype=object if noun == "prompts" else np.int32), num_images)
 
 
-def check_prompts(prompts: Sequence[str], num_images: int) -> None:
-  if prompts:
-    _one_or_each(prompts, num_images, "prompt", "prompts")
-
-
-def requested_labels(config: ml_collections.ConfigDict, num_images: int, num_classes: int, *,
-                     every_class: bool = False) -> np.ndarray:
-  """Class labels int [N] to sample: sample.class_labels ('3' or '0,3,7': one label, or exactly num_images),
-  else sample.class_label (-1: every class in turn, as `every_class` always does)."""
-  text = "" if every_class else str(config.sample.get("class_labels") or "")
-  if text.strip():
-    try:
-      labels = [int(x) for x in text.split(",")]
-    except ValueError:
-      raise ValueError(f"config.sample.class_labels={text!r} is invalid: give comma-separated class indices, "
-                       f"e.g. '0,3,7'") from None
-    bad = [x for x in labels if not 0 <= x < num_classes]
-    if bad:
-      raise ValueError(f"config.sample.class_labels={text!r} is invalid: {bad} out of range [0, {num_classes})")
-    return _one_or_each(labels, num_images, "class_labels", "labels")
-  label = -1 if every_class else config.sample.class_label
-  return np.full(num_images, label, np.int32) if label >= 0 else np.arange(num_images, dtype=np.int32) % num_classes
-
-
-def sample_prompts_and_labels(config: ml_collections.ConfigDict, num_images: int, *, every_class: bool = False
+def sample_prompts_and_labels(spec: ConditionSpec, num_images: int, *, prompt: Any = "", class_labels: Any = ""
                               ) -> tuple[np.ndarray | None, np.ndarray | None]:
   """(labels int [N] or None, prompts str [N] or None) to sample: the given prompts (label = the class whose
-  caption they are, else -1), or the requested classes (`requested_labels`; text models use each class's first
-  caption)."""
-  kind = condition_kind(config)
-  if kind == "none":
+  caption they are, else -1), else the given class labels (one, or exactly N), else every class in turn; text
+  models prompt with each class's first caption. ValueError naming sample.prompt / sample.class_labels."""
+  prompts = parse_prompts(prompt)
+  if spec.kind == "none":
+    if prompts or parse_class_labels(class_labels, 1 << 30):
+      raise ValueError(f"config.sample.prompt={prompt!r} / class_labels={class_labels!r} is invalid: prompts and "
+                       "labels need a conditional model (set text.encoder or model.num_classes)")
     return None, None
-  if kind == "class":
-    return requested_labels(config, num_images, config.model.num_classes, every_class=every_class), None
-  captions = dataset_captions(config.data.dataset)
-  prompts = [] if every_class else parse_prompts(config.sample.prompt)
+  if spec.kind == "class" and prompts:
+    raise ValueError(f"config.sample.prompt={prompt!r} is invalid: prompts need a text-conditional model "
+                     "(set text.encoder)")
   if prompts:
-    prompts = _one_or_each(prompts, num_images, "prompt", "prompts")
-    owner = {c: k for k, per_class in enumerate(captions) for c in per_class}
-    labels = np.asarray([owner.get(p, -1) for p in prompts], np.int32)
-  else:
-    labels = requested_labels(config, num_images, len(captions), every_class=every_class)
-    prompts = np.asarray([captions[k][0] for k in labels], dtype=object)
-  return labels, prompts.astype(str)
+    prompts = _one_or_each(prompts, num_images, "prompt", "prompts").astype(str)
+    owner = {c: k for k, per_class in enumerate(spec.captions) for c in per_class}
+    return np.asarray([owner.get(p, -1) for p in prompts], np.int32), prompts
+  given = parse_class_labels(class_labels, spec.num_labels)
+  labels = (_one_or_each(given, num_images, "class_labels", "labels") if given
+            else np.arange(num_images, dtype=np.int32) % spec.num_labels)
+  if spec.kind == "class":
+    return labels, None
+  return labels, np.asarray([spec.captions[k][0] for k in labels], dtype=str)
 
 
-def sample_condition(kind: str, labels: np.ndarray | None, prompts: np.ndarray | None, null_label: int,
+def null_condition(spec: ConditionSpec, encoder=None) -> dict[str, np.ndarray]:
+  """The unconditional input of a conditional model, one example (leading [1]): the null class, or the
+  empty prompt's embedding."""
+  if spec.kind == "none":
+    return {}
+  if spec.kind == "class":
+    return {"y": np.full((1,), spec.num_classes, np.int32)}
+  from diffusion_jax.models.text_encoder import encode_prompts
+  context, mask = encode_prompts(encoder, [""])
+  return {"context": context, "context_mask": mask}
+
+
+def sample_condition(spec: ConditionSpec, labels: np.ndarray | None, prompts: np.ndarray | None,
                      encoder=None) -> tuple[dict, dict]:
   """(cond, null_cond) host pytrees with a leading [N] axis, for guided sampling."""
-  if kind == "none":
+  if spec.kind == "none":
     return {}, {}
-  if kind == "class":
-    return {"y": labels}, {"y": np.full_like(labels, null_label)}
+  n = len(labels)
+  null = jax.tree.map(lambda a: np.repeat(a, n, 0), null_condition(spec, encoder))
+  if spec.kind == "class":
+    return {"y": labels}, null
   from diffusion_jax.models.text_encoder import encode_prompts
-  context, mask = encode_prompts(encoder, list(prompts) + [""])  # each distinct prompt encoded once
-  n = len(prompts)
-  return ({"context": context[:n], "context_mask": mask[:n]},
-          {"context": np.repeat(context[n:], n, 0), "context_mask": np.repeat(mask[n:], n, 0)})
+  context, mask = encode_prompts(encoder, list(prompts))  # each distinct prompt encoded once (cached)
+  return {"context": context, "context_mask": mask}, null
 
 
-def sampling_inputs(config: ml_collections.ConfigDict, num_images: int, encoder=None, *, every_class: bool = False
-                    ) -> tuple[np.ndarray | None, np.ndarray | None, dict, dict]:
-  """(labels, prompts, cond, null_cond) to sample `num_images` from the config's kind of model (None/{} when it is
-  unconditional): `sample_prompts_and_labels` then `sample_condition`."""
-  labels, prompts = sample_prompts_and_labels(config, num_images, every_class=every_class)
-  cond, null_cond = sample_condition(condition_kind(config), labels, prompts, config.model.num_classes, encoder)
+def sampling_inputs(spec: ConditionSpec, num_images: int, encoder=None, *, prompt: Any = "",
+                    class_labels: Any = "") -> tuple[np.ndarray | None, np.ndarray | None, dict, dict]:
+  """(labels, prompts, cond, null_cond) to sample `num_images` (None/{} for an unconditional model):
+  `sample_prompts_and_labels` then `sample_condition`; no prompt and no labels = every class in turn."""
+  labels, prompts = sample_prompts_and_labels(spec, num_images, prompt=prompt, class_labels=class_labels)
+  cond, null_cond = sample_condition(spec, labels, prompts, encoder)
   return labels, prompts, cond, null_cond
-
-
-def load_encoder(config: ml_collections.ConfigDict):
-  """The config's frozen text encoder (text.encoder, text.model_dir, text.max_length), checked against the U-Net."""
-  from diffusion_jax.models.text_encoder import load_text_encoder
-  encoder = load_text_encoder(config.text.encoder, config.text.model_dir, config.text.max_length)
-  if encoder.dim != config.model.context_dim:
-    raise ValueError(f"config.model.context_dim={config.model.context_dim} does not match the {encoder.name} "
-                     f"encoder's width {encoder.dim}: set --config.model.context_dim={encoder.dim}")
-  return encoder

@@ -6,6 +6,7 @@ import struct
 import zlib
 
 import numpy as np
+from etils import epath
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -25,7 +26,7 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.n
   return grid
 
 
-def write_png(path: str, image: np.ndarray) -> None:
+def write_png(path, image: np.ndarray) -> None:
   """Write uint8 [H,W], [H,W,1], [H,W,3] or [H,W,4] as an 8-bit PNG (RFC 2083)."""
   image = np.asarray(image, np.uint8)
   if image.ndim == 3 and image.shape[-1] == 1:
@@ -39,7 +40,7 @@ def write_png(path: str, image: np.ndarray) -> None:
   def chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-  with open(path, "wb") as f:
+  with epath.Path(path).open("wb") as f:  # local or remote (gs://) paths alike
     f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 

@@ -30,12 +30,13 @@ def main(argv):
   import jax
   from diffusion_jax.parallel.multihost import maybe_initialize_distributed
   from diffusion_jax import train
+  from diffusion_jax.data import DataNotFoundError
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache")))
   maybe_initialize_distributed()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, ImportError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, ImportError, DataNotFoundError, train.NonFiniteLossError) as e:
     # Errors that name the bad value and the fix: print that line, not a traceback (DJ_TRACEBACK=1 shows it).
     if os.environ.get("DJ_TRACEBACK"):
       raise

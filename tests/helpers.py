@@ -1,16 +1,13 @@
 """Shared test fixtures: a tiny config and synthetic Fashion-MNIST-format data."""
 
 import os
-import sys
 
 import numpy as np
 
+from diffusion_jax.config import get_base_config, optim_config
+from diffusion_jax.data.idx import write_idx
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-
-from default import get_base_config  # noqa: E402
-
-from diffusion_jax.data.idx import write_idx  # noqa: E402
 
 
 def write_fake_fashion_mnist(directory: str, n_train: int = 64, n_test: int = 16, size: int = 16) -> str:
@@ -35,7 +32,7 @@ def tiny_config(data_dir: str):
   config.batch_size = 8
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
-  config.sample_every_steps = 4
+  config.preview_every_steps = 4
   config.diffusion.num_timesteps = 50
   config.model.ch = 8
   config.model.ch_mult = (1, 2)
@@ -64,10 +61,23 @@ def tiny_latent_config(data_dir: str):
   import ml_collections
   config = tiny_config(data_dir)
   config.autoencoder = a = ml_collections.ConfigDict()
-  a.ch, a.ch_mult, a.num_res_blocks, a.attn_resolutions, a.z_channels = 8, (1, 2), 1, (), 2
-  a.kl_weight, a.rec_loss, a.learning_rate, a.warmup_steps = 1e-6, "l1", 1e-3, 1
-  a.batch_size, a.num_train_steps = 8, 4
+  a.model = ml_collections.ConfigDict(dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=2,
+                                           conv_impl="xla"))
+  a.optim = optim_config(learning_rate=1e-3, warmup_steps=1)
+  a.kl_weight, a.rec_loss, a.batch_size, a.num_train_steps = 1e-6, "l1", 8, 4
   a.checkpoint_dir = ml_collections.config_dict.placeholder(str)
   config.model.attn_resolutions = (4,)  # 8x8x2 latents
   config.sample.clip_denoised = False
   return config
+
+
+class TraceCounter:
+  """Wraps a function and counts how often it runs in Python: under jit, how often it is traced, so a test
+  can assert that repeated calls compile once (chex.assert_max_traces' idea, without the dependency)."""
+
+  def __init__(self, fn):
+    self.fn, self.count = fn, 0
+
+  def __call__(self, *args, **kwargs):
+    self.count += 1
+    return self.fn(*args, **kwargs)

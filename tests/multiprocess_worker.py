@@ -9,7 +9,6 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, process_id, data_dir, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import tiny_config, tiny_text_config  # noqa: E402
 from steps import run_steps  # noqa: E402

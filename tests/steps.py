@@ -1,20 +1,18 @@
 """A few train steps through the public pieces, on whatever processes and devices this run has."""
 
-
 import jax
 
-from diffusion_jax import train
+from diffusion_jax import build, train
 from diffusion_jax.data import InMemoryBatches, load_split
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh
 
 
 def run_steps(config, num_steps: int) -> list[float]:
   mesh = make_mesh()
-  model, schedule = train.build_model(config), train.build_schedule(config)
-  tx, lr_fn = train.build_optimizer(config)
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  state, shardings = train.create_train_state(model, tx, jax.random.key(0), shape, mesh, schedule.num_timesteps)
-  step = train.compile_train_step(config, model, tx, lr_fn, schedule, mesh, shardings, donate=False)
+  parts = build.build_components(config)
+  state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
+                                              parts.schedule.num_timesteps)
+  step = train.compile_train_step(parts, mesh, shardings, donate=False)
   images, labels = load_split("fashion_mnist", "train", config.data.data_dir)
   batches = InMemoryBatches(images, labels, global_batch=config.batch_size, seed=0,
                             process_index=jax.process_index(), process_count=jax.process_count())

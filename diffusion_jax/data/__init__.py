@@ -1,3 +1,4 @@
 """Input pipelines."""
 
-from diffusion_jax.data.pipeline import DATASETS, DataNotFoundError, InMemoryBatches, load_split, scale_images
+from diffusion_jax.data.pipeline import (DATASETS, IMAGE_SHAPES, DataNotFoundError, InMemoryBatches, dataset_image_shape,
+                                         load_split, scale_images)

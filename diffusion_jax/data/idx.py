@@ -51,6 +51,18 @@ def load_idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray] 
   return images[..., None].astype(np.uint8), labels.astype(np.int32)
 
 
+def idx_image_shape(directory: str, split: str) -> tuple[int, int, int] | None:
+  """(H, W, 1) of a split's images from its idx header alone (16 bytes), or None if the file is absent."""
+  path = find_idx_file(directory, SPLIT_FILES[split][0])
+  if path is None:
+    return None
+  with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+    header = f.read(16)
+  if len(header) < 16 or header[:3] != bytes([0, 0, 0x08]) or header[3] != 3:
+    raise ValueError(f"{path} is not an idx file of uint8 images [N,H,W] (header {header[:4]!r})")
+  return int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big"), 1
+
+
 def write_idx(path: str, array: np.ndarray) -> None:
   """Write a uint8 array as an idx file (gzipped when the path ends in .gz); used to make test data."""
   array = np.ascontiguousarray(array, dtype=np.uint8)

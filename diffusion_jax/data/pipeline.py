@@ -7,12 +7,13 @@ from typing import Iterator
 
 import numpy as np
 
-from diffusion_jax.data.idx import load_idx_split
+from diffusion_jax.data.idx import idx_image_shape, load_idx_split
 
 DEBIAN_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
 # Datasets small enough to hold in memory: the batch for a step is indexed directly, so resuming is exact.
 IN_MEMORY = ("fashion_mnist", "mnist", "cifar10")
 DATASETS = IN_MEMORY  # celeb_a / imagenet2012 need a streaming tf.data path (not built yet)
+IMAGE_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}  # (H, W, C)
 
 
 class DataNotFoundError(RuntimeError):
@@ -50,6 +51,17 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> tuple[np.n
           + ("Install the Debian package: apt-get install dataset-fashion-mnist, or " if name == "fashion_mnist" else "")
           + "unset data_dir to let tensorflow-datasets download it (needs internet).")
   return _load_tfds(name, split, data_dir)
+
+
+def dataset_image_shape(name: str, data_dir: str | None = None) -> tuple[int, int, int]:
+  """(H, W, C) of a dataset's images without loading it: the idx header where load_split would read idx
+  files, else the dataset's published shape."""
+  directory = data_dir or DEBIAN_DIRS.get(name)
+  if name in ("fashion_mnist", "mnist") and directory:
+    shape = idx_image_shape(directory, "train")
+    if shape is not None:
+      return shape
+  return IMAGE_SHAPES[name]
 
 
 def scale_images(images: np.ndarray) -> np.ndarray:

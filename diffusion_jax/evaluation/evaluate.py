@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 
 from diffusion_jax import diffusion as D
 from diffusion_jax.data import load_split, scale_images
@@ -65,15 +66,16 @@ def fid(config, images: np.ndarray, workdir: str) -> dict[str, float]:
     logging.warning("FID skipped: %s", e)
     return {}
   features = inception.make_inception_fn(variables)
-  stats_path = config.eval.fid_reference_stats or os.path.join(
-      workdir, "eval", f"fid_stats_{config.data.dataset}_test.npz")
-  if os.path.exists(stats_path):
+  stats_path = epath.Path(config.eval.fid_reference_stats or
+                          epath.Path(workdir) / "eval" / f"fid_stats_{config.data.dataset}_test.npz")
+  if stats_path.exists():
     mu_ref, sigma_ref = load_reference_stats(stats_path)
   else:
     test_images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
     mu_ref, sigma_ref = feature_statistics(features(test_images))
-    os.makedirs(os.path.dirname(stats_path), exist_ok=True)
-    np.savez(stats_path, mu=mu_ref, sigma=sigma_ref)
+    stats_path.parent.mkdir(parents=True, exist_ok=True)
+    with stats_path.open("wb") as f:
+      np.savez(f, mu=mu_ref, sigma=sigma_ref)
   fake_feats = features(images)
   out = {"fid": frechet_distance(*feature_statistics(fake_feats), mu_ref, sigma_ref)}
   train_images, _ = load_split(config.data.dataset, "train", config.data.data_dir)
@@ -82,8 +84,11 @@ def fid(config, images: np.ndarray, workdir: str) -> dict[str, float]:
   return out
 
 
-def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: int) -> dict[str, float]:
-  """Mean total / prior / decoder bits per dim over `num_images` test images (IDDPM calc_bpd_loop)."""
+def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: int, key: jax.Array,
+                 null_cond: dict | None = None) -> dict[str, float]:
+  """Mean total / prior / decoder bits per dim over `num_images` test images (IDDPM calc_bpd_loop); batch i
+  draws with fold_in(key, i). A conditional model is scored on its null condition (leading [1]): the bound
+  on p(x)."""
   images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
   n = jax.device_count()
   batch = max(n, -(-min(config.eval.bpd_batch_size, num_images) // n) * n)
@@ -92,9 +97,8 @@ def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: 
 
   @jax.jit
   def bpd(params, x, key):
-    # A class-conditional model is scored unconditionally (null label): the bound on p(x).
-    y = jnp.full((x.shape[0],), model.num_classes, jnp.int32) if model.num_classes else None
-    model_fn = lambda x_t, t: model.apply(params, jax.lax.with_sharding_constraint(x_t, sharding), t, y)
+    cond = jax.tree.map(lambda a: jnp.broadcast_to(a, (x.shape[0], *a.shape[1:])), null_cond or {})
+    model_fn = lambda x_t, t: model.apply(params, jax.lax.with_sharding_constraint(x_t, sharding), t, **cond)
     out = D.calc_bpd_loop(schedule, model_fn, x, key, prediction=d.prediction, variance=d.variance)
     return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"], "decoder_bpd": out["vb"][:, 0]}
 
@@ -103,18 +107,17 @@ def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: 
     x = scale_images(images[i * batch:(i + 1) * batch])
     if len(x) < batch:  # pad the last batch; padded rows are dropped below
       x = np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), x.dtype)])
-    out = bpd(params, jax.device_put(jnp.asarray(x), sharding), jax.random.fold_in(jax.random.key(config.seed), i))
+    out = bpd(params, jax.device_put(jnp.asarray(x), sharding), jax.random.fold_in(key, i))
     results.append({k: global_to_host(v) for k, v in out.items()})
   return {k: float(np.concatenate([r[k] for r in results])[:num_images].mean()) for k in results[0]}
 
 
-def write_metrics(workdir: str, step: int, metrics: dict[str, float], writer=None) -> str:
+def write_metrics(workdir, step: int, metrics: dict[str, float], writer=None) -> epath.Path:
   """DIR/eval/metrics_<step>.json, TensorBoard scalars, and a printed table with the floor beside each metric."""
-  directory = os.path.join(workdir, "eval")
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f"metrics_{step}.json")
-  with open(path, "w") as f:
-    json.dump(metrics, f, indent=2, sort_keys=True)
+  directory = epath.Path(workdir) / "eval"
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / f"metrics_{step}.json"
+  path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
   if writer is not None:
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   lines = [f"evaluation at step {step}", f"{'metric':<28}{'model':>12}{'real data floor':>18}"]
@@ -126,15 +129,18 @@ def write_metrics(workdir: str, step: int, metrics: dict[str, float], writer=Non
   return path
 
 
-def evaluate(config, workdir: str, *, step: int, model, params, schedule, mesh, images: np.ndarray,
-             labels: np.ndarray | None = None, writer=None) -> dict[str, float]:
-  """All metrics for one checkpoint; `images` are its samples (uint8 [N,H,W,C])."""
+def evaluate(config, workdir, *, step: int, model, params, schedule, mesh, images: np.ndarray,
+             labels: np.ndarray | None = None, writer=None, key: jax.Array, null_cond: dict | None = None
+             ) -> dict[str, float]:
+  """All metrics for one checkpoint; `images` are its samples (uint8 [N,H,W,C]); `key` and `null_cond`
+  (conditioning.null_condition) serve the bits/dim bound."""
   t0 = time.time()
   metrics = sample_quality(config, images, labels)
   if config.eval.fid:
     metrics.update(fid(config, images, workdir))
   if config.eval.bpd_num_images > 0:
-    metrics.update(bits_per_dim(config, model, params, schedule, mesh, config.eval.bpd_num_images))
+    metrics.update(bits_per_dim(config, model, params, schedule, mesh, config.eval.bpd_num_images, key,
+                                null_cond))
   metrics["num_samples"] = float(len(images))
   if jax.process_index() == 0:
     write_metrics(workdir, step, metrics, writer)

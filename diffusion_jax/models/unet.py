@@ -56,11 +56,10 @@ class UNet(nn.Module):
     if h != w:
       raise ValueError(f"only square images are supported, got {height}x{width}")
 
-  @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, context: jax.Array | None = None,
-               context_mask: jax.Array | None = None, concat: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
-    b, height, width, channels = x.shape
+  def check_conditions(self, x: jax.Array, y: jax.Array | None, context: jax.Array | None,
+                       concat: jax.Array | None) -> None:
+    """ValueError unless exactly the conditions this model was built for are given, with matching shapes."""
+    b, height, width, _ = x.shape
     if (y is None) != (self.num_classes == 0):
       raise ValueError(f"class labels y must be given exactly when num_classes > 0 (num_classes={self.num_classes}, "
                        f"y={'None' if y is None else 'given'})")
@@ -73,6 +72,13 @@ class UNet(nn.Module):
       raise ValueError(f"concat [B,H,W,{self.concat_channels}] = {(b, height, width, self.concat_channels)} must be "
                        f"given exactly when concat_channels > 0, got {None if concat is None else concat.shape}")
     self.check_input(height, width)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None, concat: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    b, height, width, channels = x.shape
+    self.check_conditions(x, y, context, concat)
     if concat is not None:  # concatenation conditioning (LDM sec. 3.3; SR3): aligned inputs as extra channels
       x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
     size = self.padded_size(height)

@@ -1,0 +1,221 @@
+"""Every config mistake we can see, checked once at start-up before any data is read or anything compiles.
+
+One function per config section, in the order of the config. Each problem is a ValueError naming the key,
+its value and what is allowed (`config.sample.num_steps=51 is invalid: must be ...`). Library functions keep
+only the argument checks that protect their direct callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from diffusion_jax import build, conditioning as C
+from diffusion_jax import diffusion as D
+from diffusion_jax.data import DATASETS, dataset_image_shape
+from diffusion_jax.models.layers import CONV_IMPLS
+
+MODES = ("train", "sample", "eval")
+REC_LOSSES = ("l1", "l2")
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: Any, low: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """All checks, section by section; raises the first problem found."""
+  check_run(config)
+  check_data(config.data)
+  check_diffusion(config.diffusion)
+  check_optim(config.optim, "optim")
+  if build.is_latent(config):
+    check_autoencoder(config)
+  check_model(config)
+  check_text(config)
+  check_sample(config)
+  check_eval(config)
+
+
+def check_run(config: ml_collections.ConfigDict) -> None:
+  require(config.mode in MODES, "mode", config.mode, f"choose one of {MODES}")
+  require(_is_int(config.seed, 0), "seed", config.seed, "must be an int >= 0")
+  require(_is_int(config.num_train_steps, 0), "num_train_steps", config.num_train_steps, "must be an int >= 0")
+  for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "preview_every_steps", "keep_checkpoints"):
+    require(_is_int(config[key], 1), key, config[key], "must be an int >= 1")
+  _check_batch_size("batch_size", config.batch_size)
+
+
+def _check_batch_size(key: str, value: int) -> None:
+  n = jax.device_count()
+  require(value % n == 0, key, value, f"must be divisible by the {n} devices (a global batch, split over every "
+          "device)")
+
+
+def check_data(data: ml_collections.ConfigDict) -> None:
+  require(data.dataset in DATASETS, "data.dataset", data.dataset, f"choose one of {DATASETS}")
+  shape = dataset_image_shape(data.dataset, data.data_dir)
+  where = f" in {data.data_dir}" if data.data_dir else ""
+  require(data.image_size == shape[0] == shape[1], "data.image_size", data.image_size,
+          f"dataset {data.dataset!r}{where} has {shape[0]}x{shape[1]} images: set {shape[0]} (square images only)")
+  require(data.channels == shape[2], "data.channels", data.channels,
+          f"dataset {data.dataset!r}{where} has {shape[2]} channel(s): set {shape[2]}")
+
+
+def check_diffusion(d: ml_collections.ConfigDict) -> None:
+  require(d.loss in D.LOSS_TYPES, "diffusion.loss", d.loss, f"choose one of {D.LOSS_TYPES}")
+  require(d.prediction in D.PREDICTIONS, "diffusion.prediction", d.prediction, f"choose one of {D.PREDICTIONS}")
+  require(d.variance in D.VARIANCES, "diffusion.variance", d.variance, f"choose one of {D.VARIANCES}")
+  require(d.loss != "hybrid" or d.variance == "learned_range", "diffusion.variance", d.variance,
+          "loss='hybrid' learns the variance: set diffusion.variance='learned_range'")
+  require(d.schedule in D.BETA_SCHEDULES, "diffusion.schedule", d.schedule, f"choose one of {D.BETA_SCHEDULES}")
+  require(_is_int(d.num_timesteps, 2), "diffusion.num_timesteps", d.num_timesteps, "must be an int >= 2")
+  try:
+    D.get_beta_schedule(d.schedule, d.num_timesteps)  # e.g. a linear schedule whose betas exceed max_beta
+  except ValueError as e:
+    raise ValueError(f"config.diffusion.num_timesteps={d.num_timesteps!r} is invalid: {e}") from None
+  require(d.timestep_sampler in D.losses.TIMESTEP_SAMPLERS, "diffusion.timestep_sampler", d.timestep_sampler,
+          f"choose one of {D.losses.TIMESTEP_SAMPLERS}")
+  require(_is_number(d.snr_gamma) and d.snr_gamma >= 0, "diffusion.snr_gamma", d.snr_gamma,
+          "must be >= 0 (0 turns min-SNR weighting off)")
+  require(_is_number(d.vlb_weight) and d.vlb_weight >= 0, "diffusion.vlb_weight", d.vlb_weight, "must be >= 0")
+  require(_is_number(d.p_uncond) and 0 <= d.p_uncond <= 1, "diffusion.p_uncond", d.p_uncond,
+          "must be a probability in [0, 1]")
+  _check_fields(build.DiffusionSettings, d, "diffusion")
+
+
+def check_optim(o: ml_collections.ConfigDict, section: str) -> None:
+  _check_fields(build.OptimSettings, o, section)
+  require(_is_number(o.learning_rate) and o.learning_rate > 0, f"{section}.learning_rate", o.learning_rate,
+          "must be a number > 0")
+  require(_is_int(o.warmup_steps, 0), f"{section}.warmup_steps", o.warmup_steps, "must be an int >= 0")
+  require(_is_number(o.grad_clip) and o.grad_clip >= 0, f"{section}.grad_clip", o.grad_clip,
+          "must be >= 0 (0 turns clipping off)")
+  require(_is_number(o.weight_decay) and o.weight_decay >= 0, f"{section}.weight_decay", o.weight_decay,
+          "must be >= 0")
+  for key in ("b1", "b2", "ema_decay"):
+    require(_is_number(o[key]) and 0 <= o[key] < 1, f"{section}.{key}", o[key], "must be in [0, 1)")
+  require(_is_number(o.eps) and o.eps > 0, f"{section}.eps", o.eps, "must be > 0")
+
+
+def _check_fields(cls, section: ml_collections.ConfigDict, name: str) -> None:
+  """A section that maps onto a dataclass has exactly its fields (a misspelt key names itself)."""
+  allowed = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(section.keys()) - allowed)
+  require(not unknown, f"{name}.{unknown[0] if unknown else ''}", None, f"unknown key; {name} has {sorted(allowed)}")
+
+
+def check_autoencoder(config: ml_collections.ConfigDict) -> None:
+  a = config.autoencoder
+  require(_is_int(a.num_train_steps, 0), "autoencoder.num_train_steps", a.num_train_steps, "must be an int >= 0")
+  require(_is_int(a.batch_size, 1), "autoencoder.batch_size", a.batch_size, "must be an int >= 1")
+  _check_batch_size("autoencoder.batch_size", a.batch_size)
+  require(a.rec_loss in REC_LOSSES, "autoencoder.rec_loss", a.rec_loss, f"choose one of {REC_LOSSES}")
+  require(_is_number(a.kl_weight) and a.kl_weight >= 0, "autoencoder.kl_weight", a.kl_weight, "must be >= 0")
+  check_optim(a.optim, "autoencoder.optim")
+  m = a.model
+  require(m.conv_impl in CONV_IMPLS, "autoencoder.model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
+  for key in ("ch", "num_res_blocks", "z_channels"):
+    require(_is_int(m[key], 1), f"autoencoder.model.{key}", m[key], "must be an int >= 1")
+  _check_levels("autoencoder.model.ch_mult", m.ch_mult)
+  try:
+    autoencoder = build.build_autoencoder(config)
+  except TypeError as e:  # an unknown key in autoencoder.model
+    raise ValueError(f"config.autoencoder.model is invalid: {e}") from None
+  try:
+    autoencoder.latent_shape(build.image_shape(config))
+  except ValueError as e:
+    raise ValueError(f"config.autoencoder.model.ch_mult={tuple(m.ch_mult)!r} is invalid: {e}") from None
+  require(not config.sample.clip_denoised, "sample.clip_denoised", True,
+          "latents are not in [-1, 1]: set sample.clip_denoised=False for latent diffusion")
+  require(config.eval.bpd_num_images == 0, "eval.bpd_num_images", config.eval.bpd_num_images,
+          "bits/dim is a pixel-space bound: set it to 0 for latent diffusion")
+
+
+def _check_levels(key: str, ch_mult: Any) -> None:
+  require(isinstance(ch_mult, (tuple, list)) and len(ch_mult) >= 1 and all(_is_int(c, 1) for c in ch_mult), key,
+          ch_mult, "must be a tuple of ints >= 1, one per resolution level, e.g. (1, 2, 2)")
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  require(m.dtype in build.DTYPES, "model.dtype", m.dtype, f"choose one of {tuple(build.DTYPES)}")
+  require(m.conv_impl in CONV_IMPLS, "model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
+  for key, low in (("ch", 1), ("num_res_blocks", 1), ("num_heads", 1), ("num_classes", 0), ("context_dim", 0),
+                   ("concat_channels", 0)):
+    require(_is_int(m[key], low), f"model.{key}", m[key], f"must be an int >= {low}")
+  require(m.head_channels == -1 or _is_int(m.head_channels, 1), "model.head_channels", m.head_channels,
+          "must be -1 (num_heads decides) or an int >= 1")
+  require(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+  _check_levels("model.ch_mult", m.ch_mult)
+  require(isinstance(m.attn_resolutions, (tuple, list)) and all(_is_int(r, 1) for r in m.attn_resolutions),
+          "model.attn_resolutions", m.attn_resolutions, "must be a tuple of ints (resolutions), e.g. (16,)")
+  try:
+    model = build.build_unet(config)
+  except TypeError as e:  # an unknown key in config.model
+    raise ValueError(f"config.model is invalid: {e}") from None
+  size = build.input_shape(config)[0]
+  what = f"the autoencoder's latent size {size}" if build.is_latent(config) else f"config.data.image_size={size}"
+  try:
+    model.check_input(size, size)
+  except ValueError as e:
+    raise ValueError(f"{what} and config.model do not fit: {e}") from None
+
+
+def check_text(config: ml_collections.ConfigDict) -> None:
+  """Text models: a known encoder, cross-attention of its width, captions for the dataset."""
+  m, t = config.model, config.text
+  if not t.encoder:
+    require(m.context_dim == 0, "model.context_dim", m.context_dim,
+            "cross-attention needs a context: set text.encoder (e.g. 'minilm') or model.context_dim=0")
+    return
+  from diffusion_jax.models.text_encoders import TEXT_ENCODERS
+  require(t.encoder in TEXT_ENCODERS, "text.encoder", t.encoder, f"choose one of {tuple(TEXT_ENCODERS)} or None")
+  # The encoder's exact width is checked when it loads (build.load_text_encoder), first thing in a run.
+  require(m.context_dim > 0, "model.context_dim", m.context_dim,
+          f"a text-conditional model needs cross-attention: set it to the {t.encoder} encoder's width")
+  require(m.num_classes == 0, "model.num_classes", m.num_classes, "text models are conditioned on captions: set it to 0")
+  require(_is_int(t.max_length, 2), "text.max_length", t.max_length, "must be an int >= 2")
+  C.dataset_captions(config.data.dataset)  # ValueError naming data.dataset when it has no captions
+
+
+def check_sample(config: ml_collections.ConfigDict) -> None:
+  """The final samples' settings and the previews' (checked here, not first at a preview after training)."""
+  s, T = config.sample, config.diffusion.num_timesteps
+  for sampler_key, steps_key in (("sampler", "num_steps"), ("preview_sampler", "preview_steps")):
+    require(s[sampler_key] in D.SAMPLERS, f"sample.{sampler_key}", s[sampler_key], f"choose one of {D.SAMPLERS}")
+    steps = s[steps_key]
+    require(steps is None or (_is_int(steps, 1) and steps <= T), f"sample.{steps_key}", steps,
+            f"must be unset (all T) or an int in [1, diffusion.num_timesteps={T}]")
+  for key in ("num_images", "batch_size", "preview_images"):
+    require(_is_int(s[key], 1), f"sample.{key}", s[key], "must be an int >= 1")
+  require(s.spacing is None or s.spacing in D.SPACINGS, "sample.spacing", s.spacing,
+          f"must be unset (the sampler's default) or one of {D.SPACINGS}")
+  require(_is_number(s.eta) and s.eta >= 0, "sample.eta", s.eta, "must be a number >= 0")
+  require(s.checkpoint_step is None or _is_int(s.checkpoint_step, 0), "sample.checkpoint_step", s.checkpoint_step,
+          "must be unset (the latest) or an int >= 0")
+  try:
+    D.check_guidance_scale(s.guidance_scale)
+  except ValueError as e:
+    raise ValueError(f"config.sample.guidance_scale={s.guidance_scale!r} is invalid: {e}") from None
+  # Prompts and labels: count, format and range, with the same function sampling uses.
+  C.sample_prompts_and_labels(build.condition_spec(config), s.num_images, prompt=s.prompt,
+                              class_labels=s.class_labels)
+
+
+def check_eval(config: ml_collections.ConfigDict) -> None:
+  e = config.eval
+  require(_is_int(e.bpd_num_images, 0), "eval.bpd_num_images", e.bpd_num_images, "must be an int >= 0 (0 skips it)")
+  require(_is_int(e.bpd_batch_size, 1), "eval.bpd_batch_size", e.bpd_batch_size, "must be an int >= 1")

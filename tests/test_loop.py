@@ -1,0 +1,74 @@
+"""diffusion_jax.loop: the loop both stages share (steps, logs, checkpoints, previews, the NaN guard)."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import pytest
+
+from diffusion_jax import loop
+
+
+class FakeManager:
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, args):
+    self.saved.append(step)
+
+  def wait_until_finished(self):
+    pass
+
+
+class FakeWriter:
+  def __init__(self):
+    self.scalars = []
+
+  def write_scalars(self, step, scalars):
+    self.scalars.append((step, scalars))
+
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+
+
+def _step_fn(losses):
+  def step(state, batch):
+    return State(state.step + 1), {"loss": jnp.asarray(losses(int(state.step) + 1)), "grad_norm": jnp.asarray(1.0),
+                       "learning_rate": jnp.asarray(0.1), "batch": jnp.asarray(batch, jnp.float32)}
+  return step
+
+
+def _run(start, num_steps, losses=lambda s: 1.0, manager=None, writer=None, previews=None):
+  manager, writer = manager or FakeManager(), writer or FakeWriter()
+  previews = [] if previews is None else previews
+  state = loop.run_loop(state=State(jnp.asarray(start)), step_fn=_step_fn(losses), batch_fn=lambda i: i,
+                        num_steps=num_steps, batch_size=4, log_every=2, checkpoint_every=3, preview_every=4,
+                        manager=manager, writer=writer, preview_fn=lambda s, step: previews.append(step))
+  return int(state.step), manager, writer, previews
+
+
+def test_steps_logs_saves_and_previews_on_their_schedules():
+  state, manager, writer, previews = _run(0, 7)
+  assert state == 7
+  assert manager.saved == [3, 6, 7]  # every 3 steps and the last
+  assert [s for s, _ in writer.scalars] == [2, 4, 6, 7]
+  assert previews == [4, 7]
+  # Logged values are means over the steps since the last pull (a log or a save): batches 0 and 1 at step 2,
+  # batch 3 alone at step 4 (step 3's save pulled batch 2).
+  assert writer.scalars[0][1]["batch"] == pytest.approx(0.5) and writer.scalars[1][1]["batch"] == pytest.approx(3)
+  assert writer.scalars[0][1]["images_per_sec"] > 0
+
+
+def test_resume_runs_only_the_remaining_steps_and_a_finished_run_nothing():
+  state, manager, _, _ = _run(5, 7)
+  assert state == 7 and manager.saved == [6, 7]
+  state, manager, _, _ = _run(7, 7)
+  assert state == 7 and manager.saved == []
+
+
+def test_a_non_finite_loss_stops_before_the_next_save():
+  manager = FakeManager()
+  with pytest.raises(loop.NonFiniteLossError, match="the loss became nan at step 5"):
+    _run(0, 9, losses=lambda s: float("nan") if s == 5 else 1.0, manager=manager)
+  assert manager.saved == [3]  # step 6's save never happened

@@ -1,0 +1,41 @@
+"""diffusion_jax.train_state: the state helper both stages use, the optimizer update and the EMA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffusion_jax.build import OptimSettings, build_optimizer
+from diffusion_jax.parallel.mesh import make_mesh
+from diffusion_jax.train_state import apply_gradients, ema_update, init_on_mesh
+
+
+def test_init_on_mesh_places_every_leaf_on_every_device():
+  state, shardings = init_on_mesh(lambda k: {"w": jax.random.normal(k, (3, 4)), "n": jnp.zeros((), jnp.int32)},
+                                  jax.random.key(0), make_mesh())
+  assert state["w"].sharding.is_fully_replicated and len(state["w"].sharding.device_set) == jax.device_count()
+  np.testing.assert_array_equal(state["w"], jax.random.normal(jax.random.key(0), (3, 4)))
+  assert set(shardings) == {"w", "n"}
+
+
+def test_optimizer_is_adam_with_linear_warmup_and_clipping():
+  settings = OptimSettings(learning_rate=0.1, warmup_steps=4, grad_clip=1.0)
+  tx, lr = build_optimizer(settings)
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 4, 9)], [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.asarray([30.0, 40.0, 0.0])}  # norm 50: clipped to 1
+  new, opt_state = params, tx.init(params)
+  for _ in range(3):
+    new, opt_state = apply_gradients(new, opt_state, grads, tx)
+  ref_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+  ref_params, ref_state = params, ref_tx.init(params)
+  for _ in range(3):
+    updates, ref_state = ref_tx.update(grads, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, updates)
+  np.testing.assert_allclose(new["w"], ref_params["w"], rtol=1e-6)
+
+
+def test_ema_update_follows_its_warmup_formula():
+  ema, params = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+  for step, decay in ((0, 0.9999), (100, 0.9999), (10**6, 0.9)):
+    d = min(decay, (1 + step) / (10 + step))
+    np.testing.assert_allclose(ema_update(ema, params, jnp.asarray(step), decay)["w"], 1 - d, rtol=1e-6)
