@@ -103,6 +103,21 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
   return rows
 
 
+def split_config_names(text: str) -> list[str]:
+  """'fashion_mnist,latent:full,class,cifar10_ddpm' -> ['fashion_mnist', 'latent:full,class', 'cifar10_ddpm']:
+  a piece that names no config file is one more variant of the config before it."""
+  import os
+  names = []
+  for piece in text.split(","):
+    is_config = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                            piece.partition(":")[0] + ".py"))
+    if names and not is_config:
+      names[-1] += "," + piece
+    else:
+      names.append(piece)
+  return names
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--configs", default="fashion_mnist,latent,cifar10_ddpm")
@@ -111,7 +126,7 @@ def main():
   parser.add_argument("--set", action="append", default=[], help="override, e.g. --set model.ch=16")
   args = parser.parse_args()
   peak = peak_flops()
-  rows = [r for c in args.configs.split(",") for r in bench_config(c, args.steps, args.batch, peak, args.set)]
+  rows = [r for c in split_config_names(args.configs) for r in bench_config(c, args.steps, args.batch, peak, args.set)]
   print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices, measured matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s\n")
   print_table(rows)

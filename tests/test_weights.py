@@ -194,6 +194,7 @@ def test_pth_reader_refuses_objects_other_than_tensors(tmp_path):
     load_torch_state_dict(path)
 
 
+@pytest.mark.slow  # the slow tier installs torch (README); the default tier has no torch
 def test_pth_reader_reads_what_torch_saves(tmp_path):
   """With torch installed: both of torch.save's formats, against the tensors saved."""
   torch = pytest.importorskip("torch")
