@@ -18,6 +18,7 @@ import numpy as np
 from diffusion_jax import diffusion as D
 
 KINDS = ("none", "class", "text")
+NULL_PROMPT = ""  # text models' null condition (classifier-free guidance): row 0 of the caption table
 
 # Training captions per class (several natural templates each); a prompt never seen in training works too.
 CAPTIONS = {
@@ -104,7 +105,7 @@ class TextTable:
 def build_text_table(encoder, captions: Sequence[Sequence[str]]) -> TextTable:
   """Embed "" and every caption of every class in one encoder batch."""
   from diffusion_jax.models.text_encoder import encode_prompts
-  flat = [""] + [c for per_class in captions for c in per_class]
+  flat = [NULL_PROMPT] + [c for per_class in captions for c in per_class]
   context, mask = encode_prompts(encoder, flat)
   width = max(len(c) for c in captions)
   rows, start = np.zeros((len(captions), width), np.int32), 1
@@ -198,7 +199,7 @@ def null_condition(spec: ConditionSpec, encoder=None) -> dict[str, np.ndarray]:
   if spec.kind == "class":
     return {"y": np.full((1,), spec.num_classes, np.int32)}
   from diffusion_jax.models.text_encoder import encode_prompts
-  context, mask = encode_prompts(encoder, [""])
+  context, mask = encode_prompts(encoder, [NULL_PROMPT])
   return {"context": context, "context_mask": mask}
 
 
@@ -208,12 +209,14 @@ def sample_condition(spec: ConditionSpec, labels: np.ndarray | None, prompts: np
   if spec.kind == "none":
     return {}, {}
   n = len(labels)
-  null = jax.tree.map(lambda a: np.repeat(a, n, 0), null_condition(spec, encoder))
   if spec.kind == "class":
-    return {"y": labels}, null
+    return {"y": labels}, {"y": np.repeat(null_condition(spec)["y"], n)}
   from diffusion_jax.models.text_encoder import encode_prompts
-  context, mask = encode_prompts(encoder, list(prompts))  # each distinct prompt encoded once (cached)
-  return {"context": context, "context_mask": mask}, null
+  # One encoder call for the prompts and the null prompt (each distinct prompt encoded once), so previews and
+  # final samples of every class share one compiled encoder batch.
+  context, mask = encode_prompts(encoder, list(prompts) + [NULL_PROMPT])
+  return ({"context": context[:n], "context_mask": mask[:n]},
+          {"context": np.repeat(context[n:], n, 0), "context_mask": np.repeat(mask[n:], n, 0)})
 
 
 def sampling_inputs(spec: ConditionSpec, num_images: int, encoder=None, *, prompt: Any = "",

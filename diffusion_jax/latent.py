@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import checkpoint, images as image_io
-from diffusion_jax.build import OptimSettings, build_optimizer
+from diffusion_jax.build import OptimSettings, build_optimizer, image_shape as config_image_shape
 from diffusion_jax.data import InMemoryBatches
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
@@ -88,8 +88,7 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                             "checkpoint (expected a checkpoints/ folder written by a latent run's stage 1)")
   optim = OptimSettings(**a.optim)
   tx, lr = build_optimizer(optim)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  state, shardings = create_autoencoder_state(model, tx, keys.autoencoder_init, image_shape, mesh)
+  state, shardings = create_autoencoder_state(model, tx, keys.autoencoder_init, config_image_shape(config), mesh)
   manager = checkpoint.make_manager(directory, max_to_keep=1)
   scale_path = directory / SCALE_FILE
   if manager.latest_step() is not None:
@@ -111,7 +110,7 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                      num_steps=a.num_train_steps, batch_size=a.batch_size, log_every=config.log_every_steps,
                      checkpoint_every=config.checkpoint_every_steps, preview_every=config.preview_every_steps,
                      manager=manager, writer=writer, name="autoencoder",
-                     preview_fn=_reconstruction_preview(model, batches, directory, writer))
+                     preview_fn=_reconstruction_preview(model, batches, mesh, directory, writer))
     scale = latent_scale(model, state.params, mesh, batches, keys.latent_scale)
     if jax.process_index() == 0:
       scale_path.write_text(json.dumps({"scale_factor": scale, "step": int(state.step)}))
@@ -120,13 +119,16 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
   return LatentDecoder(model, state.params, float(json.loads(scale_path.read_text())["scale_factor"]))
 
 
-def _reconstruction_preview(model: AutoencoderKL, batches: InMemoryBatches, directory: epath.Path, writer):
+def _reconstruction_preview(model: AutoencoderKL, batches: InMemoryBatches, mesh, directory: epath.Path, writer):
   """preview_fn(state, step): 8 fixed train images over their reconstructions, as a PNG and in TensorBoard."""
   fixed = batches.batch(0)["image"][:8]
+  # A global array on every device (every process passes its rows), as the jitted function of a multi-process
+  # mesh needs; a plain local array would not be one.
+  fixed_global = host_to_global({"image": fixed}, replicated(mesh))["image"]
   reconstruct = jax.jit(lambda p, x: model.apply(p, x, jax.random.key(0))[0])
 
   def preview(state, step):
-    rec = global_to_host(reconstruct(state.params, jnp.asarray(fixed)))
+    rec = global_to_host(reconstruct(state.params, fixed_global))
     grid = image_io.make_grid(image_io.to_uint8(np.concatenate([fixed, rec])), ncol=8)
     if jax.process_index() == 0:
       (directory / "samples").mkdir(parents=True, exist_ok=True)
