@@ -50,6 +50,7 @@ class OptimSettings:
   eps: float = 1e-8
   weight_decay: float = 0.0
   ema_decay: float = 0.0
+  nan_policy: str = "stop"  # a NaN/inf loss or gradient: 'stop' the run, or 'skip' the step (keep the state)
 
 
 @dataclasses.dataclass(frozen=True)

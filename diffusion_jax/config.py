@@ -8,6 +8,10 @@ every section once, at start-up.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import os
+import traceback
 from typing import Sequence
 
 import ml_collections
@@ -125,25 +129,127 @@ def _eval() -> ml_collections.ConfigDict:
 def optim_config(*, learning_rate: float, warmup_steps: int, grad_clip: float = 0.0, weight_decay: float = 0.0,
                  ema_decay: float = 0.0) -> ml_collections.ConfigDict:
   """An optimizer section (build.OptimSettings): AdamW, linear warmup, global-norm clipping (0 = off), EMA
-  of the params (0 = none)."""
+  of the params (0 = none); nan_policy: a NaN/inf loss or gradient 'stop's the run (the last good checkpoint
+  kept) or 'skip's the step."""
   return ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, grad_clip=grad_clip,
-                                        b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, ema_decay=ema_decay))
+                                        b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, ema_decay=ema_decay,
+                                        nan_policy="stop"))
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """`configs/latent.py:full` (a path, or a name under configs/) with `a.b=value` overrides, parsed exactly as
-  main's `--config.a.b=value` flags are (ml_collections' config_flags), so scripts and the CLI agree."""
-  import os
-
+  main's `--config.a.b=value` flags are (ml_collections' config_flags), so scripts and the CLI agree. A file or
+  override that cannot be used raises ConfigError with one line (as main prints it)."""
   from absl import flags
   from ml_collections import config_flags
   path, sep, variant = spec.partition(":")
   if not path.endswith(".py"):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", path + ".py")
+    path = os.path.join(CONFIGS_DIR, path + ".py")
   argv = ["load_config", f"--config={path}{sep}{variant}", *(f"--config.{o}" for o in overrides)]
   flag_values = flags.FlagValues()
   # config_flags finds the override flags in the argv it is given at definition time.
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, lock_config=True,
                                   sys_argv=argv)
-  flag_values(argv)
+  parse_config_flags(flag_values, argv)
   return flag_values.config
+
+
+# ---------------------------------------------------------------- one line for a config that cannot load
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+  """A config file or `--config.*` override that cannot be used; the message is one line naming it."""
+
+
+def parse_config_flags(flag_values, argv: Sequence[str]) -> list[str]:
+  """`flag_values(argv)`, with any failure to load the config file or apply an override raised as ConfigError:
+  one line naming the file and line, the unknown key and the closest valid key path, or the bad value."""
+  try:
+    args = flag_values(list(argv))
+    # config_flags defers some load errors (a missing file) to the config's first use: surface them now.
+    if "config" in flag_values and not isinstance(flag_values.config, ml_collections.ConfigDict):
+      raise OSError(f"config file not loaded: {flag_values['config'].serialize()}")
+    return args
+  except Exception as e:  # config_flags raises KeyError, AttributeError, OSError, SyntaxError, flags.Error
+    raise ConfigError(explain_config_error(e, argv)) from None
+
+
+def explain_config_error(error: BaseException, argv: Sequence[str]) -> str:
+  spec = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--config=")), None)
+  if spec is None:
+    return _first_line(error)
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    shipped = ", ".join(sorted(f"configs/{f}" for f in os.listdir(CONFIGS_DIR) if f.endswith(".py")))
+    return f"config file {path!r} does not exist (--config={spec}); the shipped configs are {shipped}"
+  try:
+    config = _load_config_file(path, variant)
+  except SyntaxError as e:
+    return f"config file {path} line {e.lineno}: {e.msg}: {(e.text or '').strip()!r}"
+  except Exception as e:  # raised by get_config, e.g. an unknown variant
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.samefile(f.filename, path)
+             ] if os.path.exists(path) else []
+    where = f" line {lines[-1]}" if lines else ""
+    return f"config file {path}{where} (--config={spec}): {type(e).__name__}: {_first_line(e)}"
+  for key, value in _overrides(argv):
+    problem = _unknown_key_problem(config, key)
+    if problem:
+      return f"--config.{key}={value}: {problem}"
+  return _first_line(error).replace("flag --config.", "--config.", 1)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _load_config_file(path: str, variant: str) -> ml_collections.ConfigDict:
+  """What config_flags does with `--config=path[:variant]`: import the file and call get_config."""
+  spec = importlib.util.spec_from_file_location("_config_under_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+  """(key, value) of each `--config.key=value` / `--config.key value` / `--[no]config.flag` in argv."""
+  out = []
+  for i, arg in enumerate(argv):
+    for prefix in ("--config.", "--noconfig."):
+      if arg.startswith(prefix):
+        key, eq, value = arg[len(prefix):].partition("=")
+        if not eq:
+          value = argv[i + 1] if i + 1 < len(argv) and prefix == "--config." else str(prefix == "--config.")
+        out.append((key, value))
+  return out
+
+
+def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every key path of a config, 'model.ch' style (sections themselves excluded)."""
+  paths = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += leaf_paths(value, f"{prefix}{key}.")
+    else:
+      paths.append(prefix + key)
+  return paths
+
+
+def _unknown_key_problem(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """None when `key` is a path of `config`, else what is wrong and the closest valid key path."""
+  node, walked = config, []
+  for part in key.split("."):
+    if node is None:
+      return (f"config.{'.'.join(walked)} is None in this config, so it has no key {part!r} "
+              f"(set by a config that uses it, e.g. autoencoder in configs/latent.py)")
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      close = difflib.get_close_matches(key, leaf_paths(config), n=1, cutoff=0.6)
+      hint = f"did you mean {close[0]!r}?" if close else (
+          f"config.{'.'.join(walked)} has {sorted(node.keys())}" if isinstance(node, ml_collections.ConfigDict)
+          else f"config.{'.'.join(walked)} is a value, not a section")
+      return f"unknown config key {key!r}; {hint}"
+    node = node[part]
+    walked.append(part)
+  return None

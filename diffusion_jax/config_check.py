@@ -8,14 +8,19 @@ only the argument checks that protect their direct callers.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import tempfile
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from diffusion_jax import build, conditioning as C
 from diffusion_jax import diffusion as D
 from diffusion_jax.data import DATASETS, dataset_image_shape
+from diffusion_jax.loop import NAN_POLICIES
 from diffusion_jax.models.layers import CONV_IMPLS
 
 MODES = ("train", "sample", "eval")
@@ -66,6 +71,8 @@ def _check_batch_size(key: str, value: int) -> None:
 
 def check_data(data: ml_collections.ConfigDict) -> None:
   require(data.dataset in DATASETS, "data.dataset", data.dataset, f"choose one of {DATASETS}")
+  require(data.data_dir is None or "://" in data.data_dir or os.path.isdir(data.data_dir), "data.data_dir",
+          data.data_dir, "no such folder: give the folder holding the dataset, or unset it for the default location")
   shape = dataset_image_shape(data.dataset, data.data_dir)
   where = f" in {data.data_dir}" if data.data_dir else ""
   require(data.image_size == shape[0] == shape[1], "data.image_size", data.image_size,
@@ -108,6 +115,7 @@ def check_optim(o: ml_collections.ConfigDict, section: str) -> None:
   for key in ("b1", "b2", "ema_decay"):
     require(_is_number(o[key]) and 0 <= o[key] < 1, f"{section}.{key}", o[key], "must be in [0, 1)")
   require(_is_number(o.eps) and o.eps > 0, f"{section}.eps", o.eps, "must be > 0")
+  require(o.nan_policy in NAN_POLICIES, f"{section}.nan_policy", o.nan_policy, f"choose one of {NAN_POLICIES}")
 
 
 def _check_fields(cls, section: ml_collections.ConfigDict, name: str) -> None:
@@ -213,6 +221,68 @@ def check_sample(config: ml_collections.ConfigDict) -> None:
   # Prompts and labels: count, format and range, with the same function sampling uses.
   C.sample_prompts_and_labels(build.condition_spec(config), s.num_images, prompt=s.prompt,
                               class_labels=s.class_labels)
+
+
+# What a checkpoint's meaning depends on: resuming a workdir with other values is an error (other keys, such as
+# num_train_steps, the learning rate, sampling and logging, may change between runs).
+IDENTITY_KEYS = ("data.image_size", "data.channels", "diffusion.schedule", "diffusion.num_timesteps",
+                 "diffusion.prediction", "diffusion.loss", "diffusion.variance", "model", "autoencoder.model",
+                 "text.encoder")
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir is a folder (new, or an earlier run's) that can be written; remote ones must be reachable."""
+  if "://" in workdir:
+    try:
+      epath.Path(workdir).exists()
+    except Exception as e:  # no credentials, no network, an unknown scheme
+      raise ValueError(f"--workdir={workdir!r} cannot be reached: {type(e).__name__}: "
+                       f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
+    return
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--workdir={workdir!r} is a file: expected a folder (a new one, or an earlier run's)")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"--workdir={workdir!r} cannot be created: {existing} is a file")
+  try:  # create it and write a scratch file: permission bits say nothing for root or a read-only filesystem
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir!r} is not writable: {e.strerror or e} ({e.filename or existing})") from None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+  return {prefix.rstrip("."): tree}
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir with checkpoints was trained with the config in its config.json: another model, autoencoder or
+  diffusion process (IDENTITY_KEYS) is one error listing the keys that differ, raised before anything is
+  written."""
+  root = epath.Path(workdir)
+  record = root / "config.json"
+  trained = any(p.name.isdigit() for d in (root / "checkpoints", root / "autoencoder" / "checkpoints")
+                if d.is_dir() for p in d.iterdir())
+  if not trained or not record.exists():
+    return
+  try:
+    before = _flatten(json.loads(record.read_text()))
+  except ValueError:
+    return  # an unreadable record cannot be compared; the checkpoint's shapes are still checked at restore
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  differ = [key for key in sorted(set(before) | set(now)) if any(key == k or key.startswith(k + ".")
+                                                                 for k in IDENTITY_KEYS)
+            and before.get(key) != now.get(key)]
+  if differ:
+    changes = "; ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+    raise ValueError(f"--workdir={str(workdir)!r} holds a run trained with another model or diffusion process "
+                     f"({changes}): use a new --workdir to start fresh, or drop these overrides to resume")
 
 
 def check_eval(config: ml_collections.ConfigDict) -> None:

@@ -23,7 +23,7 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
 from diffusion_jax.parallel.mesh import batch_sharding, global_to_host, host_to_global, replicated
-from diffusion_jax.train_state import AutoencoderState, apply_gradients, init_on_mesh
+from diffusion_jax.train_state import AutoencoderState, apply_gradients, init_on_mesh, keep_if_finite
 
 SCALE_FILE = "latent_scale.json"
 
@@ -45,9 +45,10 @@ def autoencoder_dir(config: ml_collections.ConfigDict, workdir: str | epath.Path
 
 
 def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array], base_key: jax.Array, *,
-                           model: AutoencoderKL, tx, kl_weight: float, rec_loss: str, learning_rate_fn
-                           ) -> tuple[AutoencoderState, dict[str, jax.Array]]:
-  """One step on images [B,H,W,C]: reconstruction + kl_weight * KL (LDM stage 1); key = fold_in(base, step)."""
+                           model: AutoencoderKL, tx, kl_weight: float, rec_loss: str, learning_rate_fn,
+                           skip_nonfinite: bool = False) -> tuple[AutoencoderState, dict[str, jax.Array]]:
+  """One step on images [B,H,W,C]: reconstruction + kl_weight * KL (LDM stage 1); key = fold_in(base, step).
+  skip_nonfinite (nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state."""
   key = jax.random.fold_in(base_key, state.step)
 
   def loss_fn(params):
@@ -57,9 +58,14 @@ def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array],
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
-  metrics = {**terms, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": learning_rate_fn(state.step)}
-  return AutoencoderState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
+  metrics = {**terms, "grad_norm": grad_norm, "learning_rate": learning_rate_fn(state.step),
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  new_state = AutoencoderState(step=state.step + 1, params=params, opt_state=opt_state)
+  if skip_nonfinite:
+    new_state = keep_if_finite(finite, new_state, state).replace(step=state.step + 1)
+  return new_state, metrics
 
 
 def create_autoencoder_state(model: AutoencoderKL, tx, key: jax.Array, image_shape: tuple[int, int, int], mesh
@@ -89,10 +95,11 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
   optim = OptimSettings(**a.optim)
   tx, lr = build_optimizer(optim)
   state, shardings = create_autoencoder_state(model, tx, keys.autoencoder_init, config_image_shape(config), mesh)
-  manager = checkpoint.make_manager(directory, max_to_keep=1)
+  manager = checkpoint.make_manager(directory, max_to_keep=config.keep_checkpoints)
   scale_path = directory / SCALE_FILE
-  if manager.latest_step() is not None:
-    state = checkpoint.restore(manager, state)
+  restored = checkpoint.restore_latest_good(manager, state)  # a damaged newest step falls back to an older one
+  if restored is not None:
+    state = restored
   if int(state.step) >= a.num_train_steps and scale_path.exists():
     logging.info("stage 1: reusing the finished autoencoder in %s (step %d)", directory, int(state.step))
   elif train_images is None:
@@ -102,14 +109,15 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                               seed=data_seed(config.seed, "autoencoder"), process_index=jax.process_index(),
                               process_count=jax.process_count(), random_flip=config.data.random_flip)
     step_fn = jax.jit(functools.partial(autoencoder_train_step, model=model, tx=tx, kl_weight=a.kl_weight,
-                                        rec_loss=a.rec_loss, learning_rate_fn=lr),
+                                        rec_loss=a.rec_loss, learning_rate_fn=lr,
+                                        skip_nonfinite=optim.nan_policy == "skip"),
                       in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
     state = run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, keys.autoencoder_train),
                      batch_fn=lambda i: host_to_global({"image": batches.batch(i)["image"]}, batch_sharding(mesh)),
                      num_steps=a.num_train_steps, batch_size=a.batch_size, log_every=config.log_every_steps,
                      checkpoint_every=config.checkpoint_every_steps, preview_every=config.preview_every_steps,
-                     manager=manager, writer=writer, name="autoencoder",
+                     manager=manager, writer=writer, name="autoencoder", nan_policy=optim.nan_policy,
                      preview_fn=_reconstruction_preview(model, batches, mesh, directory, writer))
     scale = latent_scale(model, state.params, mesh, batches, keys.latent_scale)
     if jax.process_index() == 0:

@@ -1,40 +1,112 @@
-"""The training loop both stages share: step, log with a NaN guard, checkpoint, preview."""
+"""The training loop both stages share: step, log with a NaN guard, checkpoint, preview, and stop cleanly on
+SIGTERM / SIGINT (save the step reached, then exit)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint
+
+NAN_POLICIES = ("stop", "skip")
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def host_metrics(pending: list[dict], step: int) -> dict[str, float]:
-  """Mean of the metrics since the last flush; raises NonFiniteLossError on a NaN/inf loss."""
+class TrainingInterrupted(Exception):
+  """Training stopped on a signal after saving the step it reached; `exit_code` is the shell's 128 + signal."""
+
+  def __init__(self, signal_name: str, step: int, directory: Any):
+    super().__init__(f"saved step {step} on {signal_name} in {directory}; rerun the same command to resume")
+    self.exit_code = 128 + int(signal.Signals[signal_name])
+
+
+def host_metrics(pending: list[dict], step: int, nan_policy: str = "stop") -> dict[str, float]:
+  """Mean of the metrics since the last flush. A step whose loss or gradient was NaN/inf (metric "nonfinite",
+  else a non-finite loss) raises NonFiniteLossError under nan_policy 'stop'; under 'skip' the train step has
+  already kept the previous state, and the mean is over the finite steps with "skipped_steps" counted."""
   stacked = jax.device_get(pending)
-  losses = np.array([m["loss"] for m in stacked])
-  if not np.all(np.isfinite(losses)):
-    first = step - len(stacked) + int(np.argmin(np.isfinite(losses))) + 1
-    raise NonFiniteLossError(f"the loss became {losses[~np.isfinite(losses)][0]} at step {first}; stopping. "
-                             "The last good checkpoint is left untouched (lower the learning rate or "
-                             "check the data).")
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  bad = np.array([bool(m.get("nonfinite", 0)) or not np.isfinite(m["loss"]) for m in stacked])
+  if bad.any() and nan_policy == "stop":
+    first = int(np.argmax(bad))
+    loss = stacked[first]["loss"]
+    what = f"the loss became {loss}" if not np.isfinite(loss) else f"the gradient became non-finite (loss {loss})"
+    raise NonFiniteLossError(f"{what} at step {step - len(stacked) + first + 1}; stopping "
+                             "(optim.nan_policy='stop'). The last good checkpoint is left untouched: lower the "
+                             "learning rate, check the data, or set optim.nan_policy='skip'.")
+  good = [m for m, b in zip(stacked, bad) if not b] or stacked
+  summary = {k: float(np.mean([m[k] for m in good])) for k in stacked[0] if k != "nonfinite"}
+  if bad.any():
+    logging.warning("%d of the last %d steps had a non-finite loss or gradient and were skipped "
+                    "(optim.nan_policy='skip')", int(bad.sum()), len(stacked))
+  summary["skipped_steps"] = float(bad.sum())
+  return summary
+
+
+class StopSignals:
+  """While training: the first SIGTERM or SIGINT asks the loop to finish its step, save it and stop; a second
+  one exits at once. With several processes, JAX's preemption service (which receives SIGTERM, and on TPU
+  VMs the maintenance notice) makes every process agree on the step to stop at; SIGINT is forwarded to it."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+    self._multiprocess = jax.process_count() > 1
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+      signals = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
+      for signum in signals:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame) -> None:
+    name = signal.Signals(signum).name
+    if self.signal_name is not None:
+      sys.stderr.write(f"error: second {name}: exiting now, without waiting for the step to be saved\n")
+      sys.stderr.flush()
+      os._exit(128 + signum)
+    self.signal_name = name
+    logging.warning("%s received: finishing the current step, saving it, then stopping (again to exit at once)",
+                    name)
+    if self._multiprocess:  # let JAX's preemption service (SIGTERM) agree on a step with the other processes
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def stop_now(self, step: int) -> bool:
+    """True at the step to stop at: this process's signal, or (multi-process) the step all processes agreed on."""
+    if self._multiprocess:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = self.signal_name or "SIGTERM"
+        return True
+      return False
+    return self.signal_name is not None
 
 
 def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], num_steps: int, batch_size: int,
              log_every: int, checkpoint_every: int, preview_every: int, manager, writer,
-             preview_fn: Callable[[Any, int], None] | None = None, name: str = "train") -> Any:
+             preview_fn: Callable[[Any, int], None] | None = None, name: str = "train",
+             nan_policy: str = "stop") -> Any:
   """Steps state.step+1 .. num_steps: `step_fn(state, batch_fn(step - 1)) -> (state, metrics)`.
 
-  Metrics are pulled to the host at log and checkpoint steps; a non-finite loss raises there, before the
-  next save, so the last good checkpoint is never overwritten by a diverged state.
+  Metrics are pulled to the host at log and checkpoint steps; a non-finite loss raises there (nan_policy
+  'stop'), before the next save, so the last good checkpoint is never overwritten by a diverged state. A
+  SIGTERM or SIGINT saves the step reached, waits for the save and raises TrainingInterrupted.
   """
   start = int(state.step)
   if start >= num_steps:
@@ -44,29 +116,36 @@ def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], n
   pending, t_last, step_last, t_start = [], time.time(), start, time.time()
   logging.info("%s: steps %d..%d, global batch %d on %d devices", name, start, num_steps, batch_size,
                jax.device_count())
-  for step in range(start + 1, num_steps + 1):
-    state, metrics = step_fn(state, batch_fn(step - 1))
-    pending.append(metrics)
-    is_last = step == num_steps
-    log_now = step % log_every == 0 or is_last
-    save_now = step % checkpoint_every == 0 or is_last
-    if log_now or save_now:
-      summary = host_metrics(pending, step)  # raises before any save when a loss went non-finite
-      pending = []
-      if log_now:
-        now = time.time()
-        steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
-        summary.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * batch_size)
-        writer.write_scalars(step, {prefix + k: v for k, v in summary.items()})
-        eta = (num_steps - step) / max(steps_per_sec, 1e-9)
-        logging.info("%s step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %dm%02ds", name, step,
-                     num_steps, summary["loss"], summary["grad_norm"], summary["learning_rate"], steps_per_sec,
-                     eta // 60, eta % 60)
-        t_last, step_last = now, step
-    if save_now:
-      checkpoint.save(manager, step, state)
-    if preview_fn is not None and (step % preview_every == 0 or is_last):
-      preview_fn(state, step)
+  with StopSignals() as signals:
+    for step in range(start + 1, num_steps + 1):
+      state, metrics = step_fn(state, batch_fn(step - 1))
+      pending.append(metrics)
+      stop = signals.stop_now(step)
+      is_last = step == num_steps
+      log_now = step % log_every == 0 or is_last or stop
+      save_now = step % checkpoint_every == 0 or is_last or stop
+      if log_now or save_now:
+        summary = host_metrics(pending, step, nan_policy)  # raises before any save when a loss went non-finite
+        pending = []
+        if log_now:
+          now = time.time()
+          steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
+          summary.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * batch_size)
+          writer.write_scalars(step, {prefix + k: v for k, v in summary.items()})
+          eta = (num_steps - step) / max(steps_per_sec, 1e-9)
+          logging.info("%s step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %dm%02ds", name, step,
+                       num_steps, summary["loss"], summary["grad_norm"], summary["learning_rate"], steps_per_sec,
+                       eta // 60, eta % 60)
+          t_last, step_last = now, step
+      if save_now:
+        checkpoint.save(manager, step, state)
+      if stop:
+        manager.wait_until_finished()
+        logging.warning("%s: saved step %d on %s; rerun the same command to resume", name, step,
+                        signals.signal_name)
+        raise TrainingInterrupted(signals.signal_name, step, manager.directory)
+      if preview_fn is not None and (step % preview_every == 0 or is_last):
+        preview_fn(state, step)
   manager.wait_until_finished()
   logging.info("%s: trained %d steps in %.1f min", name, num_steps - start, (time.time() - t_start) / 60)
   return state

@@ -23,13 +23,13 @@ from etils import epath
 
 from diffusion_jax import build, checkpoint, conditioning as C, latent, loop
 from diffusion_jax import diffusion as D
-from diffusion_jax.config_check import check_config
+from diffusion_jax.config_check import check_config, check_resume, check_workdir
 from diffusion_jax.data import InMemoryBatches, load_split
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
-from diffusion_jax.train_state import TrainState, apply_gradients, ema_update, init_on_mesh
+from diffusion_jax.train_state import TrainState, apply_gradients, ema_update, init_on_mesh, keep_if_finite
 
 NonFiniteLossError = loop.NonFiniteLossError
 
@@ -63,9 +63,11 @@ def example_condition(model: UNet, input_shape: tuple[int, int, int]) -> dict[st
 def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array,
                text_table: C.TextTable | None = None, *, model: UNet, tx: optax.GradientTransformation,
                schedule: D.Schedule, diffusion: build.DiffusionSettings, condition: C.ConditionSpec,
-               ema_decay: float, learning_rate_fn) -> tuple[TrainState, dict[str, jax.Array]]:
+               ema_decay: float, learning_rate_fn, skip_nonfinite: bool = False
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch {"image": [B,H,W,C], "label": [B], "concat": [B,H,W,c]};
-  key = fold_in(base_key, step). Text models draw a caption of each example's class from `text_table`."""
+  key = fold_in(base_key, step). Text models draw a caption of each example's class from `text_table`.
+  skip_nonfinite (optim.nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state."""
   key = jax.random.fold_in(base_key, state.step)
   key_t, key_noise, key_dropout, key_uncond = jax.random.split(key, 4)
   x_start = batch["image"]
@@ -88,13 +90,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   history = state.loss_history
   if diffusion.timestep_sampler == "importance":
     history = D.update_loss_history(history, t, jax.lax.stop_gradient(terms["loss"]))
-  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": optax.tree.norm(grads),
-             "learning_rate": learning_rate_fn(state.step)}
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": grad_norm,
+             "learning_rate": learning_rate_fn(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32)}
   if "vb" in terms:
     metrics["vb"] = jnp.mean(terms["vb"])
-  return TrainState(step=state.step + 1, params=params, ema_params=ema_update(state.ema_params, params, state.step,
-                                                                               ema_decay),
-                    opt_state=opt_state, loss_history=history), metrics
+  new_state = TrainState(step=state.step + 1, params=params,
+                         ema_params=ema_update(state.ema_params, params, state.step, ema_decay), opt_state=opt_state,
+                         loss_history=history)
+  if skip_nonfinite:
+    new_state = keep_if_finite(finite, new_state, state).replace(step=state.step + 1)
+  return new_state, metrics
 
 
 def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate: bool = True):
@@ -102,7 +109,7 @@ def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate
   given, the caption table (None unless text-conditional) replicated."""
   step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule,
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
-                           learning_rate_fn=parts.learning_rate_fn)
+                           learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip")
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else ())
 
@@ -130,12 +137,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   one) and the diffusion model runs on its scaled latents.
   """
   check_config(config)
+  check_workdir(str(workdir))
+  check_resume(config, str(workdir))  # before anything is written: config.json still records the trained run
+  training = config.mode == "train"
   from clu import metric_writers  # imports TensorFlow: keep it off the library's import paths
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
+  if training and jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  training = config.mode == "train"
   parts, mesh, keys = build.build_components(config), make_mesh(), RunKeys.from_seed(config.seed)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   text_encoder = build.load_text_encoder(config)  # first: a width mismatch stops the run before any training
@@ -153,9 +162,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   if not training:
     state = checkpoint.restore(manager, state, config.sample.checkpoint_step)
-  elif manager.latest_step() is not None:
-    state = checkpoint.restore(manager, state)
-    logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+  else:
+    restored = checkpoint.restore_latest_good(manager, state)  # a damaged newest step falls back to an older one
+    if restored is not None:
+      state = restored
+      logging.info("resumed from %s at step %d", manager.directory, int(state.step))
   if training:
     try:
       state = _train(run, state, state_shardings, manager, *train_data)
@@ -207,7 +218,7 @@ def _train(run: Run, state: TrainState, state_shardings, manager, images: np.nda
                        preview_every=config.preview_every_steps, manager=manager, writer=run.writer,
                        preview_fn=lambda s, step: preview(s.ema_params, jax.random.fold_in(keys.preview, step),
                                                           f"preview_{step:07d}", step),
-                       name="diffusion" if run.decoder is not None else "train")
+                       name="diffusion" if run.decoder is not None else "train", nan_policy=parts.optim.nan_policy)
 
 
 def _sampler(run: Run, settings: SampleSettings, num_images: int, *, prompt: str = "", class_labels: str = ""):

@@ -49,6 +49,12 @@ def apply_gradients(params: Any, opt_state: Any, grads: Any, tx) -> tuple[Any, A
   return optax.apply_updates(params, updates), opt_state
 
 
+def keep_if_finite(finite: jax.Array, new_state: Any, old_state: Any) -> Any:
+  """optim.nan_policy='skip': the new state where the step's loss and gradient were finite, else the old one
+  (with its step counter advanced by the caller, so the next step draws new keys and a new batch)."""
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+
+
 def ema_update(ema_params: Any, params: Any, step: jax.Array, decay: float) -> Any:
   """EMA of the params (DDPM: 0.9999) with the usual warm-up min(decay, (1+step)/(10+step)), so that short
   runs are not dominated by the initialisation."""

@@ -1,27 +1,69 @@
-"""Multi-process start-up: one call before any other JAX use."""
+"""Multi-process start-up: one call before any other JAX use, that ends with one line instead of hanging."""
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import threading
 
 import jax
 from absl import logging
 
+from diffusion_jax.environment import Environment
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize when a coordinator is configured (env) or a TPU pod / SLURM job is detected.
+# JAX aborts the process (a C++ check failure and a stack dump) when its own initialization timeout expires;
+# ours fires first, says who is missing, and exits cleanly.
+_JAX_TIMEOUT_MARGIN_S = 60
 
-  Env: DJ_COORDINATOR_ADDRESS (host:port), DJ_NUM_PROCESSES, DJ_PROCESS_ID; TPU VM pods and SLURM
-  jobs are detected by jax itself when DJ_DISTRIBUTED=auto.
-  """
-  address = os.environ.get("DJ_COORDINATOR_ADDRESS")
-  if address:
-    jax.distributed.initialize(coordinator_address=address,
-                               num_processes=int(os.environ["DJ_NUM_PROCESSES"]),
-                               process_id=int(os.environ["DJ_PROCESS_ID"]))
-  elif os.environ.get("DJ_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()
-  else:
+
+def _coordinator_reachable(address: str) -> bool:
+  host, _, port = address.rpartition(":")
+  try:
+    with socket.create_connection((host, int(port)), timeout=2):
+      return True
+  except OSError:
+    return False
+
+
+def _start_failure(env: Environment) -> str:
+  address, n, i = env.coordinator_address, env.num_processes, env.process_id
+  if address is None:  # DJ_DISTRIBUTED=auto: JAX found the cluster's coordinator itself
+    return (f"the processes of this job did not all join within DJ_INIT_TIMEOUT={env.init_timeout:g}s "
+            "(DJ_DISTRIBUTED=auto); check that every worker was started")
+  if i == 0:
+    return (f"process 0 waited DJ_INIT_TIMEOUT={env.init_timeout:g}s at {address} for the other {n - 1} "
+            f"process(es) of DJ_NUM_PROCESSES={n}, and not all joined: start processes 1..{n - 1} with the same "
+            "DJ_COORDINATOR_ADDRESS and DJ_NUM_PROCESSES")
+  if not _coordinator_reachable(address):
+    return (f"process {i} could not reach the coordinator (process 0) at DJ_COORDINATOR_ADDRESS={address} within "
+            f"DJ_INIT_TIMEOUT={env.init_timeout:g}s: start process 0 there, or fix the address")
+  return (f"process {i} reached the coordinator at {address}, but not all DJ_NUM_PROCESSES={n} processes joined "
+          f"within DJ_INIT_TIMEOUT={env.init_timeout:g}s: start the missing ones")
+
+
+def maybe_initialize_distributed(env: Environment) -> None:
+  """jax.distributed.initialize when a coordinator is configured (DJ_COORDINATOR_ADDRESS, DJ_NUM_PROCESSES,
+  DJ_PROCESS_ID) or DJ_DISTRIBUTED=auto (TPU pods and SLURM jobs, detected by JAX). A process whose peers or
+  coordinator do not appear within DJ_INIT_TIMEOUT seconds exits with one line saying who is missing."""
+  if env.coordinator_address is None and not env.auto_distributed:
     return
+  kwargs = dict(initialization_timeout=int(env.init_timeout) + _JAX_TIMEOUT_MARGIN_S)
+  if env.coordinator_address is not None:
+    kwargs.update(coordinator_address=env.coordinator_address, num_processes=env.num_processes,
+                  process_id=env.process_id)
+
+  def give_up():
+    sys.stderr.write(f"error: distributed start-up: {_start_failure(env)}\n")
+    sys.stderr.flush()
+    os._exit(1)  # JAX's connect call holds the main thread; nothing has been written yet
+
+  watchdog = threading.Timer(env.init_timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**kwargs)
+  finally:
+    watchdog.cancel()
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
