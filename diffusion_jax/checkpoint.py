@@ -3,8 +3,7 @@ that restores (a damaged newer one is set aside with a warning, never deleted)."
 
 from __future__ import annotations
 
-import contextlib
-import gc
+import logging as logging_lib
 import sys
 import time
 from typing import Any
@@ -62,9 +61,9 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any) -> 
   older step is tried. A checkpoint of another model raises CheckpointMismatchError instead."""
   for step in sorted(manager.all_steps(), reverse=True):
     check_compatible(manager, step, abstract_state)
+    _quiet_failed_reads()
     try:
-      with _quiet_unraisable():
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
       _check_step(state, step)
       return state
     except Exception as e:  # Orbax, TensorStore and OS errors all mean: this step cannot be used
@@ -82,19 +81,6 @@ def _check_step(state: Any, step: int) -> None:
     raise ValueError(f"its state says step {int(state.step)}")
 
 
-@contextlib.contextmanager
-def _quiet_unraisable():
-  """A failed restore leaves TensorStore read coroutines that Python reports, page-long, when they are collected;
-  the one warning line of restore_latest_good says it all."""
-  previous = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    yield
-  finally:
-    gc.collect()
-    sys.unraisablehook = previous
-
-
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   if jax.process_index() == 0:
     path = epath.Path(manager.directory) / str(step)
@@ -103,6 +89,32 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
   manager.reload()
+
+
+def _quiet_failed_reads() -> None:
+  """A failed restore leaves TensorStore reads in flight; when they finish, Python reports each one (a page of
+  TensorStore spec, or 'Event loop is closed' from the finished restore's loop). restore_latest_good's one
+  warning line says it all, so only those reports are dropped."""
+  if getattr(sys.unraisablehook, "drops_failed_reads", False):
+    return
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable_hook(unraisable):
+    if "_read_array_index_and_device_put" not in repr(unraisable.object) and not _closed_loop(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  def except_hook(kind, value, tb):
+    if not _closed_loop(value):
+      previous_except(kind, value, tb)
+  unraisable_hook.drops_failed_reads = True
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  logging_lib.getLogger("asyncio").addFilter(
+      lambda record: not ("exception was never retrieved" in record.getMessage()
+                          and ("OCDBT" in record.getMessage() or "reading array index" in record.getMessage())))
+
+
+def _closed_loop(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:

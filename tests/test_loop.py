@@ -72,3 +72,15 @@ def test_a_non_finite_loss_stops_before_the_next_save():
   with pytest.raises(loop.NonFiniteLossError, match="the loss became nan at step 5"):
     _run(0, 9, losses=lambda s: float("nan") if s == 5 else 1.0, manager=manager)
   assert manager.saved == [3]  # step 6's save never happened
+
+
+def test_skip_policy_logs_the_finite_mean_and_counts_skipped_steps():
+  # With nan_policy='skip' the run goes on; the log at step 4 averages steps 3..4 without step 3.
+  manager, writer = FakeManager(), FakeWriter()
+  state = loop.run_loop(state=State(jnp.asarray(0)), step_fn=_step_fn(lambda s: float("nan") if s == 3 else float(s)),
+                        batch_fn=lambda i: i, num_steps=6, batch_size=4, log_every=2, checkpoint_every=100,
+                        preview_every=100, manager=manager, writer=writer, nan_policy="skip")
+  assert int(state.step) == 6 and manager.saved == [6]
+  logged = dict(writer.scalars)
+  assert logged[2]["skipped_steps"] == 0 and logged[4]["skipped_steps"] == 1
+  assert logged[4]["loss"] == 4.0 and logged[2]["loss"] == 1.5

@@ -2,6 +2,7 @@
 (the whole job text-conditional)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,3 +44,42 @@ def test_two_processes_match_one_and_write_one_workdir(tmp_path):
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   assert samples["images"].shape == (10, 16, 16, 1)
   assert samples["prompts"][0] == "a photo of a t-shirt"
+
+
+def test_sigterm_to_both_processes_saves_one_agreed_step(tmp_path):
+  """JAX's preemption service: each process gets SIGTERM, all stop at the same step and save it together."""
+  data_dir = write_fake_fashion_mnist(str(tmp_path))
+  (tmp_path / "tiny.py").write_text(f"""
+from helpers import tiny_config
+
+
+def get_config():
+  config = tiny_config({data_dir!r})
+  config.num_train_steps = 100000
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 100000
+  config.preview_every_steps = 100000
+  return config
+""")
+  port = free_port()
+  procs = []
+  for i in range(2):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("DJ_")},
+           "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "DJ_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DJ_NUM_PROCESSES": "2", "DJ_PROCESS_ID": str(i)}
+    procs.append(subprocess.Popen([sys.executable, "-m", "diffusion_jax.main", f"--config={tmp_path / 'tiny.py'}",
+                                   f"--workdir={tmp_path / 'run'}"], stderr=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, text=True, env=env))
+  for line in procs[0].stderr:
+    if "train step 3/" in line:
+      break
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=120)[1] for p in procs]
+  steps = set()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 143, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "on SIGTERM" in last and "rerun the same command to resume" in last, out[-3000:]
+    steps.add(int(last.split("saved step ")[1].split()[0]))
+  assert len(steps) == 1 and os.listdir(tmp_path / "run" / "checkpoints") == [str(steps.pop())]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import build, train
+from diffusion_jax.config_check import check_resume
 from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
 from helpers import TraceCounter, tiny_config, write_fake_fashion_mnist
 
@@ -130,3 +131,47 @@ def test_sample_mode_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
   config.mode = "sample"
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
     train.train_and_evaluate(config, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_non_finite_step_is_kept_out_of_the_state_under_skip(data_dir, policy):
+  config = tiny_config(data_dir)
+  config.optim.nan_policy = policy
+  mesh, state, step = _setup(config, jax.devices()[:1])
+  before = jax.device_get(state)
+  bad = {"image": _batch(data_dir)["image"].at[0, 0, 0, 0].set(jnp.nan)}
+  state, metrics = step(state, bad, jax.random.key(1), None)
+  after = jax.device_get(state)
+  assert float(metrics["nonfinite"]) == 1.0 and int(after.step) == 1
+  leaves = list(zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)))
+  if policy == "skip":
+    for a, b in leaves:
+      np.testing.assert_array_equal(a, b)
+    for _ in range(2):  # good steps train again (the skipped step did not advance Adam's count: lr(0) = 0 first)
+      state, metrics = step(state, _batch(data_dir), jax.random.key(1), None)
+    assert float(metrics["nonfinite"]) == 0.0 and int(state.step) == 3
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params),
+                                                        jax.tree.leaves(jax.device_get(state.params))))
+  else:
+    assert any(not np.all(np.isfinite(b)) for _, b in leaves)  # 'stop' leaves it to the loop to stop the run
+
+
+def test_resuming_with_another_model_is_one_error_before_anything_is_written(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "2").mkdir(parents=True)
+  trained = tiny_config(data_dir)
+  (workdir / "config.json").write_text(trained.to_json_best_effort(indent=2))
+  record = (workdir / "config.json").read_text()
+  changed = tiny_config(data_dir)
+  changed.model.ch, changed.diffusion.schedule = 16, "cosine"
+  changed.num_train_steps, changed.optim.learning_rate = 99, 5e-4  # harmless changes are not listed
+  with pytest.raises(ValueError, match=r"holds a run trained with another model or diffusion process "
+                                       r"\(diffusion\.schedule='linear' there, 'cosine' now; model\.ch=8 there, "
+                                       r"16 now\): use a new --workdir"):
+    train.train_and_evaluate(changed, str(workdir))
+  assert (workdir / "config.json").read_text() == record
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json"]
+  check_resume(trained, str(workdir))  # the same model resumes
+  changed.model.ch, changed.diffusion.schedule = 8, "linear"
+  check_resume(changed, str(workdir))  # only harmless changes left
+  check_resume(tiny_config(data_dir), str(tmp_path / "fresh"))  # a new workdir has nothing to compare
