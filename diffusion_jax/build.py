@@ -117,6 +117,11 @@ def condition_spec(config: ml_collections.ConfigDict) -> C.ConditionSpec:
   """'text' with a text encoder (captions of the dataset), 'class' with model.num_classes > 0, else 'none'."""
   p_uncond = config.diffusion.p_uncond
   if config.get("text") is not None and config.text.encoder:
+    from diffusion_jax.data import dataset_info
+    info = dataset_info(config.data)
+    if info.captions == "per_image":
+      return C.ConditionSpec("text", p_uncond=p_uncond, captions=tuple((c,) for c in info.sample_captions),
+                             per_image_captions=True)
     return C.ConditionSpec("text", p_uncond=p_uncond, captions=C.dataset_captions(config.data.dataset))
   if config.model.num_classes:
     return C.ConditionSpec("class", num_classes=config.model.num_classes, p_uncond=p_uncond)

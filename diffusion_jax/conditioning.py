@@ -73,6 +73,10 @@ class ConditionSpec:
   num_classes: int = 0
   p_uncond: float = 0.0  # condition dropout in training (classifier-free guidance)
   captions: tuple[tuple[str, ...], ...] = ()
+  # Text: True when every example has its own caption (an image folder's metadata.jsonl, a tfds caption
+  # feature): the batch carries its tokens and the frozen encoder runs inside the train step; `captions` then
+  # holds a few of the dataset's captions, one per "class", the prompts of default samples.
+  per_image_captions: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -89,6 +93,27 @@ def dataset_captions(dataset: str) -> tuple[tuple[str, ...], ...]:
     raise ValueError(f"config.data.dataset={dataset!r} is invalid: text conditioning needs captions; captioned "
                      f"datasets: {tuple(CAPTIONS)}")
   return CAPTIONS[dataset]
+
+
+@flax.struct.dataclass
+class CaptionEncoder:
+  """Per-image captions: the frozen encoder's params and the empty prompt's tokens [1,L] (the null condition
+  that caption dropout swaps in); the encoder module itself is a static argument of the train step."""
+
+  params: Any
+  null_ids: jax.Array
+  null_mask: jax.Array
+
+
+def caption_encoder(encoder) -> CaptionEncoder:
+  ids, mask = encoder.tokenizer([NULL_PROMPT])
+  return CaptionEncoder(params=encoder.params, null_ids=jnp.asarray(ids), null_mask=jnp.asarray(mask))
+
+
+def caption_tokens(encoder, captions) -> dict[str, np.ndarray]:
+  """A batch's captions [b] -> {"caption_ids": int32 [b,L], "caption_mask": int32 [b,L]} (host, cheap)."""
+  ids, mask = encoder.tokenizer([str(c) for c in captions])
+  return {"caption_ids": np.asarray(ids, np.int32), "caption_mask": np.asarray(mask, np.int32)}
 
 
 @flax.struct.dataclass
@@ -116,15 +141,23 @@ def build_text_table(encoder, captions: Sequence[Sequence[str]]) -> TextTable:
                    counts=jnp.asarray([len(c) for c in captions], jnp.int32))
 
 
-def train_condition(spec: ConditionSpec, key: jax.Array, labels: jax.Array | None,
-                    table: TextTable | None) -> dict[str, jax.Array]:
+def train_condition(spec: ConditionSpec, key: jax.Array, batch: dict[str, jax.Array],
+                    table: TextTable | CaptionEncoder | None, text_module=None) -> dict[str, jax.Array]:
   """The condition of a training batch, with condition dropout (Ho & Salimans 2022, algorithm 1): {} / {"y"} /
-  {"context", "context_mask"} for a random caption of each example's class (row 0, "", when dropped)."""
+  {"context", "context_mask"} for a random caption of each example's class (row 0, "", when dropped), or,
+  with per-image captions, the frozen `text_module` on the batch's own caption tokens ("" when dropped)."""
   if spec.kind == "none":
     return {}
   key_drop, key_caption = jax.random.split(key)
+  labels = batch.get("label")
   if spec.kind == "class":
     return {"y": D.drop_labels(key_drop, labels, spec.p_uncond, spec.num_classes)}
+  if spec.per_image_captions:
+    ids, mask = batch["caption_ids"], batch["caption_mask"]
+    drop = jax.random.bernoulli(key_drop, spec.p_uncond, ids.shape[:1])[:, None]
+    ids, mask = jnp.where(drop, table.null_ids, ids), jnp.where(drop, table.null_mask, mask)
+    context = jax.lax.stop_gradient(text_module.apply(table.params, ids, mask))  # frozen: no gradient
+    return {"context": context, "context_mask": mask}
   choice = jax.random.randint(key_caption, labels.shape, 0, table.counts[labels])
   rows = D.drop_labels(key_drop, table.caption_rows[labels, choice], spec.p_uncond, 0)
   return {"context": table.context[rows], "context_mask": table.mask[rows]}

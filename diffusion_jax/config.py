@@ -44,11 +44,14 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 def _data() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
+  # fashion_mnist (Debian's files, offline) | mnist | image_folder (data_dir: your PNG/JPEG files, class
+  # sub-folders, metadata.jsonl captions) | any tensorflow-datasets image dataset (cifar10, celeb_a, ...: streamed)
   data.dataset = "fashion_mnist"
   data.data_dir = config_dict.placeholder(str)  # None: Debian's files, else tfds' default
-  data.image_size = 28
-  data.channels = 1
+  data.image_size = 28  # streamed images are resized (shorter side) and centre-cropped to this
+  data.channels = 1  # 1 (grayscale) or 3 (RGB); streamed images are converted
   data.random_flip = False
+  data.num_workers = 0  # streamed datasets: grain processes decoding images (0: in the training process)
   return data
 
 

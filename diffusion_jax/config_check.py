@@ -14,12 +14,14 @@ import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
 from diffusion_jax import build, conditioning as C
 from diffusion_jax import diffusion as D
-from diffusion_jax.data import DATASETS, dataset_image_shape
+from diffusion_jax.data import IMAGE_FOLDER, IN_MEMORY, dataset_image_shape, dataset_info, is_streamed
+from diffusion_jax.data.datasets import folder_index
 from diffusion_jax.loop import NAN_POLICIES
 from diffusion_jax.models.layers import CONV_IMPLS
 
@@ -70,9 +72,22 @@ def _check_batch_size(key: str, value: int) -> None:
 
 
 def check_data(data: ml_collections.ConfigDict) -> None:
-  require(data.dataset in DATASETS, "data.dataset", data.dataset, f"choose one of {DATASETS}")
+  require(isinstance(data.dataset, str) and data.dataset != "", "data.dataset", data.dataset,
+          f"give {IN_MEMORY}, {IMAGE_FOLDER!r} or a tensorflow-datasets name")
   require(data.data_dir is None or "://" in data.data_dir or os.path.isdir(data.data_dir), "data.data_dir",
           data.data_dir, "no such folder: give the folder holding the dataset, or unset it for the default location")
+  require(_is_int(data.num_workers, 0), "data.num_workers", data.num_workers, "must be an int >= 0")
+  if is_streamed(data):  # images are resized and converted to the configured size and channels
+    require(_is_int(data.image_size, 4), "data.image_size", data.image_size, "must be an int >= 4")
+    require(data.channels in (1, 3), "data.channels", data.channels, "must be 1 (grayscale) or 3 (RGB)")
+    if data.dataset == IMAGE_FOLDER:
+      require(data.data_dir is not None, "data.data_dir", data.data_dir,
+              "dataset 'image_folder' reads your images from a folder: set --config.data.data_dir=PATH")
+      folder_index(data)  # ImageFolderError (a ValueError) naming the folder or file
+    else:
+      from diffusion_jax.data.tfds_source import dataset_features
+      dataset_features(data.dataset, data.data_dir)  # an unknown name is one line
+    return
   shape = dataset_image_shape(data.dataset, data.data_dir)
   where = f" in {data.data_dir}" if data.data_dir else ""
   require(data.image_size == shape[0] == shape[1], "data.image_size", data.image_size,
@@ -168,6 +183,11 @@ def check_model(config: ml_collections.ConfigDict) -> None:
           "must be -1 (num_heads decides) or an int >= 1")
   require(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
   _check_levels("model.ch_mult", m.ch_mult)
+  if m.num_classes and config.data.dataset == IMAGE_FOLDER:
+    classes = dataset_info(config.data).num_classes
+    require(m.num_classes == classes, "model.num_classes", m.num_classes,
+            f"the image folder {config.data.data_dir} has {classes} class sub-folder(s): set {classes}"
+            + (" (or 0, unconditional)" if classes else " (0: it has no class sub-folders)"))
   require(isinstance(m.attn_resolutions, (tuple, list)) and all(_is_int(r, 1) for r in m.attn_resolutions),
           "model.attn_resolutions", m.attn_resolutions, "must be a tuple of ints (resolutions), e.g. (16,)")
   try:
@@ -180,6 +200,13 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     model.check_input(size, size)
   except ValueError as e:
     raise ValueError(f"{what} and config.model do not fit: {e}") from None
+  try:  # trace the model once, without computing: e.g. head_channels that do not divide a level's channels
+    from diffusion_jax.train import example_condition
+    shape = build.input_shape(config)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32),
+                                      **example_condition(model, shape)))
+  except ValueError as e:
+    raise ValueError(f"config.model does not fit {what}: {str(e).splitlines()[0]}") from None
 
 
 def check_text(config: ml_collections.ConfigDict) -> None:
@@ -196,7 +223,9 @@ def check_text(config: ml_collections.ConfigDict) -> None:
           f"a text-conditional model needs cross-attention: set it to the {t.encoder} encoder's width")
   require(m.num_classes == 0, "model.num_classes", m.num_classes, "text models are conditioned on captions: set it to 0")
   require(_is_int(t.max_length, 2), "text.max_length", t.max_length, "must be an int >= 2")
-  C.dataset_captions(config.data.dataset)  # ValueError naming data.dataset when it has no captions
+  require(dataset_info(config.data).captions != "", "data.dataset", config.data.dataset,
+          "text conditioning needs captions: class templates (fashion_mnist, mnist, cifar10), a metadata.jsonl with "
+          "\"file_name\" and \"text\" in an image folder, or a tfds dataset with a caption feature")
 
 
 def check_sample(config: ml_collections.ConfigDict) -> None:

@@ -18,7 +18,7 @@ from etils import epath
 
 from diffusion_jax import checkpoint, images as image_io
 from diffusion_jax.build import OptimSettings, build_optimizer, image_shape as config_image_shape
-from diffusion_jax.data import InMemoryBatches
+from diffusion_jax.data import make_batches
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
@@ -84,9 +84,9 @@ def make_encode_fn(model: AutoencoderKL, mesh):
 
 
 def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL, workdir: str | epath.Path, mesh,
-                        writer, keys: RunKeys, train_images: np.ndarray | None = None) -> LatentDecoder:
-  """The finished stage 1 (restored), else trained now on `train_images` (uint8 [N,H,W,C]); None images
-  (sample / eval modes) make a missing stage 1 a FileNotFoundError."""
+                        writer, keys: RunKeys, train: bool = True) -> LatentDecoder:
+  """The finished stage 1 (restored), else trained now on the config's dataset (the same stream stage 2
+  reads, in its own order); without `train` (sample / eval modes) a missing stage 1 is a FileNotFoundError."""
   a = config.autoencoder
   directory = autoencoder_dir(config, workdir)
   if a.checkpoint_dir and not (directory / "checkpoints").is_dir():
@@ -102,12 +102,11 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
     state = restored
   if int(state.step) >= a.num_train_steps and scale_path.exists():
     logging.info("stage 1: reusing the finished autoencoder in %s (step %d)", directory, int(state.step))
-  elif train_images is None:
+  elif not train:
     raise FileNotFoundError(f"no finished autoencoder in {directory}; run config.mode='train' first")
   else:
-    batches = InMemoryBatches(train_images, np.zeros(len(train_images), np.int32), global_batch=a.batch_size,
-                              seed=data_seed(config.seed, "autoencoder"), process_index=jax.process_index(),
-                              process_count=jax.process_count(), random_flip=config.data.random_flip)
+    batches = make_batches(config.data, global_batch=a.batch_size, seed=data_seed(config.seed, "autoencoder"),
+                           process_index=jax.process_index(), process_count=jax.process_count())
     step_fn = jax.jit(functools.partial(autoencoder_train_step, model=model, tx=tx, kl_weight=a.kl_weight,
                                         rec_loss=a.rec_loss, learning_rate_fn=lr,
                                         skip_nonfinite=optim.nan_policy == "skip"),
@@ -120,6 +119,8 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                      manager=manager, writer=writer, name="autoencoder", nan_policy=optim.nan_policy,
                      preview_fn=_reconstruction_preview(model, batches, mesh, directory, writer))
     scale = latent_scale(model, state.params, mesh, batches, keys.latent_scale)
+    if hasattr(batches, "close"):
+      batches.close()  # stop the streaming workers
     if jax.process_index() == 0:
       scale_path.write_text(json.dumps({"scale_factor": scale, "step": int(state.step)}))
     logging.info("stage 1: latent scale factor 1/std = %.4f", scale)
@@ -127,7 +128,7 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
   return LatentDecoder(model, state.params, float(json.loads(scale_path.read_text())["scale_factor"]))
 
 
-def _reconstruction_preview(model: AutoencoderKL, batches: InMemoryBatches, mesh, directory: epath.Path, writer):
+def _reconstruction_preview(model: AutoencoderKL, batches, mesh, directory: epath.Path, writer):
   """preview_fn(state, step): 8 fixed train images over their reconstructions, as a PNG and in TensorBoard."""
   fixed = batches.batch(0)["image"][:8]
   # A global array on every device (every process passes its rows), as the jitted function of a multi-process
@@ -145,7 +146,7 @@ def _reconstruction_preview(model: AutoencoderKL, batches: InMemoryBatches, mesh
   return preview
 
 
-def latent_scale(model: AutoencoderKL, params: Any, mesh, batches: InMemoryBatches, key: jax.Array,
+def latent_scale(model: AutoencoderKL, params: Any, mesh, batches, key: jax.Array,
                  num_batches: int = 10) -> float:
   """1 / std of the latents over a few batches (LDM sec. 4.3.2; Stable Diffusion's 0.18215 is this)."""
   encode = make_encode_fn(model, mesh)

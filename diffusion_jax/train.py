@@ -24,7 +24,7 @@ from etils import epath
 from diffusion_jax import build, checkpoint, conditioning as C, latent, loop
 from diffusion_jax import diffusion as D
 from diffusion_jax.config_check import check_config, check_resume, check_workdir
-from diffusion_jax.data import InMemoryBatches, load_split
+from diffusion_jax.data import make_batches
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
@@ -61,17 +61,18 @@ def example_condition(model: UNet, input_shape: tuple[int, int, int]) -> dict[st
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array,
-               text_table: C.TextTable | None = None, *, model: UNet, tx: optax.GradientTransformation,
-               schedule: D.Schedule, diffusion: build.DiffusionSettings, condition: C.ConditionSpec,
-               ema_decay: float, learning_rate_fn, skip_nonfinite: bool = False
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the global batch {"image": [B,H,W,C], "label": [B], "concat": [B,H,W,c]};
-  key = fold_in(base_key, step). Text models draw a caption of each example's class from `text_table`.
+               text_table: C.TextTable | C.CaptionEncoder | None = None, *, model: UNet,
+               tx: optax.GradientTransformation, schedule: D.Schedule, diffusion: build.DiffusionSettings,
+               condition: C.ConditionSpec, ema_decay: float, learning_rate_fn, skip_nonfinite: bool = False,
+               text_module=None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the global batch {"image": [B,H,W,C], "label": [B], "concat": [B,H,W,c],
+  "caption_ids" / "caption_mask": [B,L]}; key = fold_in(base_key, step). Text models draw a caption of each
+  example's class from `text_table`, or (per-image captions) encode the batch's own with `text_module`.
   skip_nonfinite (optim.nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state."""
   key = jax.random.fold_in(base_key, state.step)
   key_t, key_noise, key_dropout, key_uncond = jax.random.split(key, 4)
   x_start = batch["image"]
-  cond = C.train_condition(condition, key_uncond, batch.get("label"), text_table)
+  cond = C.train_condition(condition, key_uncond, batch, text_table, text_module)
   if "concat" in batch:
     cond["concat"] = batch["concat"]
   t, weights = D.sample_timesteps(key_t, x_start.shape[0], schedule.num_timesteps,
@@ -104,10 +105,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   return new_state, metrics
 
 
-def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate: bool = True):
+def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate: bool = True, text_module=None):
   """jit(state, batch, base_key, text_table) -> (state, metrics): batch sharded over the data axis, state as
-  given, the caption table (None unless text-conditional) replicated."""
-  step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule,
+  given, the caption table or caption encoder (None unless text-conditional) replicated."""
+  step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule, text_module=text_module,
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
                            learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip")
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
@@ -148,11 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   parts, mesh, keys = build.build_components(config), make_mesh(), RunKeys.from_seed(config.seed)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   text_encoder = build.load_text_encoder(config)  # first: a width mismatch stops the run before any training
-  train_data = load_split(config.data.dataset, "train", config.data.data_dir) if training else None
   decoder = None
   if parts.autoencoder is not None:
-    decoder = latent.prepare_autoencoder(config, parts.autoencoder, workdir, mesh, writer, keys,
-                                         None if train_data is None else train_data[0])
+    decoder = latent.prepare_autoencoder(config, parts.autoencoder, workdir, mesh, writer, keys, train=training)
   run = Run(config, workdir, mesh, keys, writer, parts, decoder, text_encoder)
 
   state, state_shardings = create_train_state(parts.model, parts.tx, keys.init, parts.input_shape, mesh,
@@ -169,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       logging.info("resumed from %s at step %d", manager.directory, int(state.step))
   if training:
     try:
-      state = _train(run, state, state_shardings, manager, *train_data)
+      state = _train(run, state, state_shardings, manager)
     finally:
       manager.wait_until_finished()  # an in-flight save completes even when training fails
 
@@ -188,37 +187,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   manager.close()
 
 
-def _train(run: Run, state: TrainState, state_shardings, manager, images: np.ndarray, labels: np.ndarray
-           ) -> TrainState:
+def _train(run: Run, state: TrainState, state_shardings, manager) -> TrainState:
   """Stage 2 (or the only stage): the diffusion model on images, or on scaled latents with a decoder."""
   config, parts, keys, mesh = run.config, run.parts, run.keys, run.mesh
-  batches = InMemoryBatches(images, labels, global_batch=config.batch_size, seed=data_seed(config.seed, "diffusion"),
-                            process_index=jax.process_index(), process_count=jax.process_count(),
-                            random_flip=config.data.random_flip)
-  step_fn = compile_train_step(parts, mesh, state_shardings)
-  text_table = None
-  if parts.condition.kind == "text":
+  batches = make_batches(config.data, global_batch=config.batch_size, seed=data_seed(config.seed, "diffusion"),
+                         process_index=jax.process_index(), process_count=jax.process_count())
+  text_table, text_module, per_image = None, None, parts.condition.per_image_captions
+  if per_image:  # the batch carries its captions' tokens; the frozen encoder runs in the step, on device
+    text_table, text_module = C.caption_encoder(run.text_encoder), run.text_encoder.module
+    logging.info("text conditioning: %s encoder on each batch's own captions (%d tokens)", run.text_encoder.name,
+                 run.text_encoder.max_length)
+  elif parts.condition.kind == "text":
     text_table = C.build_text_table(run.text_encoder, parts.condition.captions)
     logging.info("text conditioning: %s encoder, %d captions embedded as [%d,%d,%d]", run.text_encoder.name,
                  text_table.context.shape[0] - 1, *text_table.context.shape)
+  step_fn = compile_train_step(parts, mesh, state_shardings, text_module=text_module)
   encode = None if run.decoder is None else latent.make_encode_fn(run.decoder.model, mesh)
+  keep = {"none": ("image",), "class": ("image", "label"),
+          "text": ("image", "caption_ids", "caption_mask") if per_image else ("image", "label")}[parts.condition.kind]
 
   def batch_fn(index):
     host = batches.batch(index)
-    batch = host_to_global({"image": host["image"]} if parts.condition.kind == "none" else host, batch_sharding(mesh))
+    if per_image:
+      host = {**host, **C.caption_tokens(run.text_encoder, host["caption"])}
+    batch = host_to_global({k: host[k] for k in keep}, batch_sharding(mesh))
     if encode is not None:  # LDM: the frozen encoder runs in the input pipeline, on device
       batch["image"] = encode(run.decoder.params, batch["image"], jax.random.fold_in(keys.encode, index),
                               run.decoder.scale)
     return batch
 
   preview = _sampler(run, SampleSettings.from_config(config.sample, preview=True), config.sample.preview_images)
-  return loop.run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, keys.train, text_table), batch_fn=batch_fn,
+  try:
+    return loop.run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, keys.train, text_table), batch_fn=batch_fn,
                        num_steps=config.num_train_steps, batch_size=config.batch_size,
                        log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
                        preview_every=config.preview_every_steps, manager=manager, writer=run.writer,
                        preview_fn=lambda s, step: preview(s.ema_params, jax.random.fold_in(keys.preview, step),
                                                           f"preview_{step:07d}", step),
                        name="diffusion" if run.decoder is not None else "train", nan_policy=parts.optim.nan_policy)
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()  # stop the streaming workers
 
 
 def _sampler(run: Run, settings: SampleSettings, num_images: int, *, prompt: str = "", class_labels: str = ""):

@@ -120,7 +120,7 @@ def test_caption_table_and_text_condition_dropout():
   assert table.context.shape == (1 + sum(map(len, captions)), 16, 384) and int(table.mask[0].sum()) == 2  # ""
   labels = jnp.asarray(np.arange(20000) % 10, jnp.int32)
   spec = C.ConditionSpec("text", p_uncond=0.1, captions=captions)
-  cond = jax.jit(lambda k: C.train_condition(spec, k, labels, table))(jax.random.key(0))
+  cond = jax.jit(lambda k: C.train_condition(spec, k, {"label": labels}, table))(jax.random.key(0))
   rows = np.asarray([_row_of(table, c) for c in np.asarray(cond["context"][:2000, :4, 0])])
   null = np.mean(rows == 0)
   assert abs(null - 0.1) < 0.02

@@ -29,7 +29,7 @@ PIXEL_ERRORS = [
     ("batch_size", 12, r"config.batch_size=12 is invalid: must be divisible by the 8 devices"),
     ("keep_checkpoints", 0, r"config.keep_checkpoints=0 is invalid: must be an int >= 1"),
     ("preview_every_steps", 0, r"config.preview_every_steps=0 is invalid"),
-    ("data.dataset", "svhn", r"config.data.dataset='svhn' is invalid: choose one of"),
+    ("data.dataset", "svhn", r"config.data.dataset='svhn' is invalid: not fashion_mnist, mnist, image_folder or a tensorflow-datasets dataset"),
     ("data.image_size", 20, r"config.data.image_size=20 is invalid: dataset 'fashion_mnist' in .* has 16x16 images"),
     ("data.channels", 3, r"config.data.channels=3 is invalid: dataset 'fashion_mnist' in .* has 1 channel"),
     ("diffusion.loss", "l1", r"config.diffusion.loss='l1' is invalid: choose one of \('simple'"),
@@ -80,7 +80,7 @@ TEXT_ERRORS = [
     ("model.context_dim", 0, r"config.model.context_dim=0 is invalid: a text-conditional model needs"),
     ("model.num_classes", 10, r"config.model.num_classes=10 is invalid: text models are conditioned on captions"),
     ("text.max_length", 1, r"config.text.max_length=1 is invalid"),
-    ("data.dataset", "cifar10", r"config.data.image_size=16 is invalid|text conditioning needs captions"),
+    ("data.dataset", "image_folder", r"config.data.data_dir=.* holds no .png/.jpg/.jpeg files"),
 ]
 
 LATENT_ERRORS = [

@@ -69,11 +69,21 @@ def scale_images(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-class InMemoryBatches:
-  """The batch of step s: indices [s*G, (s+1)*G) of an endless stream of per-epoch permutations.
+def process_rows(step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """Positions in the endless stream of examples of this process's rows of the global batch of `step`:
+  [s*G + p*b, s*G + (p+1)*b) with b = G / P, so the processes' rows are disjoint and together make the batch."""
+  local = global_batch // process_count
+  start = step * global_batch + process_index * local
+  return np.arange(start, start + local)
 
-  Process p of P takes rows [p*b, (p+1)*b) of each global batch of G = P*b.
-  """
+
+def flip_images(images: np.ndarray, flip: np.ndarray) -> np.ndarray:
+  """Left-right flip of images [b,H,W,C] where flip [b] is True."""
+  return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+class InMemoryBatches:
+  """The batch of step s: stream positions process_rows(s) of an endless stream of per-epoch permutations."""
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,
                process_index: int = 0, process_count: int = 1, random_flip: bool = False):
@@ -81,7 +91,8 @@ class InMemoryBatches:
       raise ValueError(f"batch_size={global_batch} must be divisible by the process count {process_count}")
     self.images, self.labels = images, labels
     self.global_batch, self.local_batch = global_batch, global_batch // process_count
-    self.seed, self.process_index, self.random_flip = seed, process_index, random_flip
+    self.seed, self.process_index, self.process_count, self.random_flip = (seed, process_index, process_count,
+                                                                           random_flip)
     self._epoch, self._perm = -1, None
 
   def _permutation(self, epoch: int) -> np.ndarray:
@@ -92,14 +103,13 @@ class InMemoryBatches:
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch of `step`: image float32 [b,H,W,C], label int32 [b]."""
     n = len(self.images)
-    start = step * self.global_batch + self.process_index * self.local_batch
-    flat = np.arange(start, start + self.local_batch)
+    flat = process_rows(step, self.global_batch, self.process_index, self.process_count)
     epochs, offsets = flat // n, flat % n
     idx = np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)])
     images = scale_images(self.images[idx])
     if self.random_flip:
-      flip = np.random.default_rng([self.seed, step, 1 + self.process_index]).random(len(idx)) < 0.5
-      images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+      images = flip_images(images, np.random.default_rng([self.seed, step, 1 + self.process_index]).random(len(idx))
+                           < 0.5)
     return {"image": images, "label": self.labels[idx]}
 
   def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import diffusion as D
-from diffusion_jax.data import load_split, scale_images
+from diffusion_jax.data import is_streamed, real_images, scale_images
 from diffusion_jax.evaluation.classifier import weights_path
 from diffusion_jax.parallel.mesh import batch_sharding, global_to_host
 
@@ -34,10 +34,8 @@ def sample_quality(config, images: np.ndarray, labels: np.ndarray | None = None)
     logging.warning("the offline feature network takes 28x28x1 images, these are %s: sample-quality metrics "
                     "skipped", images.shape[1:])
     return {}
-  test_images, _ = load_split(dataset, "test", config.data.data_dir)
-  train_images, _ = load_split(dataset, "train", config.data.data_dir)
-  evaluator = OfflineEvaluator(dataset, test_images)
-  real = train_images[np.random.default_rng(0).choice(len(train_images), len(images), replace=False)]
+  evaluator = OfflineEvaluator(dataset, real_images(config.data, "test"))
+  real = real_images(config.data, "train", len(images))
   out = evaluator(images, labels)
   out.update({f"floor/{k}": v for k, v in evaluator(real).items()})
   return out
@@ -71,15 +69,14 @@ def fid(config, images: np.ndarray, workdir: str) -> dict[str, float]:
   if stats_path.exists():
     mu_ref, sigma_ref = load_reference_stats(stats_path)
   else:
-    test_images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
-    mu_ref, sigma_ref = feature_statistics(features(test_images))
+    # The test split (streamed datasets: up to 50k of it; an image folder: its images).
+    mu_ref, sigma_ref = feature_statistics(features(real_images(config.data, "test", 50_000)))
     stats_path.parent.mkdir(parents=True, exist_ok=True)
     with stats_path.open("wb") as f:
       np.savez(f, mu=mu_ref, sigma=sigma_ref)
   fake_feats = features(images)
   out = {"fid": frechet_distance(*feature_statistics(fake_feats), mu_ref, sigma_ref)}
-  train_images, _ = load_split(config.data.dataset, "train", config.data.data_dir)
-  real = train_images[np.random.default_rng(0).choice(len(train_images), len(images), replace=False)]
+  real = real_images(config.data, "train", len(images))
   out["floor/fid"] = frechet_distance(*feature_statistics(features(real)), mu_ref, sigma_ref)
   return out
 
@@ -89,7 +86,7 @@ def bits_per_dim(config, model, params, schedule: D.Schedule, mesh, num_images: 
   """Mean total / prior / decoder bits per dim over `num_images` test images (IDDPM calc_bpd_loop); batch i
   draws with fold_in(key, i). A conditional model is scored on its null condition (leading [1]): the bound
   on p(x)."""
-  images, _ = load_split(config.data.dataset, "test", config.data.data_dir)
+  images = real_images(config.data, "test", None if not is_streamed(config.data) else num_images)
   n = jax.device_count()
   batch = max(n, -(-min(config.eval.bpd_batch_size, num_images) // n) * n)
   sharding = batch_sharding(mesh)
