@@ -18,20 +18,14 @@ import os
 
 import ml_collections
 
-from diffusion_jax.config import get_base_config, optim_config
+from diffusion_jax.config import get_base_config, optim_config, parse_variant
 
 SPACES = ("pixel", "latent")
 CONDITIONINGS = ("uncond", "class", "text")
 
 
 def get_config(variant: str = "pixel"):
-  parts = [p for p in variant.split(",") if p]
-  unknown = [p for p in parts if p not in SPACES + CONDITIONINGS]
-  if unknown:
-    raise ValueError(f"unknown variant {unknown} of configs/image_folder.py; choose from {SPACES} and "
-                     f"{CONDITIONINGS}")
-  space = next((p for p in parts if p in SPACES), "pixel")
-  conditioning = next((p for p in parts if p in CONDITIONINGS), "uncond")
+  space, conditioning = parse_variant(variant, "configs/image_folder.py", SPACES, CONDITIONINGS)
   config = get_base_config()
   config.data.dataset = "image_folder"
   config.data.image_size = 32

@@ -6,7 +6,7 @@ E.g. --config=configs/latent.py:full,class"""
 
 import ml_collections
 
-from diffusion_jax.config import get_base_config, optim_config
+from diffusion_jax.config import get_base_config, optim_config, parse_variant
 
 
 SIZES = ("cpu", "full")
@@ -14,12 +14,7 @@ CONDITIONINGS = ("text", "class", "uncond")
 
 
 def get_config(variant: str = "cpu"):
-  parts = [p for p in variant.split(",") if p]
-  unknown = [p for p in parts if p not in SIZES + CONDITIONINGS]
-  if unknown:
-    raise ValueError(f"unknown variant {unknown} of configs/latent.py; choose from {SIZES} and {CONDITIONINGS}")
-  size = next((p for p in parts if p in SIZES), "cpu")
-  conditioning = next((p for p in parts if p in CONDITIONINGS), "text")
+  size, conditioning = parse_variant(variant, "configs/latent.py", SIZES, CONDITIONINGS)
   config = get_base_config()
   config.data.dataset = "fashion_mnist"
   config.data.image_size = 28

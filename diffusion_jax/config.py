@@ -129,6 +129,16 @@ def _eval() -> ml_collections.ConfigDict:
   return e
 
 
+def parse_variant(variant: str, config_file: str, *groups: tuple[str, ...]) -> tuple[str, ...]:
+  """A config file's comma-separated variant ('latent,text') -> one choice per group of alternatives, the
+  group's first where none is given; ValueError naming the unknown parts and every choice."""
+  parts = [p for p in variant.split(",") if p]
+  unknown = [p for p in parts if not any(p in g for g in groups)]
+  if unknown:
+    raise ValueError(f"unknown variant {unknown} of {config_file}; choose from " + " and ".join(map(str, groups)))
+  return tuple(next((p for p in parts if p in g), g[0]) for g in groups)
+
+
 def optim_config(*, learning_rate: float, warmup_steps: int, grad_clip: float = 0.0, weight_decay: float = 0.0,
                  ema_decay: float = 0.0) -> ml_collections.ConfigDict:
   """An optimizer section (build.OptimSettings): AdamW, linear warmup, global-norm clipping (0 = off), EMA
