@@ -16,6 +16,7 @@ import optax
 
 from diffusion_jax import conditioning as C
 from diffusion_jax import diffusion as D
+from diffusion_jax.image_condition import ImageConditionSpec
 from diffusion_jax.models import UNet
 from diffusion_jax.models.autoencoder import AutoencoderKL
 
@@ -67,6 +68,7 @@ class Components:
   image_shape: tuple[int, int, int]  # pixels (H, W, C)
   input_shape: tuple[int, int, int]  # what the U-Net sees: pixels, or latents (h, w, z) for latent diffusion
   autoencoder: AutoencoderKL | None  # latent diffusion's stage 1, else None
+  image_condition: ImageConditionSpec  # an image concatenated to the U-Net's input (SR, inpainting), or kind ''
 
 
 def build_optimizer(settings: OptimSettings) -> tuple[optax.GradientTransformation, Callable]:
@@ -106,11 +108,22 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return image_shape(config) if autoencoder is None else autoencoder.latent_shape(image_shape(config))
 
 
+def image_condition_spec(config: ml_collections.ConfigDict) -> ImageConditionSpec:
+  """config.image_condition typed; kind '' when the section is None."""
+  section = config.get("image_condition")
+  if section is None:
+    return ImageConditionSpec()
+  return ImageConditionSpec(kind=section.kind, low_res_size=section.get("low_res_size", 0))
+
+
 def build_unet(config: ml_collections.ConfigDict) -> UNet:
-  """UNet(**config.model); its output is the input's channels, twice that when it learns the variance."""
+  """UNet(**config.model); its output is the input's channels, twice that when it learns the variance; an
+  image condition sets concat_channels (config_check: model.concat_channels is then 0 or that number)."""
   channels = input_shape(config)[-1]
   out_channels = 2 * channels if config.diffusion.variance == "learned_range" else channels
-  return UNet(**{**config.model, "dtype": DTYPES[config.model.dtype]}, out_channels=out_channels)
+  concat = image_condition_spec(config).channels(channels) or config.model.concat_channels
+  return UNet(**{**config.model, "dtype": DTYPES[config.model.dtype], "concat_channels": concat},
+              out_channels=out_channels)
 
 
 def condition_spec(config: ml_collections.ConfigDict) -> C.ConditionSpec:
@@ -135,7 +148,7 @@ def build_components(config: ml_collections.ConfigDict) -> Components:
   return Components(model=build_unet(config), schedule=build_schedule(diffusion), diffusion=diffusion,
                     condition=condition_spec(config), optim=optim, tx=tx, learning_rate_fn=lr_fn,
                     image_shape=image_shape(config), input_shape=input_shape(config),
-                    autoencoder=build_autoencoder(config))
+                    autoencoder=build_autoencoder(config), image_condition=image_condition_spec(config))
 
 
 def load_text_encoder(config: ml_collections.ConfigDict):

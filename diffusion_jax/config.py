@@ -21,7 +21,7 @@ from ml_collections import config_dict
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # the root of every key and data order (keys.RunKeys)
-  config.mode = "train"  # train (then sample and evaluate) | sample | eval
+  config.mode = "train"  # train (then sample and evaluate) | sample | eval | edit (config.edit's task)
   config.num_train_steps = 10_000
   config.batch_size = 64  # global, split over every device of every process
   config.log_every_steps = 100
@@ -35,10 +35,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # None: diffusion on pixels. Latent configs set a section with `model` (AutoencoderKL's arguments), `optim`
   # and stage 1's schedule (configs/latent.py).
   config.autoencoder = None
+  # None: no image condition. A section {kind: 'low_res' (super-resolution, SR3) | 'masked' (an inpainting model),
+  # low_res_size} feeds the U-Net that image as extra input channels (image_condition.py, configs/
+  # super_resolution.py, configs/inpainting.py).
+  config.image_condition = None
   config.text = _text()
   config.optim = optim_config(learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999)
   config.sample = _sample()
   config.eval = _eval()
+  config.edit = _edit()
   return config
 
 
@@ -129,6 +134,26 @@ def _eval() -> ml_collections.ConfigDict:
   return e
 
 
+def _edit() -> ml_collections.ConfigDict:
+  """mode=edit: one task on given images with the trained model (editing/); the condition (sample.prompt,
+  class_labels, guidance_scale) and the sampler (sample.sampler, num_steps) come from config.sample."""
+  e = ml_collections.ConfigDict()
+  e.task = config_dict.placeholder(str)  # inpaint | outpaint | img2img | upscale
+  # test:3,7,12 / test:0-31 (the dataset's test split), or comma-separated PNG/JPEG paths, or a .npz of
+  # images (e.g. DIR/samples/samples.npz, for a cascade: a base model's samples into a super-resolution model)
+  e.images = "test:0-7"
+  e.box = ""  # inpaint: the hole y0,x0,y1,x1 in pixels (end exclusive); '' = the centre quarter
+  e.mask = ""  # inpaint: a PNG mask (white = regenerate) of the model's image size, instead of box
+  e.extend = 8  # outpaint: pixels added ...
+  e.side = "all"  # ... on this side: left | right | top | bottom | all
+  e.strength = 0.6  # img2img: the fraction of the noise schedule the input is pushed into, in (0, 1]
+  e.invert = False  # img2img: DDIM inversion of the input instead of random noise (deterministic)
+  e.resample_steps = 1  # inpaint/outpaint: RePaint's resamplings per jump (1 = plain replacement)
+  e.jump = 10  # inpaint/outpaint: RePaint's jump length in sampling steps
+  e.downscale = 0  # upscale: 0 = the inputs are low-resolution; k = downsample the given images k times first
+  return e
+
+
 def parse_variant(variant: str, config_file: str, *groups: tuple[str, ...]) -> tuple[str, ...]:
   """A config file's comma-separated variant ('latent,text') -> one choice per group of alternatives, the
   group's first where none is given; ValueError naming the unknown parts and every choice."""
@@ -198,12 +223,13 @@ def explain_config_error(error: BaseException, argv: Sequence[str]) -> str:
     shipped = ", ".join(sorted(f"configs/{f}" for f in os.listdir(CONFIGS_DIR) if f.endswith(".py")))
     return f"config file {path!r} does not exist (--config={spec}); the shipped configs are {shipped}"
   try:
-    config = _load_config_file(path, variant)
+    config = load_config_file(path, variant)
   except SyntaxError as e:
     return f"config file {path} line {e.lineno}: {e.msg}: {(e.text or '').strip()!r}"
   except Exception as e:  # raised by get_config, e.g. an unknown variant
-    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.samefile(f.filename, path)
-             ] if os.path.exists(path) else []
+    # Frames of <frozen importlib...> are not files: compare absolute paths, never stat them.
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(path)]
     where = f" line {lines[-1]}" if lines else ""
     return f"config file {path}{where} (--config={spec}): {type(e).__name__}: {_first_line(e)}"
   for key, value in _overrides(argv):
@@ -218,8 +244,10 @@ def _first_line(error: BaseException) -> str:
   return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
-def _load_config_file(path: str, variant: str) -> ml_collections.ConfigDict:
-  """What config_flags does with `--config=path[:variant]`: import the file and call get_config."""
+def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
+  """What config_flags does with `--config=path[:variant]`: import the file and call get_config (no
+  overrides). A config file builds on another with load_config_file(os.path.join(os.path.dirname(__file__),
+  'fashion_mnist.py'), variant)."""
   spec = importlib.util.spec_from_file_location("_config_under_check", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -25,7 +25,7 @@ from diffusion_jax.data.datasets import folder_index
 from diffusion_jax.loop import NAN_POLICIES
 from diffusion_jax.models.layers import CONV_IMPLS
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "edit")
 REC_LOSSES = ("l1", "l2")
 
 
@@ -50,10 +50,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_optim(config.optim, "optim")
   if build.is_latent(config):
     check_autoencoder(config)
+  check_image_condition(config)
   check_model(config)
   check_text(config)
   check_sample(config)
   check_eval(config)
+  if config.mode == "edit":
+    from diffusion_jax.editing.inputs import check_edit  # its own module: it knows the tasks' inputs
+    check_edit(config)
 
 
 def check_run(config: ml_collections.ConfigDict) -> None:
@@ -167,6 +171,28 @@ def check_autoencoder(config: ml_collections.ConfigDict) -> None:
           "bits/dim is a pixel-space bound: set it to 0 for latent diffusion")
 
 
+def check_image_condition(config: ml_collections.ConfigDict) -> None:
+  """An image concatenated to a pixel model's input: the kind, the low-resolution size, concat_channels."""
+  section = config.get("image_condition")
+  if section is None:
+    return
+  from diffusion_jax.image_condition import KINDS
+  require(section.get("kind") in KINDS, "image_condition.kind", section.get("kind"), f"choose one of {KINDS}")
+  require(not build.is_latent(config), "image_condition.kind", section.kind,
+          "image conditions are built for pixel models only (set autoencoder=None)")
+  size = config.data.image_size
+  if section.kind == "low_res":
+    low = section.get("low_res_size")
+    require(_is_int(low, 1) and low < size, "image_condition.low_res_size", low,
+            f"must be an int in [1, data.image_size={size})")
+  require(config.eval.bpd_num_images == 0, "eval.bpd_num_images", config.eval.bpd_num_images,
+          "bits/dim of an image-conditioned model is not computed: set it to 0")
+  spec = build.image_condition_spec(config)
+  want = spec.channels(config.data.channels)
+  require(config.model.concat_channels in (0, want), "model.concat_channels", config.model.concat_channels,
+          f"image_condition.kind={spec.kind!r} feeds {want} channels: set 0 (derived) or {want}")
+
+
 def _check_levels(key: str, ch_mult: Any) -> None:
   require(isinstance(ch_mult, (tuple, list)) and len(ch_mult) >= 1 and all(_is_int(c, 1) for c in ch_mult), key,
           ch_mult, "must be a tuple of ints >= 1, one per resolution level, e.g. (1, 2, 2)")
@@ -256,7 +282,7 @@ def check_sample(config: ml_collections.ConfigDict) -> None:
 # num_train_steps, the learning rate, sampling and logging, may change between runs).
 IDENTITY_KEYS = ("data.image_size", "data.channels", "diffusion.schedule", "diffusion.num_timesteps",
                  "diffusion.prediction", "diffusion.loss", "diffusion.variance", "model", "autoencoder.model",
-                 "text.encoder")
+                 "text.encoder", "image_condition")
 
 
 def check_workdir(workdir: str) -> None:

@@ -25,6 +25,7 @@ class RunKeys:
   preview: jax.Array  # preview grids during training
   sample: jax.Array  # the final samples
   eval: jax.Array  # evaluation: the bits/dim bound's noise
+  edit: jax.Array  # mode=edit: the noise of inpainting, outpainting, img2img, upscaling
 
   @classmethod
   def from_seed(cls, seed: int) -> "RunKeys":

@@ -49,6 +49,17 @@ class Decoder:
   def decode(self, params: Any, latents: jax.Array) -> jax.Array: ...
 
 
+def conditional_model_fn(model, params: Any, cond: dict, null_cond: dict, guidance_scale: float,
+                         sharding, guided_channels: int) -> Callable:
+  """model_fn(x_t, t) of a trained U-Net: plain, or guided with classifier-free guidance when `cond` is given
+  (cond / null_cond: pytrees with a leading [B] axis; an image condition sits in both)."""
+  def conditional(x, t, c):
+    return model.apply(params, jax.lax.with_sharding_constraint(x, sharding), t, **c)
+  if cond:
+    return D.guided_model_fn(conditional, cond, null_cond, guidance_scale, guided_channels=guided_channels)
+  return lambda x, t: conditional(x, t, {})
+
+
 def make_sample_fn(model, schedule: D.Schedule, settings: SampleSettings, mesh: Mesh,
                    input_shape: tuple[int, ...], *, prediction: str, variance: str, decoder: Decoder | None = None
                    ) -> Callable:
@@ -62,13 +73,8 @@ def make_sample_fn(model, schedule: D.Schedule, settings: SampleSettings, mesh: 
   sharding = batch_sharding(mesh)
 
   def fn(unet_params, key, batch, decoder_params, cond, null_cond):
-    def conditional(x, t, c):
-      return model.apply(unet_params, jax.lax.with_sharding_constraint(x, sharding), t, **c)
-    if cond:
-      model_fn = D.guided_model_fn(conditional, cond, null_cond, settings.guidance_scale,
-                                   guided_channels=input_shape[-1])
-    else:
-      model_fn = lambda x, t: conditional(x, t, {})
+    model_fn = conditional_model_fn(model, unet_params, cond, null_cond, settings.guidance_scale, sharding,
+                                    input_shape[-1])
     x = D.sample(schedule, model_fn, (batch, *input_shape), key, sampler=settings.sampler,
                  num_steps=settings.num_steps, prediction=prediction, eta=settings.eta, variance=variance,
                  clip_denoised=settings.clip_denoised, spacing=settings.spacing)
@@ -87,10 +93,12 @@ def device_batch_size(batch_size: int) -> int:
 
 
 def sample_images(sample_fn: Callable, params: Any, key: jax.Array, num_images: int, batch_size: int,
-                  cond: dict | None = None, null_cond: dict | None = None) -> np.ndarray:
+                  cond: dict | None = None, null_cond: dict | None = None, inputs: dict | None = None
+                  ) -> np.ndarray:
   """uint8 [num_images,H,W,C] in batches of `batch_size` (rounded up to the devices), batch i with key
   fold_in(key, i); cond and null_cond are host pytrees with a leading [num_images] axis
-  (conditioning.sampling_inputs)."""
+  (conditioning.sampling_inputs); `inputs` (editing: the images to edit, their masks), a host pytree with a
+  leading [num_images] axis, is passed in the same batches as sample_fn's last argument."""
   batch_size = device_batch_size(batch_size)
   out = []
   for i in tqdm.trange(-(-num_images // batch_size), desc="sampling", unit="batch",
@@ -98,7 +106,9 @@ def sample_images(sample_fn: Callable, params: Any, key: jax.Array, num_images: 
     # This batch's conditions, padded to the compiled batch size by repetition.
     part = lambda a: jnp.asarray(np.resize(a[i * batch_size:(i + 1) * batch_size], (batch_size, *a.shape[1:])))
     c, u = jax.tree.map(part, cond or {}), jax.tree.map(part, null_cond or {})
-    out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size, c, u))))
+    args = () if inputs is None else (jax.tree.map(part, inputs),)
+    out.append(image_io.to_uint8(global_to_host(sample_fn(params, jax.random.fold_in(key, i), batch_size, c, u,
+                                                          *args))))
   return np.concatenate(out)[:num_images]
 
 

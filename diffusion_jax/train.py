@@ -21,10 +21,10 @@ import optax
 from absl import logging
 from etils import epath
 
-from diffusion_jax import build, checkpoint, conditioning as C, latent, loop
+from diffusion_jax import build, checkpoint, conditioning as C, image_condition as IC, latent, loop
 from diffusion_jax import diffusion as D
 from diffusion_jax.config_check import check_config, check_resume, check_workdir
-from diffusion_jax.data import make_batches
+from diffusion_jax.data import make_batches, real_images
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
@@ -64,10 +64,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
                text_table: C.TextTable | C.CaptionEncoder | None = None, *, model: UNet,
                tx: optax.GradientTransformation, schedule: D.Schedule, diffusion: build.DiffusionSettings,
                condition: C.ConditionSpec, ema_decay: float, learning_rate_fn, skip_nonfinite: bool = False,
-               text_module=None) -> tuple[TrainState, dict[str, jax.Array]]:
+               text_module=None, image_condition: IC.ImageConditionSpec = IC.ImageConditionSpec()
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch {"image": [B,H,W,C], "label": [B], "concat": [B,H,W,c],
   "caption_ids" / "caption_mask": [B,L]}; key = fold_in(base_key, step). Text models draw a caption of each
   example's class from `text_table`, or (per-image captions) encode the batch's own with `text_module`.
+  An image condition (super-resolution, inpainting) is made from the batch's images here, on device.
   skip_nonfinite (optim.nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state."""
   key = jax.random.fold_in(base_key, state.step)
   key_t, key_noise, key_dropout, key_uncond = jax.random.split(key, 4)
@@ -75,6 +77,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   cond = C.train_condition(condition, key_uncond, batch, text_table, text_module)
   if "concat" in batch:
     cond["concat"] = batch["concat"]
+  elif image_condition.kind:
+    cond["concat"] = IC.train_concat(image_condition, jax.random.fold_in(key, 4), x_start)
   t, weights = D.sample_timesteps(key_t, x_start.shape[0], schedule.num_timesteps,
                                   method=diffusion.timestep_sampler, history=state.loss_history)
   noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
@@ -110,7 +114,8 @@ def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate
   given, the caption table or caption encoder (None unless text-conditional) replicated."""
   step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule, text_module=text_module,
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
-                           learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip")
+                           learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip",
+                           image_condition=parts.image_condition)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else ())
 
@@ -171,6 +176,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       state = _train(run, state, state_shardings, manager)
     finally:
       manager.wait_until_finished()  # an in-flight save completes even when training fails
+  if config.mode == "edit":
+    from diffusion_jax.editing import run_edit
+    run_edit(config, workdir, parts=parts, mesh=mesh, params=state.ema_params, key=keys.edit, decoder=decoder,
+             text_encoder=text_encoder)
+    manager.close()
+    return
 
   step = int(state.step)
   sampler = _sampler(run, SampleSettings.from_config(config.sample), config.sample.num_images,
@@ -240,6 +251,10 @@ def _sampler(run: Run, settings: SampleSettings, num_images: int, *, prompt: str
                              decoder=run.decoder)
   labels, prompts, cond, null_cond = C.sampling_inputs(parts.condition, num_images, run.text_encoder,
                                                        prompt=prompt, class_labels=class_labels)
+  if parts.image_condition.kind:  # super-resolution / inpainting models sample from test images' conditions
+    real = np.resize(real_images(run.config.data, "test", num_images), (num_images, *parts.image_shape))
+    concat = IC.sampling_concat(parts.image_condition, real)
+    cond, null_cond = {**cond, "concat": concat}, {**null_cond, "concat": concat}
 
   def sample(params, key, name, step):
     logging.info("%s: %d images with %s (%s steps) from the EMA params of step %d", name, num_images,

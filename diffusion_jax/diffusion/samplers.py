@@ -247,6 +247,52 @@ def num_function_evals(sampler: str, num_steps: int) -> int:
   return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
+def _check_sample_args(sampler, prediction, variance, eta) -> None:
+  check_choice("sampler", sampler, SAMPLERS)
+  check_choice("prediction", prediction, PREDICTIONS)
+  check_choice("variance", variance, VARIANCES)
+  if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+    raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+
+
+def sampling_grid(schedule: Schedule, num_steps: int | None, sampler: str, spacing: str | None = None) -> np.ndarray:
+  """The decreasing grid `sample` walks: `num_steps` (None: all T) indices in the sampler's default spacing."""
+  T = schedule.num_timesteps
+  if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
+                                or not 1 <= num_steps <= T):
+    raise ValueError(f"num_steps must be None or an int in [1, {T}], got {num_steps!r}")
+  check_choice("sampler", sampler, SAMPLERS)
+  return timestep_grid(schedule, T if num_steps is None else int(num_steps), spacing or DEFAULT_SPACING[sampler])
+
+
+def respaced_for_ancestral(schedule: Schedule, grid: np.ndarray) -> Schedule:
+  """The sub-process of `schedule` on the grid's indices (IDDPM sec. 4: ancestral sampling on fewer steps);
+  its `timestep_map` feeds the model the original timesteps. The full grid returns `schedule` itself."""
+  kept = np.sort(np.asarray(grid, np.int64))
+  if len(kept) == schedule.num_timesteps:
+    return schedule
+  if len(kept) < 2:
+    raise ValueError("ancestral sampling needs num_steps >= 2 (a respaced process of one step has no posterior)")
+  respaced = respace_schedule(np.asarray(schedule.betas, np.float64), kept)
+  return respaced._replace(timestep_map=schedule.timestep_map[kept])
+
+
+def sample_loop(schedule: Schedule, model_fn: ModelFn, x_t: jax.Array, key: jax.Array, grid: np.ndarray, *,
+                sampler: str = "ddpm", prediction: str = "eps", eta: float = 0.0, variance: str = "fixed_small",
+                clip_denoised: bool = True) -> jax.Array:
+  """x_0 [B,H,W,C] from x_t at schedule index grid[0], down the decreasing `grid`. From pure noise at T-1
+  this is sampling; from a noised image at an intermediate index it is SDEdit (Meng et al. 2022, sec. 3)."""
+  _check_sample_args(sampler, prediction, variance, eta)
+  common = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+  if sampler == "ddpm":
+    return ddpm_sample_loop(respaced_for_ancestral(schedule, grid), model_fn, x_t, key, **common)
+  if sampler == "ddim":
+    return ddim_sample_loop(schedule, model_fn, x_t, key, grid, eta=eta, **common)
+  if sampler == "dpmpp_2m":
+    return dpmpp_2m_sample_loop(schedule, model_fn, x_t, grid, **common)
+  return karras_sample_loop(schedule, model_fn, x_t, grid, heun=sampler == "heun", **common)
+
+
 def sample(schedule: Schedule, model_fn: ModelFn, shape, key: jax.Array, *, sampler: str = "ddpm",
            num_steps: int | None = None, prediction: str = "eps", eta: float = 0.0,
            variance: str = "fixed_small", clip_denoised: bool = True, spacing: str | None = None) -> jax.Array:
@@ -254,32 +300,10 @@ def sample(schedule: Schedule, model_fn: ModelFn, shape, key: jax.Array, *, samp
 
   spacing: the timestep grid (SPACINGS); None picks DEFAULT_SPACING[sampler]. num_steps=None: all T.
   """
-  check_choice("sampler", sampler, SAMPLERS)
-  check_choice("prediction", prediction, PREDICTIONS)
-  check_choice("variance", variance, VARIANCES)
+  _check_sample_args(sampler, prediction, variance, eta)
   shape = _check_shape(shape)
-  T = schedule.num_timesteps
-  if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
-                                or not 1 <= num_steps <= T):
-    raise ValueError(f"num_steps must be None or an int in [1, {T}], got {num_steps!r}")
-  if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-    raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-  spacing = spacing or DEFAULT_SPACING[sampler]
-  grid = timestep_grid(schedule, T if num_steps is None else int(num_steps), spacing)
+  grid = sampling_grid(schedule, num_steps, sampler, spacing)
   key_T, key_loop = jax.random.split(key)
   x_T = jax.random.normal(key_T, shape, jnp.float32)
-  common = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
-  if sampler == "ddpm":
-    if len(grid) < T:
-      # IDDPM sec. 4: ancestral sampling on a respaced sub-process; timestep_map feeds the model.
-      kept = np.sort(grid)
-      if len(kept) < 2:
-        raise ValueError("sampler='ddpm' needs num_steps >= 2 (a respaced process of one step has no posterior)")
-      respaced = respace_schedule(np.asarray(schedule.betas, np.float64), kept)
-      schedule = respaced._replace(timestep_map=schedule.timestep_map[kept])
-    return ddpm_sample_loop(schedule, model_fn, x_T, key_loop, **common)
-  if sampler == "ddim":
-    return ddim_sample_loop(schedule, model_fn, x_T, key_loop, grid, eta=eta, **common)
-  if sampler == "dpmpp_2m":
-    return dpmpp_2m_sample_loop(schedule, model_fn, x_T, grid, **common)
-  return karras_sample_loop(schedule, model_fn, x_T, grid, heun=sampler == "heun", **common)
+  return sample_loop(schedule, model_fn, x_T, key_loop, grid, sampler=sampler, prediction=prediction, eta=eta,
+                     variance=variance, clip_denoised=clip_denoised)

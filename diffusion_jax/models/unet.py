@@ -42,8 +42,9 @@ class UNet(nn.Module):
     return -(-size // multiple) * multiple
 
   def check_input(self, height: int, width: int) -> None:
-    """ValueError before any compile when the levels or attention resolutions cannot fit the image."""
-    h, w = self.padded_size(height), self.padded_size(width)
+    """ValueError before any compile when the levels or attention resolutions cannot fit the image.
+    Attention resolutions count the (padded) height's side at each level; any width works (outpainting)."""
+    h = self.padded_size(height)
     levels = len(self.ch_mult)
     if min(height, width) < 2 ** (levels - 1):
       raise ValueError(f"image size {height}x{width} is too small for {levels} levels (ch_mult={tuple(self.ch_mult)}); "
@@ -52,9 +53,14 @@ class UNet(nn.Module):
     missing = [r for r in self.attn_resolutions if r not in resolutions]
     if missing:
       raise ValueError(f"attn_resolutions {tuple(self.attn_resolutions)} include {missing}, which no level of a "
-                       f"{height}x{width} input has (padded to {h}x{w}); the levels are {resolutions}")
-    if h != w:
-      raise ValueError(f"only square images are supported, got {height}x{width}")
+                       f"{height}x{width} input has (padded to {h} rows); the levels are {resolutions}")
+
+  def for_size(self, trained_height: int, height: int) -> "UNet":
+    """This network (same parameters) for inputs of another height: each attention layer stays at its level
+    (attn_resolutions name sizes, so they are moved to the new height's sizes at the same levels)."""
+    old = [self.padded_size(trained_height) // 2 ** i for i in range(len(self.ch_mult))]
+    new = [self.padded_size(height) // 2 ** i for i in range(len(self.ch_mult))]
+    return self.clone(attn_resolutions=tuple(new[old.index(r)] for r in self.attn_resolutions if r in old))
 
   def check_conditions(self, x: jax.Array, y: jax.Array | None, context: jax.Array | None,
                        concat: jax.Array | None) -> None:
@@ -82,9 +88,9 @@ class UNet(nn.Module):
     if concat is not None:  # concatenation conditioning (LDM sec. 3.3; SR3): aligned inputs as extra channels
       x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
     size = self.padded_size(height)
-    pad = size - height
+    pad, pad_w = size - height, self.padded_size(width) - width
     # Odd sizes (28x28 with 3 downsamplings): pad to the multiple the levels need, crop at the end.
-    x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)))
+    x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
     kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
     res_kw = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, **kw)
     if self.context_dim:
@@ -141,4 +147,4 @@ class UNet(nn.Module):
 
     h = nn.silu(group_norm(h.shape[-1], self.dtype)(h))
     out = Conv(self.out_channels or channels, 3, zero_init=True, **kw)(h)
-    return out[:, pad // 2:pad // 2 + height, pad // 2:pad // 2 + width].astype(jnp.float32)
+    return out[:, pad // 2:pad // 2 + height, pad_w // 2:pad_w // 2 + width].astype(jnp.float32)
