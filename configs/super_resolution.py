@@ -18,6 +18,9 @@ def get_config(variant: str = "7"):
   config = get_base_config()
   config.image_condition = ml_collections.ConfigDict(dict(kind="low_res", low_res_size=int(low)))
   config.diffusion.schedule = "cosine"
+  # v-prediction (Salimans & Ho 2022), as the super-resolution stages of Imagen Video: on a small budget an eps
+  # model's samples lag far behind (tests/test_editing.py's overfit check: eps needs ~10x the steps).
+  config.diffusion.prediction = "v"
   config.sample.sampler = "ddim"  # the low-resolution input pins most of the image: few steps suffice
   config.sample.num_steps = 50
   config.sample.preview_sampler = "ddim"

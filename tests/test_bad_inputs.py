@@ -21,6 +21,10 @@ def _files(tmp):
   (tmp / "a_file").write_text("not a folder")
   (tmp / "broken.py").write_text("def get_config(:\n  pass\n")
   (tmp / "raises.py").write_text("def get_config():\n  return {}['missing']\n")
+  from PIL import Image
+  Image.new("L", (8, 8), 255).save(tmp / "mask_8x8.png")
+  Image.new("L", (28, 28), 100).save(tmp / "mask_gray.png")
+  (tmp / "not_an_image.png").write_text("text")
   return tmp
 
 
@@ -77,6 +81,33 @@ CASES = [
      r"expected host:port"),
     ("DJ_INIT_TIMEOUT", [], {"DJ_INIT_TIMEOUT": "-1"}, r"DJ_INIT_TIMEOUT='-1' is invalid"),
     ("DJ_DISTRIBUTED", [], {"DJ_DISTRIBUTED": "yes"}, r"DJ_DISTRIBUTED='yes' is invalid: expected 'auto'"),
+    # mode=edit (checked before any checkpoint is read)
+    ("edit task missing", ["--config.mode=edit"], {}, r"config\.edit\.task=None is invalid: mode=edit needs a task: "
+     r"set --config\.edit\.task to one of \('inpaint'"),
+    ("edit task unknown", ["--config.mode=edit", "--config.edit.task=colorize"], {}, r"edit\.task='colorize'"),
+    ("box outside", ["--config.mode=edit", "--config.edit.task=inpaint", "--config.edit.box=0,0,40,5"], {},
+     r"config\.edit\.box='0,0,40,5' is invalid: the box must be non-empty and inside the 28x28 image"),
+    ("box empty", ["--config.mode=edit", "--config.edit.task=inpaint", "--config.edit.box=3,3,3,9"], {},
+     r"config\.edit\.box='3,3,3,9' is invalid: the box must be non-empty"),
+    ("mask size", ["--config.mode=edit", "--config.edit.task=inpaint", "--config.edit.mask={tmp}/mask_8x8.png"], {},
+     r"config\.edit\.mask='.*mask_8x8\.png' is invalid: the mask is 8x8, the images are 28x28"),
+    ("mask not binary", ["--config.mode=edit", "--config.edit.task=inpaint",
+                         "--config.edit.mask={tmp}/mask_gray.png"], {}, r"edit\.mask=.* must be binary"),
+    ("strength zero", ["--config.mode=edit", "--config.edit.task=img2img", "--config.edit.strength=0.0"], {},
+     r"config\.edit\.strength=0\.0 is invalid: must be in \(0, 1\]"),
+    ("strength above one", ["--config.mode=edit", "--config.edit.task=img2img", "--config.edit.strength=1.5"], {},
+     r"config\.edit\.strength=1\.5 is invalid"),
+    ("image file missing", ["--config.mode=edit", "--config.edit.task=img2img", "--config.edit.images={tmp}/no.png"],
+     {}, r"config\.edit\.images='.*/no\.png' is invalid: .*no\.png does not exist"),
+    ("image does not decode", ["--config.mode=edit", "--config.edit.task=img2img",
+                               "--config.edit.images={tmp}/not_an_image.png"], {},
+     r"config\.edit\.images='.*not_an_image\.png' is invalid: image file .* does not decode"),
+    ("index out of range", ["--config.mode=edit", "--config.edit.task=img2img", "--config.edit.images=test:99999"],
+     {}, r"config\.edit\.images='test:99999' is invalid: the test split of fashion_mnist has 10000 images"),
+    ("upscale without SR model", ["--config.mode=edit", "--config.edit.task=upscale"], {},
+     r"config\.edit\.task='upscale' is invalid: this model .* cannot upscale: upscaling needs a super-resolution"),
+    ("outpaint extend", ["--config.mode=edit", "--config.edit.task=outpaint", "--config.edit.extend=0"], {},
+     r"config\.edit\.extend=0 is invalid: must be an int >= 1"),
 ]
 
 

@@ -102,3 +102,16 @@ def test_reference_stats_files(tmp_path):
   np.savez(tmp_path / "keys.npz", mean=np.zeros(4))
   with pytest.raises(ValueError, match="keys 'mu' and 'sigma'"):
     load_reference_stats(str(tmp_path / "keys.npz"))
+
+
+def test_psnr_and_ssim_are_perfect_for_equal_images_and_fall_with_noise():
+  from diffusion_jax.evaluation.metrics import psnr, ssim
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 28, 28, 1)).astype(np.float64)
+  assert np.all(np.isinf(psnr(images, images))) and np.allclose(ssim(images, images), 1.0)
+  small, large = images + rng.normal(0, 5, images.shape), images + rng.normal(0, 40, images.shape)
+  assert np.all(psnr(small, images) > psnr(large, images)) and np.all(ssim(small, images) > ssim(large, images))
+  # PSNR by its definition: noise of std 5 has MSE ~25, PSNR ~ 10 log10(255^2 / 25) = 34.2 dB.
+  np.testing.assert_allclose(psnr(small, images), 34.15, atol=0.3)
+  # SSIM of a constant shift: luminance term only; a shift by the whole range makes it small.
+  assert ssim(np.zeros_like(images), np.full_like(images, 255.0)).max() < 0.01

@@ -10,7 +10,9 @@ from diffusion_jax.diffusion.losses import (LOSS_TYPES, LossHistory, diffusion_l
 from diffusion_jax.diffusion.param import (PREDICTIONS, VARIANCES, get_v, p_mean_variance,
                                            predict_eps_from_v, predict_eps_from_x0, predict_x0_from_eps,
                                            predict_x0_from_v)
+from diffusion_jax.diffusion.inpaint import inpaint_loop, repaint_path
 from diffusion_jax.diffusion.samplers import (SAMPLERS, SPACINGS, ddim_invert, ddim_sample_loop, discrete_sigmas,
-                                              num_function_evals, sample, timestep_grid)
+                                              num_function_evals, respaced_for_ancestral, sample, sample_loop,
+                                              sampling_grid, timestep_grid)
 from diffusion_jax.diffusion.schedules import (BETA_SCHEDULES, Schedule, get_beta_schedule, make_schedule,
                                                respace_betas, respace_schedule, space_timesteps)

@@ -72,9 +72,18 @@ def check_edit(config: ml_collections.ConfigDict) -> None:
            f"this model (image_condition.kind={kind or None!r}) cannot {e.task}: "
            + ("upscaling needs a super-resolution model (configs/super_resolution.py)" if e.task == "upscale" else
               "a super-resolution model only upscales (edit.task=upscale)" if kind == "low_res" else
-              f"an inpainting model (image_condition.kind='masked') only inpaints and outpaints"))
-  parse_images(e.images)
+              "an inpainting model (image_condition.kind='masked') only inpaints and outpaints"))
+  kind, where, indices = parse_images(e.images)
   size = config.data.image_size
+  if kind == "split":  # indices in range (the split's length, nothing decoded)
+    _check_indices(_split_source(config.data, where)[0], where, indices, config.data.dataset)
+  if kind == "files":  # every file decodes
+    from diffusion_jax.data.image_folder import load_image
+    for path in where.split(","):
+      try:
+        load_image(path, 8, config.data.channels)
+      except ValueError as err:
+        raise ValueError(f"config.edit.images={e.images!r} is invalid: {err}") from None
   if e.task == "inpaint":
     if e.mask:
       load_mask(e.mask, size, size)
@@ -105,21 +114,27 @@ def check_edit(config: ml_collections.ConfigDict) -> None:
              f"low_res_size={low}")
 
 
-def _split_images(data: ml_collections.ConfigDict, split: str, indices: list[int]
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _split_source(data: ml_collections.ConfigDict, split: str):
+  """(number of images, fetch(i) -> {"image", "label"}) of a dataset split, without decoding it all."""
   from diffusion_jax.data.datasets import IMAGE_FOLDER, is_streamed, open_source
   from diffusion_jax.data.pipeline import load_split
   if is_streamed(data):
     source = open_source(data, "train" if data.dataset == IMAGE_FOLDER else split)
-    count = len(source)
-    fetch = lambda i: source[i]
-  else:
-    images, labels = load_split(data.dataset, split, data.data_dir)
-    count = len(images)
-    fetch = lambda i: {"image": images[i], "label": labels[i]}
+    return len(source), lambda i: source[i]
+  images, labels = load_split(data.dataset, split, data.data_dir)
+  return len(images), lambda i: {"image": images[i], "label": labels[i]}
+
+
+def _check_indices(count: int, split: str, indices: list[int], dataset: str) -> None:
   bad = [i for i in indices if i >= count]
   _require(not bad, "edit.images", f"{split}:{bad[0] if bad else ''}",
-           f"the {split} split of {data.dataset} has {count} images (indices 0..{count - 1})")
+           f"the {split} split of {dataset} has {count} images (indices 0..{count - 1})")
+
+
+def _split_images(data: ml_collections.ConfigDict, split: str, indices: list[int]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  count, fetch = _split_source(data, split)
+  _check_indices(count, split, indices, data.dataset)
   records = [fetch(i) for i in indices]
   return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records], np.int32)
 

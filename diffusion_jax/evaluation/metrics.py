@@ -98,3 +98,26 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, *, k:
                      f"got {len(real)} and {len(fake)}")
   return {"precision": _coverage(real, _knn_radii(real, k, chunk), fake, chunk),
           "recall": _coverage(fake, _knn_radii(fake, k, chunk), real, chunk)}
+
+
+def psnr(images: np.ndarray, references: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+  """Peak signal-to-noise ratio per image [N] in dB: 10 log10(range^2 / MSE), images [N,H,W,C] (inf if equal)."""
+  diff = np.asarray(images, np.float64) - np.asarray(references, np.float64)
+  mse = np.mean(diff ** 2, axis=tuple(range(1, diff.ndim)))
+  with np.errstate(divide="ignore"):
+    return 10.0 * np.log10(data_range ** 2 / mse)
+
+
+def ssim(images: np.ndarray, references: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+  """Structural similarity per image [N] (Wang et al. 2004, eq. 13), the mean SSIM map with an 11x11 Gaussian
+  window of sigma 1.5, K1 = 0.01, K2 = 0.03, per channel then averaged; images [N,H,W,C]."""
+  from scipy.ndimage import gaussian_filter
+  x, y = np.asarray(images, np.float64), np.asarray(references, np.float64)
+  if x.shape != y.shape or x.ndim != 4:
+    raise ValueError(f"images and references must be [N,H,W,C] of one shape, got {x.shape} and {y.shape}")
+  blur = lambda a: gaussian_filter(a, sigma=(0, 1.5, 1.5, 0), truncate=3.5)  # radius 5: an 11x11 window
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mu_x, mu_y = blur(x), blur(y)
+  var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+  return ssim_map.mean(axis=(1, 2, 3))
