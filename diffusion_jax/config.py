@@ -29,6 +29,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.preview_every_steps = 2000  # preview sample grids under DIR/samples/ and in TensorBoard
   config.keep_checkpoints = 3
 
+  # The device mesh (parallel/mesh.py): data-parallel replicas x FSDP shards of the parameters, EMA and optimizer
+  # state; -1 takes the remaining devices. fsdp > 1 trains models larger than one device's memory.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.data = _data()
   config.diffusion = _diffusion()
   config.model = _model()

@@ -45,6 +45,7 @@ def _is_number(value: Any) -> bool:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """All checks, section by section; raises the first problem found."""
   check_run(config)
+  check_mesh(config)
   check_data(config.data)
   check_diffusion(config.diffusion)
   check_optim(config.optim, "optim")
@@ -67,6 +68,12 @@ def check_run(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "preview_every_steps", "keep_checkpoints"):
     require(_is_int(config[key], 1), key, config[key], "must be an int >= 1")
   _check_batch_size("batch_size", config.batch_size)
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+  """config.mesh against the devices of every process (parallel.mesh.mesh_shape's one-line errors)."""
+  from diffusion_jax.parallel.mesh import mesh_shape
+  mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
 
 
 def _check_batch_size(key: str, value: int) -> None:
@@ -283,6 +290,9 @@ def check_sample(config: ml_collections.ConfigDict) -> None:
 IDENTITY_KEYS = ("data.image_size", "data.channels", "diffusion.schedule", "diffusion.num_timesteps",
                  "diffusion.prediction", "diffusion.loss", "diffusion.variance", "model", "autoencoder.model",
                  "text.encoder", "image_condition")
+# ... except how it is computed: the compute dtype, the convolution lowering and dropout may change (e.g. sample
+# a float32-trained model in bfloat16, or fine-tune with dropout).
+COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.dropout", "autoencoder.model.conv_impl")
 
 
 def check_workdir(workdir: str) -> None:
@@ -333,7 +343,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
   now = _flatten(json.loads(config.to_json_best_effort()))
   differ = [key for key in sorted(set(before) | set(now)) if any(key == k or key.startswith(k + ".")
                                                                  for k in IDENTITY_KEYS)
-            and before.get(key) != now.get(key)]
+            and key not in COMPUTE_KEYS and before.get(key) != now.get(key)]
   if differ:
     changes = "; ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in differ)
     raise ValueError(f"--workdir={str(workdir)!r} holds a run trained with another model or diffusion process "

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
 
@@ -23,7 +22,7 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
 from diffusion_jax.parallel.mesh import batch_sharding, global_to_host, host_to_global, replicated
-from diffusion_jax.train_state import AutoencoderState, apply_gradients, init_on_mesh, keep_if_finite
+from diffusion_jax.train_state import AutoencoderState, apply_gradients, guard_nonfinite, init_on_mesh
 
 SCALE_FILE = "latent_scale.json"
 
@@ -58,13 +57,9 @@ def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array],
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
-  metrics = {**terms, "grad_norm": grad_norm, "learning_rate": learning_rate_fn(state.step),
-             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   new_state = AutoencoderState(step=state.step + 1, params=params, opt_state=opt_state)
-  if skip_nonfinite:
-    new_state = keep_if_finite(finite, new_state, state).replace(step=state.step + 1)
+  new_state, guard = guard_nonfinite(terms["loss"], grads, new_state, state, skip_nonfinite)
+  metrics = {**terms, "learning_rate": learning_rate_fn(state.step), **guard}
   return new_state, metrics
 
 
@@ -112,15 +107,17 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                                         skip_nonfinite=optim.nan_policy == "skip"),
                       in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    state = run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, keys.autoencoder_train),
-                     batch_fn=lambda i: host_to_global({"image": batches.batch(i)["image"]}, batch_sharding(mesh)),
-                     num_steps=a.num_train_steps, batch_size=a.batch_size, log_every=config.log_every_steps,
-                     checkpoint_every=config.checkpoint_every_steps, preview_every=config.preview_every_steps,
-                     manager=manager, writer=writer, name="autoencoder", nan_policy=optim.nan_policy,
-                     preview_fn=_reconstruction_preview(model, batches, mesh, directory, writer))
-    scale = latent_scale(model, state.params, mesh, batches, keys.latent_scale)
-    if hasattr(batches, "close"):
-      batches.close()  # stop the streaming workers
+    try:
+      state = run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, keys.autoencoder_train),
+                       batch_fn=lambda i: host_to_global({"image": batches.batch(i)["image"]}, batch_sharding(mesh)),
+                       num_steps=a.num_train_steps, batch_size=a.batch_size, log_every=config.log_every_steps,
+                       checkpoint_every=config.checkpoint_every_steps, preview_every=config.preview_every_steps,
+                       manager=manager, writer=writer, name="autoencoder", nan_policy=optim.nan_policy,
+                       preview_fn=_reconstruction_preview(model, batches, mesh, directory, writer))
+      scale = latent_scale(model, state.params, mesh, batches, keys.latent_scale)
+    finally:
+      if hasattr(batches, "close"):
+        batches.close()  # stop the streaming workers, also when training stops on a signal or an error
     if jax.process_index() == 0:
       scale_path.write_text(json.dumps({"scale_factor": scale, "step": int(state.step)}))
     logging.info("stage 1: latent scale factor 1/std = %.4f", scale)

@@ -58,8 +58,8 @@ def main(argv):
   from diffusion_jax.parallel.multihost import maybe_initialize_distributed
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache")))
-  maybe_initialize_distributed(env)
   try:
+    maybe_initialize_distributed(env)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except TrainingInterrupted as e:
     sys.stderr.write(f"{e}\n")

@@ -29,7 +29,7 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
-from diffusion_jax.train_state import TrainState, apply_gradients, ema_update, init_on_mesh, keep_if_finite
+from diffusion_jax.train_state import TrainState, apply_gradients, ema_update, guard_nonfinite, init_on_mesh
 
 NonFiniteLossError = loop.NonFiniteLossError
 
@@ -95,17 +95,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   history = state.loss_history
   if diffusion.timestep_sampler == "importance":
     history = D.update_loss_history(history, t, jax.lax.stop_gradient(terms["loss"]))
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": grad_norm,
-             "learning_rate": learning_rate_fn(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32)}
-  if "vb" in terms:
-    metrics["vb"] = jnp.mean(terms["vb"])
   new_state = TrainState(step=state.step + 1, params=params,
                          ema_params=ema_update(state.ema_params, params, state.step, ema_decay), opt_state=opt_state,
                          loss_history=history)
-  if skip_nonfinite:
-    new_state = keep_if_finite(finite, new_state, state).replace(step=state.step + 1)
+  new_state, guard = guard_nonfinite(loss, grads, new_state, state, skip_nonfinite)
+  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "learning_rate": learning_rate_fn(state.step), **guard}
+  if "vb" in terms:
+    metrics["vb"] = jnp.mean(terms["vb"])
   return new_state, metrics
 
 
@@ -151,7 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   if training and jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  parts, mesh, keys = build.build_components(config), make_mesh(), RunKeys.from_seed(config.seed)
+  parts, keys = build.build_components(config), RunKeys.from_seed(config.seed)
+  mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+  logging.info("mesh: %s over %d devices", dict(mesh.shape), mesh.size)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   text_encoder = build.load_text_encoder(config)  # first: a width mismatch stops the run before any training
   decoder = None

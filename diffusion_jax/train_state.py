@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as D
-from diffusion_jax.parallel.mesh import replicated
+from diffusion_jax.parallel.mesh import state_shardings
 
 
 @flax.struct.dataclass
@@ -36,10 +36,11 @@ class AutoencoderState:
 
 
 def init_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh) -> tuple[Any, Any]:
-  """(state, state shardings): `init_fn(key)` traced once abstractly, its shardings chosen (replicated; FSDP
-  rules would go here), then run as one jit that writes each leaf straight into its sharding."""
+  """(state, state shardings): `init_fn(key)` traced once abstractly, each leaf's sharding chosen (FSDP over
+  the mesh's fsdp axis for large arrays, else replicated: parallel.mesh.state_shardings), then run as one jit
+  that writes each leaf straight into its sharding (no device ever holds the whole state when fsdp > 1)."""
   abstract = jax.eval_shape(init_fn, key)
-  shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
+  shardings = state_shardings(abstract, mesh)
   return jax.jit(init_fn, out_shardings=shardings)(key), shardings
 
 
@@ -53,6 +54,18 @@ def keep_if_finite(finite: jax.Array, new_state: Any, old_state: Any) -> Any:
   """optim.nan_policy='skip': the new state where the step's loss and gradient were finite, else the old one
   (with its step counter advanced by the caller, so the next step draws new keys and a new batch)."""
   return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+
+
+def guard_nonfinite(loss: jax.Array, grads: Any, new_state: Any, old_state: Any, skip_nonfinite: bool
+                    ) -> tuple[Any, dict[str, jax.Array]]:
+  """(state, {"grad_norm", "nonfinite"}) at the end of either stage's step: `nonfinite` is 1 when the loss or
+  the gradient norm is NaN/inf; with skip_nonfinite (optim.nan_policy='skip') such a step keeps the old state,
+  its step counter advanced (keep_if_finite)."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    new_state = keep_if_finite(finite, new_state, old_state).replace(step=old_state.step + 1)
+  return new_state, {"grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
 
 def ema_update(ema_params: Any, params: Any, step: jax.Array, decay: float) -> Any:

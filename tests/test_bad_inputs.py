@@ -81,6 +81,10 @@ CASES = [
      r"expected host:port"),
     ("DJ_INIT_TIMEOUT", [], {"DJ_INIT_TIMEOUT": "-1"}, r"DJ_INIT_TIMEOUT='-1' is invalid"),
     ("DJ_DISTRIBUTED", [], {"DJ_DISTRIBUTED": "yes"}, r"DJ_DISTRIBUTED='yes' is invalid: expected 'auto'"),
+    ("DJ_DISTRIBUTED without a cluster", [], {"DJ_DISTRIBUTED": "auto"}, r"distributed start-up failed "
+     r"\(DJ_DISTRIBUTED=auto\): .*JAX detected no TPU pod or SLURM job here"),
+    ("mesh", ["--config.mesh.fsdp=3"], {}, r"config\.mesh\.data=-1, config\.mesh\.fsdp=3 is invalid: 3 does not "
+     r"divide the 1 devices"),
     # mode=edit (checked before any checkpoint is read)
     ("edit task missing", ["--config.mode=edit"], {}, r"config\.edit\.task=None is invalid: mode=edit needs a task: "
      r"set --config\.edit\.task to one of \('inpaint'"),

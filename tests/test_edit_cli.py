@@ -133,15 +133,22 @@ def test_inpaint_outpaint_img2img_on_pixel_and_latent_models(runs):
 
 def test_upscale_and_a_cascade_and_an_inpainting_model(runs):
   tmp = runs[0]
-  # A cascade: the class model's final samples (16x16) through the super-resolution model, brought to its 8x8
-  # inputs by downscale=2.
-  _edits(runs, [
-      ("sr", ["--config.edit.task=upscale", f"--config.edit.images={tmp}/class/samples/samples.npz:0-2",
-              "--config.edit.downscale=2"]),
-      ("masked", ["--config.edit.task=inpaint", "--config.edit.images=test:0-1"]),
-  ])
+  # A cascade in one command (launch/cascade.sh): the class model samples 3 images, the super-resolution model
+  # upscales them (brought to its 8x8 inputs); meanwhile the inpainting model inpaints.
+  config_file = runs[1]
+  cascade = [ROOT + "/launch/cascade.sh", f"{config_file}:class", str(tmp / "class"), f"{config_file}:sr",
+             str(tmp / "sr"), "--config.sample.num_steps=5"]
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "CASCADE_NUM_IMAGES": "3"}
+  with ThreadPoolExecutor(2) as pool:
+    cascaded = pool.submit(subprocess.run, ["bash", *cascade], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=600)
+    _edits(runs, [("masked", ["--config.edit.task=inpaint", "--config.edit.images=test:0-1"])])
+    out = cascaded.result()
+  assert out.returncode == 0, out.stderr[-3000:]
   r = _load(runs, "sr", "upscale")
   assert r["inputs"].shape == (3, 8, 8, 1) and r["outputs"].shape == (3, 16, 16, 1) and "masks" not in r
+  with np.load(tmp / "class" / "samples" / "samples.npz") as f:
+    assert f["images"].shape == (3, 16, 16, 1)
   r = _load(runs, "masked", "inpaint")
   keep = r["masks"][..., 0] == 0
   assert keep.sum() == 2 * (256 - 64)  # the default box: the centre quarter

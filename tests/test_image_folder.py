@@ -202,3 +202,14 @@ def test_a_tfds_dataset_that_is_not_prepared_is_one_line(tmp_path):
                                                   r"in config.data.data_dir=.* and could not be downloaded .*tfds build "
                                                   r"oxford_flowers102 --file_format=array_record"):
     open_tfds_source("oxford_flowers102", "train", str(tmp_path))
+
+
+def test_sixteen_bit_grayscale_pngs_keep_their_tones(tmp_path):
+  from diffusion_jax.data.image_folder import load_image
+  ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535 in steps
+  Image.fromarray(ramp).save(tmp_path / "deep.png")
+  with Image.open(tmp_path / "deep.png") as image:
+    assert image.mode.startswith("I")  # Pillow reads it as a 16-bit (or 32-bit int) image
+  loaded = load_image(str(tmp_path / "deep.png"), 16, 1)
+  np.testing.assert_array_equal(loaded[..., 0], (ramp // 257).astype(np.uint8))  # not clipped to white
+  assert load_image(str(tmp_path / "deep.png"), 16, 3).shape == (16, 16, 3)

@@ -109,6 +109,12 @@ def fit_image(image: "np.ndarray | Image.Image", image_size: int, channels: int)
   from PIL import Image
   if isinstance(image, np.ndarray):
     image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+  if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+    # 16-bit (and 32-bit) grayscale: Pillow's convert("L") clips at 255 (white); scale 0..65535 to 0..255.
+    pixels = np.asarray(image, np.float64)
+    if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+      pixels = pixels / 257.0
+    image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
   image = image.convert("L" if channels == 1 else "RGB")
   width, height = image.size
   if (width, height) != (image_size, image_size):

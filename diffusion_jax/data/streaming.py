@@ -35,6 +35,13 @@ class _Row:
     return {"image": image[0], "label": np.int32(record["label"]), "caption": str(record["caption"])}
 
 
+def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: Ctrl-C reaches the whole process group, but only the training process handles it
+  (saves the step, then stops the workers); workers that took it too would print a traceback each."""
+  import signal
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StreamingBatches:
   """This process's rows of the global batch of step s, as InMemoryBatches gives them, from a source of
   records {"image": uint8 [H,W,C], "label", "caption"}: {"image": float32 [b,H,W,C] in [-1, 1], "label": int32
@@ -66,7 +73,8 @@ class StreamingBatches:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside main (tests, scripts) use defaults
         flags.FLAGS.mark_as_parsed()
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.num_workers, per_worker_buffer_size=self.prefetch * self.local_batch))
+          num_workers=self.num_workers, per_worker_buffer_size=self.prefetch * self.local_batch),
+          worker_init_fn=_ignore_sigint)
     # Rows are decoded in the workers and stacked here: batches then live in this process's memory, not in
     # shared-memory blocks that outlive an iterator stopped mid-stream.
     return iter(dataset.batch(self.local_batch))

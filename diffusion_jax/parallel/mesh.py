@@ -1,27 +1,78 @@
-"""The device mesh over every device of every process, and global arrays built from host batches."""
+"""The device mesh over every device of every process, how the train state is laid out on it (replicated, or
+FSDP-sharded), and global arrays built from host batches.
+
+The mesh has two axes: `data` (replicas that each see their own rows) and `fsdp` (ZeRO-3 style: each large
+parameter, its EMA and its optimizer moments split over these devices along one axis, gathered by XLA where a
+layer needs them). The global batch is split over both axes, so every device gets its own rows either way.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+FSDP_MIN_SIZE = 1024  # parameters with fewer elements stay replicated (norms, biases: gathering costs more)
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D ('data',) mesh of all devices (Auto axis types: XLA propagates the rest)."""
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) with -1 resolved to the devices remaining; ValueError naming config.mesh.* unless their
+  product is the device count."""
+  for key, value in (("data", data), ("fsdp", fsdp)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (value == -1 or value >= 1):
+      raise ValueError(f"config.mesh.{key}={value!r} is invalid: must be an int >= 1, or -1 (all remaining devices)")
+  if data == -1 and fsdp == -1:
+    raise ValueError("config.mesh.data=-1 and config.mesh.fsdp=-1 is invalid: at most one axis can take the "
+                     "remaining devices")
+  known = (data if data != -1 else 1) * (fsdp if fsdp != -1 else 1)
+  if num_devices % known:
+    raise ValueError(f"config.mesh.data={data}, config.mesh.fsdp={fsdp} is invalid: {known} does not divide the "
+                     f"{num_devices} devices")
+  data, fsdp = (num_devices // known if data == -1 else data), (num_devices // known if fsdp == -1 else fsdp)
+  if data * fsdp != num_devices:
+    raise ValueError(f"config.mesh.data={data} x config.mesh.fsdp={fsdp} = {data * fsdp} devices is invalid: there "
+                     f"are {num_devices} (set one of them to -1 to take the rest)")
+  return data, fsdp
+
+
+def make_mesh(devices=None, *, data: int = -1, fsdp: int = 1) -> Mesh:
+  """A (data, fsdp) mesh of `devices` (default: every device of every process; Auto axis types: XLA
+  propagates shardings through the step)."""
   devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
-  return Mesh(devices, (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  shape = mesh_shape(data, fsdp, len(devices))
+  return Mesh(devices.reshape(shape), BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over every device: the data axis, then the fsdp axis."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """Where one array of the state lives: split over the fsdp axis along its largest axis that the fsdp size
+  divides (a conv kernel [3,3,Cin,Cout]: Cout or Cin), or replicated when it is small or nothing divides."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp == 0:
+      return P(*([None] * axis + [FSDP_AXIS]))
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
+  """A sharding per leaf of a (train) state: FSDP over the mesh's fsdp axis (replicated when it is 1)."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp, min_size)),
+                      abstract_state)
 
 
 def host_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

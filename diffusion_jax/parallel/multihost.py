@@ -63,6 +63,12 @@ def maybe_initialize_distributed(env: Environment) -> None:
   watchdog.start()
   try:
     jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:  # e.g. DJ_DISTRIBUTED=auto where no cluster is detected
+    where = (f"DJ_COORDINATOR_ADDRESS={env.coordinator_address}" if env.coordinator_address else "DJ_DISTRIBUTED=auto")
+    hint = "" if env.coordinator_address else (": JAX detected no TPU pod or SLURM job here; set "
+                                               "DJ_COORDINATOR_ADDRESS, DJ_NUM_PROCESSES and DJ_PROCESS_ID instead")
+    raise ValueError(f"distributed start-up failed ({where}): "
+                     f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}{hint}") from None
   finally:
     watchdog.cancel()
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),

@@ -1,0 +1,90 @@
+"""diffusion_jax.parallel.mesh: the (data, fsdp) mesh, FSDP shardings of the train state, the sharded train step
+against the replicated one, and checkpoints restored onto other meshes (8 host CPU devices, conftest)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import build, checkpoint, train
+from diffusion_jax.data import load_split, scale_images
+from diffusion_jax.parallel.mesh import batch_sharding, fsdp_spec, make_mesh, mesh_shape
+from helpers import tiny_config, write_fake_fashion_mnist
+
+
+def test_mesh_shape_resolves_minus_one_and_names_bad_meshes():
+  assert mesh_shape(-1, 1, 8) == (8, 1) and mesh_shape(2, -1, 8) == (2, 4) and mesh_shape(1, 8, 8) == (1, 8)
+  for data, fsdp, match in ((3, 1, r"config\.mesh\.data=3, config\.mesh\.fsdp=1 is invalid: 3 does not divide the 8"),
+                            (2, 2, r"config\.mesh\.data=2 x config\.mesh\.fsdp=2 = 4 devices is invalid: there are 8"),
+                            (-1, -1, r"at most one axis"), (0, 1, r"config\.mesh\.data=0 is invalid"),
+                            (1, "2", r"config\.mesh\.fsdp='2' is invalid")):
+    with pytest.raises(ValueError, match=match):
+      mesh_shape(data, fsdp, 8)
+
+
+def test_fsdp_spec_splits_large_arrays_along_their_largest_divisible_axis():
+  assert fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, "fsdp")
+  assert fsdp_spec((3, 3, 128, 6), 4) == P(None, None, "fsdp")  # 6 does not divide by 4: the next largest
+  assert fsdp_spec((128,), 4) == P()  # small: replicated
+  assert fsdp_spec((3, 3, 63, 129), 4) == P()  # nothing divides
+  assert fsdp_spec((3, 3, 64, 128), 1) == P()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  config = tiny_config(write_fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist"))))
+  config.model.ch = 16
+  parts = build.build_components(config)
+  images, _ = load_split("fashion_mnist", "train", config.data.data_dir)
+  return parts, jnp.asarray(scale_images(images[:8]))
+
+
+def _state_and_step(parts, mesh):
+  state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
+                                              parts.schedule.num_timesteps)
+  return state, shardings, train.compile_train_step(parts, mesh, shardings, donate=False)
+
+
+def test_the_fsdp_step_gives_the_replicated_steps_result_with_sharded_state(setup):
+  parts, images = setup
+  results = {}
+  for data, fsdp in ((8, 1), (2, 4), (1, 8)):
+    mesh = make_mesh(data=data, fsdp=fsdp)
+    state, shardings, step = _state_and_step(parts, mesh)
+    batch = {"image": jax.device_put(images, batch_sharding(mesh))}
+    for _ in range(2):
+      state, metrics = step(state, batch, jax.random.key(1), None)
+    results[fsdp] = (jax.device_get(state), float(metrics["loss"]))
+    kernels = [x for x in jax.tree.leaves(state.params) if x.ndim == 4 and x.size >= 1024]
+    if fsdp > 1:  # every large kernel (and its Adam moments) is split: each device holds 1/fsdp of it
+      assert kernels and all(x.addressable_shards[0].data.size == x.size // fsdp for x in kernels)
+      mu = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 4 and x.size >= 1024]
+      assert mu and all(x.addressable_shards[0].data.size == x.size // fsdp for x in mu)
+    else:
+      assert all(x.addressable_shards[0].data.size == x.size for x in kernels)
+  reference, loss = results[1]
+  for fsdp in (4, 8):
+    state, other_loss = results[fsdp]
+    np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-4, atol=2e-6)
+
+
+def test_a_checkpoint_written_sharded_restores_onto_other_meshes(setup, tmp_path):
+  parts, images = setup
+  mesh = make_mesh(data=2, fsdp=4)
+  state, _, step = _state_and_step(parts, mesh)
+  state, _ = step(state, {"image": jax.device_put(images, batch_sharding(mesh))}, jax.random.key(1), None)
+  manager = checkpoint.make_manager(str(tmp_path), async_save=False)
+  checkpoint.save(manager, 1, state)
+  manager.wait_until_finished()
+  saved = jax.device_get(state)
+  for devices, data, fsdp in ((jax.devices()[:1], 1, 1), (jax.devices()[:4], 2, 2), (jax.devices(), 1, 8)):
+    target_mesh = make_mesh(devices, data=data, fsdp=fsdp)
+    target, _ = train.create_train_state(parts.model, parts.tx, jax.random.key(5), parts.input_shape, target_mesh,
+                                         parts.schedule.num_timesteps)
+    restored = checkpoint.restore(manager, target)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(set(x.sharding.device_set) <= set(devices) for x in jax.tree.leaves(restored))
