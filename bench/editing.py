@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -29,6 +28,7 @@ from common import load_config, print_table, restore_workdir
 
 from diffusion_jax.data import load_split
 from diffusion_jax.editing import run_edit
+from diffusion_jax.editing.tasks import img2img_grid
 from diffusion_jax.editing.masks import seam_score
 from diffusion_jax.evaluation.metrics import feature_statistics, frechet_distance, psnr, ssim
 from diffusion_jax.evaluation.offline import OfflineEvaluator
@@ -48,11 +48,10 @@ def _config(workdir: str, overrides: list[str]):
 def _edit(workdir: str, overrides: list[str], restored=None):
   config = _config(workdir, ["mode=edit", *overrides])
   mesh, parts, decoder, encoder, state = restored or restore_workdir(config, workdir)
-  t0 = time.time()
   with tempfile.TemporaryDirectory() as out:
     result = run_edit(config, out, parts=parts, mesh=mesh, params=state.ema_params, key=jax.random.key(0),
                       decoder=decoder, text_encoder=encoder)
-  return result, time.time() - t0, (mesh, parts, decoder, encoder, state)
+  return result, (mesh, parts, decoder, encoder, state)
 
 
 class Scorer:
@@ -78,7 +77,7 @@ def fill_rows(scorer, test_labels, n, base, inpainting, steps):
     if inpainting:
       methods += [("inpainting model", inpainting, [])]
     for name, workdir, settings in methods:
-      result, seconds, _ = _edit(workdir, [f"edit.task={task}", f"edit.images=test:0-{n - 1}",
+      result, _ = _edit(workdir, [f"edit.task={task}", f"edit.images=test:0-{n - 1}",
                                            f"sample.num_steps={steps}", "sample.sampler=ddpm", *extra, *settings])
       masks = result.masks[..., 0] > 0
       out = result.outputs
@@ -92,12 +91,17 @@ def fill_rows(scorer, test_labels, n, base, inpainting, steps):
       _, predicted = scorer.classify(view)
       hole_change = (np.abs(out.astype(float) - (result.inputs if task == "inpaint" else 128.0))[masks].mean()
                      / 255 if task == "inpaint" else float("nan"))
+      if name.startswith("RePaint"):
+        from diffusion_jax.diffusion.inpaint import repaint_path
+        nfe = int(np.sum(np.diff(repaint_path(steps, 10, 4)) < 0))  # reverse steps call the network
+      else:
+        nfe = steps
       rows.append({"task": task, "method": name, "known-region max error": int(known_err),
                    "class agreement": f"{np.mean(predicted == test_labels[:n]):.3f}",
                    "FD (classifier features)": f"{scorer.fd(view):.2f}",
                    "mean change in hole": "-" if np.isnan(hole_change) else f"{hole_change:.3f}",
                    "seam score": f"{seam_score(out.astype(float), result.masks[0] / 255.0):.2f}",
-                   "seconds": f"{seconds:.0f}"})
+                   "network evaluations": nfe})
   return rows
 
 
@@ -105,7 +109,8 @@ def upscale_rows(scorer, test_images, test_labels, n, workdirs):
   rows = []
   originals = test_images[:n]
   for workdir in workdirs:
-    result, seconds, _ = _edit(workdir, ["edit.task=upscale", f"edit.images=test:0-{n - 1}",
+    sr_steps = _config(workdir, []).sample.num_steps
+    result, _ = _edit(workdir, ["edit.task=upscale", f"edit.images=test:0-{n - 1}",
                                                 f"edit.downscale={28 // _config(workdir, []).image_condition.low_res_size}"])
     low = result.inputs.astype(np.float32)
     size = low.shape[1]
@@ -118,10 +123,10 @@ def upscale_rows(scorer, test_images, test_labels, n, workdirs):
                    "PSNR dB": f"{np.mean(psnr(images, originals)):.2f}",
                    "SSIM": f"{np.mean(ssim(images, originals)):.3f}",
                    "classifier accuracy": f"{np.mean(predicted == test_labels[:n]):.3f}",
-                   "seconds": f"{seconds:.0f}" if name.startswith("super") else "-"})
+                   "network evaluations": sr_steps if name.startswith("super") else "-"})
   rows.append({"input": "28x28 originals", "method": "-", "PSNR dB": "inf", "SSIM": "1.000",
                "classifier accuracy": f"{np.mean(scorer.classify(originals)[1] == test_labels[:n]):.3f}",
-               "seconds": "-"})
+               "network evaluations": "-"})
   return rows
 
 
@@ -131,7 +136,7 @@ def img2img_rows(scorer, test_labels, n, base, steps, guidance):
   labels = ",".join(map(str, target))
   restored = None
   for strength, invert in ((0.2, False), (0.4, False), (0.6, False), (0.8, False), (1.0, False), (0.6, True)):
-    result, seconds, restored = _edit(base, ["edit.task=img2img", f"edit.images=test:0-{n - 1}",
+    result, restored = _edit(base, ["edit.task=img2img", f"edit.images=test:0-{n - 1}",
                                              f"edit.strength={strength}", f"edit.invert={invert}",
                                              f"sample.class_labels={labels}", "sample.sampler=ddim",
                                              f"sample.guidance_scale={guidance}",
@@ -141,7 +146,7 @@ def img2img_rows(scorer, test_labels, n, base, steps, guidance):
                  "target class share": f"{np.mean(predicted == target):.3f}",
                  "source class share": f"{np.mean(predicted == test_labels[:n]):.3f}",
                  "mean abs distance to input": f"{np.abs(result.outputs.astype(float) - result.inputs).mean() / 255:.3f}",
-                 "seconds": f"{seconds:.0f}"})
+                 "network evaluations": (2 if invert else 1) * len(img2img_grid(np.arange(steps), strength, "ddim"))})
   return rows
 
 
