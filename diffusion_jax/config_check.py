@@ -212,6 +212,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   for key, low in (("ch", 1), ("num_res_blocks", 1), ("num_heads", 1), ("num_classes", 0), ("context_dim", 0),
                    ("concat_channels", 0)):
     require(_is_int(m[key], low), f"model.{key}", m[key], f"must be an int >= {low}")
+  require(isinstance(m.remat, bool), "model.remat", m.remat, "must be True or False")
   require(m.head_channels == -1 or _is_int(m.head_channels, 1), "model.head_channels", m.head_channels,
           "must be -1 (num_heads decides) or an int >= 1")
   require(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
@@ -292,7 +293,7 @@ IDENTITY_KEYS = ("data.image_size", "data.channels", "diffusion.schedule", "diff
                  "text.encoder", "image_condition")
 # ... except how it is computed: the compute dtype, the convolution lowering and dropout may change (e.g. sample
 # a float32-trained model in bfloat16, or fine-tune with dropout).
-COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.dropout", "autoencoder.model.conv_impl")
+COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.dropout", "model.remat", "autoencoder.model.conv_impl")
 
 
 def check_workdir(workdir: str) -> None:

@@ -97,6 +97,7 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
     state = restored
   if int(state.step) >= a.num_train_steps and scale_path.exists():
     logging.info("stage 1: reusing the finished autoencoder in %s (step %d)", directory, int(state.step))
+    scale = float(json.loads(scale_path.read_text())["scale_factor"])
   elif not train:
     raise FileNotFoundError(f"no finished autoencoder in {directory}; run config.mode='train' first")
   else:
@@ -118,11 +119,14 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
     finally:
       if hasattr(batches, "close"):
         batches.close()  # stop the streaming workers, also when training stops on a signal or an error
+    if jax.process_count() > 1:  # one value everywhere, from process 0 (no process reads a file another writes)
+      from jax.experimental import multihost_utils
+      scale = float(multihost_utils.broadcast_one_to_all(np.float32(scale)))
     if jax.process_index() == 0:
       scale_path.write_text(json.dumps({"scale_factor": scale, "step": int(state.step)}))
     logging.info("stage 1: latent scale factor 1/std = %.4f", scale)
   manager.close()
-  return LatentDecoder(model, state.params, float(json.loads(scale_path.read_text())["scale_factor"]))
+  return LatentDecoder(model, state.params, float(scale))
 
 
 def _reconstruction_preview(model: AutoencoderKL, batches, mesh, directory: epath.Path, writer):

@@ -1,14 +1,41 @@
 #!/usr/bin/env bash
-# Run a config on every worker of a Cloud TPU VM pod slice (each worker runs one process; jax finds
-# the pod by itself through DJ_DISTRIBUTED=auto).
-#   TPU_NAME=my-pod ZONE=us-central2-b bash launch/tpu_vm.sh configs/cifar10_ddpm.py gs://bucket/run [--config.x=y]
+# Train on a Cloud TPU VM or pod slice: create it, copy this checkout to every worker, install, run the config on
+# all workers at once (one process each; JAX finds the pod through DJ_DISTRIBUTED=auto), stream the logs, delete.
+#   TPU_NAME=my-pod ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 \
+#     bash launch/tpu_vm.sh [--dry-run] configs/cifar10_ddpm.py gs://bucket/run [--config.x=y ...]
+# Pods need a gs:// workdir (every worker writes checkpoints to the same place). KEEP=1 keeps the TPU afterwards;
+# CREATE=0 uses an existing one; VERSION picks the TPU software (default tpu-ubuntu2204-base).
+# --dry-run prints the commands instead of running them.
 set -euo pipefail
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 CONFIG=${1:?config file}; WORKDIR=${2:?workdir (a gs:// path on pods)}; shift 2
-REPO=${REPO:-https://github.com/diffusion-jax/diffusion_jax.git}
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
-  set -e
-  [ -d diffusion_jax ] || git clone $REPO diffusion_jax
-  cd diffusion_jax && pip install -q -e '.[tpu]' && bash launch/install_text_encoder.sh
-  DJ_DISTRIBUTED=auto python -m diffusion_jax.main --config=$CONFIG --workdir=$WORKDIR $*
-"
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-8}
+VERSION=${VERSION:-tpu-ubuntu2204-base}
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+ARCHIVE=/tmp/diffusion_jax_checkout.tar.gz
+OVERRIDES=$(printf '%q ' "$@")
+
+run() {  # print (dry run) or run one command
+  if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+case "$WORKDIR" in
+  gs://*) ;;
+  *) echo "warning: --workdir=$WORKDIR is not gs://: each worker of a pod writes its own local copy" >&2 ;;
+esac
+if [ "${CREATE:-1}" = 1 ]; then
+  run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR_TYPE" \
+    --version "$VERSION"
+fi
+# This checkout, as it is (uncommitted changes included), without runs/ and caches.
+run tar -czf "$ARCHIVE" -C "$ROOT" --exclude=./runs --exclude=./.git --exclude='*.egg-info' --exclude=__pycache__ .
+run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU_NAME:~/" --zone "$ZONE" --worker=all
+run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
+  "set -e; mkdir -p diffusion_jax && tar -xzf ~/$(basename "$ARCHIVE") -C diffusion_jax && cd diffusion_jax \
+   && pip install -q -e '.[tpu]' && bash launch/install_text_encoder.sh \
+   && DJ_DISTRIBUTED=auto python -m diffusion_jax.main --config=$CONFIG --workdir=$WORKDIR $OVERRIDES"
+if [ "${KEEP:-0}" != 1 ]; then
+  run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet
+fi

@@ -80,7 +80,7 @@ def test_unet_options_reach_every_block_and_match_the_reference():
   for module, p, args, out in calls:
     if isinstance(module, ResBlock):
       assert module.scale_shift_norm and p["Dense_0"]["kernel"].shape[-1] == 2 * module.out_ch
-      ref = R.resblock(p, *args, scale_shift_norm=True, resample=module.resample)
+      ref = R.resblock(p, *args[:2], scale_shift_norm=True, resample=module.resample)  # (x, emb[, train])
     else:
       assert p["q"]["kernel"].shape[1] == 2  # two heads
       ref = R.attention_block(p, *args)
@@ -104,3 +104,22 @@ def test_unet_bad_sizes():
   with pytest.raises(ValueError, match="too small"):
     UNet(ch=32, ch_mult=(1, 2, 2, 2, 2, 2), attn_resolutions=()).init(
         jax.random.key(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,), jnp.int32))
+
+
+@pytest.mark.parametrize("context_dim", [0, 8])
+def test_remat_keeps_the_parameters_outputs_and_gradients(context_dim):
+  """model.remat recomputes blocks in the backward pass: the same parameter tree (checkpoints load either way),
+  the same output and the same gradients."""
+  kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), out_channels=1, head_channels=4,
+            context_dim=context_dim)
+  plain, remat = UNet(**kw), UNet(**kw, remat=True)
+  x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.asarray([3, 7])
+  cond = {"context": jnp.ones((2, 3, 8)), "context_mask": jnp.ones((2, 3), jnp.int32)} if context_dim else {}
+  params = plain.init(jax.random.key(1), x, t, **cond)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, jax.eval_shape(remat.init, jax.random.key(1), x,
+                                                                                    t, **cond))
+  loss = lambda model: lambda p: jnp.sum(model.apply(p, x, t, train=True, **cond) ** 2)
+  (a, ga), (b, gb) = (jax.value_and_grad(loss(m))(params) for m in (plain, remat))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)

@@ -99,7 +99,7 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array | None, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array | None, train: bool = False) -> jax.Array:
     h = nn.silu(group_norm(x.shape[-1], self.dtype)(x))
     if self.resample == "up":
       h, x = upsample_nearest(h), upsample_nearest(x)

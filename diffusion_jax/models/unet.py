@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -35,6 +34,7 @@ class UNet(nn.Module):
   context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context
   pooled_context: bool = True  # also add the mean text token to the timestep embedding (Imagen)
   concat_channels: int = 0  # > 0: extra input channels (masked image, low-resolution image)
+  remat: bool = False  # rematerialise each residual and attention block in the backward pass (less memory)
   dtype: Any = jnp.float32
 
   def padded_size(self, size: int) -> int:
@@ -93,11 +93,25 @@ class UNet(nn.Module):
     x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
     kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
     res_kw = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, **kw)
-    if self.context_dim:
-      attn = lambda: functools.partial(SpatialTransformer(self.num_heads, self.head_channels, dtype=self.dtype),
-                                       context=context, context_mask=context_mask)
-    else:
-      attn = lambda: AttentionBlock(self.num_heads, self.head_channels, dtype=self.dtype)
+    # remat: activations inside each block are recomputed in the backward pass instead of stored (Chen et al.
+    # 2016); `train` (argument 3, counting the module) is static. Blocks are named as without remat, so
+    # checkpoints load either way.
+    res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+    attn_cls = SpatialTransformer if self.context_dim else AttentionBlock
+    attn_cls = nn.remat(attn_cls) if self.remat else attn_cls
+    counts = {"ResBlock": 0, "attn": 0}
+
+    def res_block(features: int, **extra):
+      counts["ResBlock"] += 1
+      return res_cls(features, **res_kw, **extra, name=f"ResBlock_{counts['ResBlock'] - 1}")
+
+    def attn():
+      counts["attn"] += 1
+      name = f"{'SpatialTransformer' if self.context_dim else 'AttentionBlock'}_{counts['attn'] - 1}"
+      block = attn_cls(self.num_heads, self.head_channels, dtype=self.dtype, name=name)
+      if self.context_dim:
+        return lambda h: block(h, context, context_mask)
+      return block
 
     emb = timestep_embedding(t, self.ch)
     emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(emb)
@@ -116,30 +130,30 @@ class UNet(nn.Module):
     resolution = size
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
-        h = ResBlock(self.ch * mult, **res_kw)(h, emb, train=train)
+        h = res_block(self.ch * mult)(h, emb, train)
         if resolution in self.attn_resolutions:
           h = attn()(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
         if self.resblock_updown:
-          h = ResBlock(h.shape[-1], resample="down", **res_kw)(h, emb, train=train)
+          h = res_block(h.shape[-1], resample="down")(h, emb, train)
         else:
           h = downsample(h, with_conv=True, **kw)
         resolution //= 2
         skips.append(h)
 
-    h = ResBlock(h.shape[-1], **res_kw)(h, emb, train=train)
+    h = res_block(h.shape[-1])(h, emb, train)
     h = attn()(h)
-    h = ResBlock(h.shape[-1], **res_kw)(h, emb, train=train)
+    h = res_block(h.shape[-1])(h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
-        h = ResBlock(self.ch * mult, **res_kw)(jnp.concatenate([h, skips.pop()], axis=-1), emb, train=train)
+        h = res_block(self.ch * mult)(jnp.concatenate([h, skips.pop()], axis=-1), emb, train)
         if resolution in self.attn_resolutions:
           h = attn()(h)
       if level != 0:
         if self.resblock_updown:
-          h = ResBlock(h.shape[-1], resample="up", **res_kw)(h, emb, train=train)
+          h = res_block(h.shape[-1], resample="up")(h, emb, train)
         else:
           h = Conv(h.shape[-1], 3, **kw)(upsample_nearest(h))
         resolution *= 2
