@@ -33,6 +33,11 @@ class ImageConditionSpec:
     return {"": 0, "low_res": image_channels, "masked": image_channels + 1}[self.kind]
 
 
+def centre_box(height: int, width: int) -> tuple[int, int, int, int]:
+  """The default hole (y0, x0, y1, x1), end exclusive: the centre quarter, half the height and half the width."""
+  return height // 4, width // 4, height // 4 + height // 2, width // 4 + width // 2
+
+
 def downsample(images: jax.Array, size: int) -> jax.Array:
   """[B,H,W,C] -> [B,size,size,C], area-weighted (antialiased linear): the low-resolution input."""
   return jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "linear", antialias=True)
@@ -99,5 +104,6 @@ def sampling_concat(spec: ImageConditionSpec, images: np.ndarray) -> np.ndarray:
   n, h, w, _ = x.shape
   if spec.kind == "low_res":
     return np.asarray(low_res_condition(downsample(x, spec.low_res_size), h))
-  mask = jnp.zeros((n, h, w, 1)).at[:, h // 4:h // 4 + h // 2, w // 4:w // 4 + w // 2].set(1.0)
+  y0, x0, y1, x1 = centre_box(h, w)
+  mask = jnp.zeros((n, h, w, 1)).at[:, y0:y1, x0:x1].set(1.0)
   return np.asarray(masked_condition(x, mask))

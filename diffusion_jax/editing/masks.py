@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffusion_jax.image_condition import centre_box
+
 SIDES = ("left", "right", "top", "bottom", "all")
 
 
@@ -12,7 +14,7 @@ def parse_box(text: str, height: int, width: int, key: str = "edit.box") -> tupl
   """'y0,x0,y1,x1' (pixels, end exclusive) inside an HxW image with y0 < y1, x0 < x1; '' = the centre
   quarter (half the height and half the width). ValueError naming `key` otherwise."""
   if not str(text).strip():
-    return height // 4, width // 4, height // 4 + height // 2, width // 4 + width // 2
+    return centre_box(height, width)
   try:
     y0, x0, y1, x1 = (int(v) for v in str(text).split(","))
   except ValueError:

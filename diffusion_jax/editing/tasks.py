@@ -155,6 +155,16 @@ def prepare_inputs(task: str, parts: build.Components, config: ml_collections.Co
   return images, canvas, masks, labels, {"image": to_float(canvas), "mask": masks, "keep": keep}
 
 
+def _method(task: str, e: ml_collections.ConfigDict, image_condition: str) -> str:
+  """How make_edit_fn carries out the task, for the log."""
+  if image_condition:
+    return f"the {image_condition} model's own sampler"
+  if task == "img2img":
+    return f"SDEdit, strength {e.strength}" + (" from the DDIM inversion" if e.invert else "")
+  resampling = f", {e.resample_steps} resamplings every {e.jump} steps" if e.resample_steps > 1 else ""
+  return "RePaint replacement" + resampling
+
+
 def run_edit(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, parts: build.Components, mesh,
              params: Any, key: jax.Array, decoder=None, text_encoder=None) -> EditResult:
   """config.edit.task on config.edit.images with the (EMA) params; writes DIR/edits/<task>.npz and .png."""
@@ -163,12 +173,8 @@ def run_edit(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, pa
   n = len(inputs)
   out_hw = (config.data.image_size,) * 2 if canvas is None else canvas.shape[1:3]
   labels, prompts, cond, null_cond = _condition(parts, config, n, labels, text_encoder)
-  method = ("RePaint replacement" + (f", {config.edit.resample_steps} resamplings every {config.edit.jump} steps"
-                                     if config.edit.resample_steps > 1 else "")
-            if task in ("inpaint", "outpaint") and not parts.image_condition.kind else
-            f"SDEdit, strength {config.edit.strength}" + (" from the DDIM inversion" if config.edit.invert else "")
-            if task == "img2img" else f"the {parts.image_condition.kind} model's own sampler")
-  logging.info("edit %s: %d images -> %dx%d with %s", task, n, *out_hw, method)
+  logging.info("edit %s: %d images -> %dx%d with %s", task, n, *out_hw, _method(task, config.edit,
+                                                                                parts.image_condition.kind))
   fn = make_edit_fn(task, parts, config, mesh, canvas_shape=tuple(out_hw), decoder=decoder)
   outputs = sample_images(fn, params, key, n, config.sample.batch_size, cond, null_cond, fn_inputs)
   if masks is not None:  # the kept pixels are the input's, exactly (latent decoding only approximates them)
