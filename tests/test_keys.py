@@ -22,3 +22,12 @@ def test_every_purpose_has_its_own_key_and_the_seed_decides_them():
 
 def test_data_seeds_differ_per_stage():
   assert data_seed(5, "diffusion") != data_seed(5, "autoencoder")
+
+
+def test_a_purpose_added_last_leaves_the_earlier_keys_unchanged():
+  root = jax.random.key(3)
+  n = len(dataclasses.fields(RunKeys))
+  keys = RunKeys.from_seed(3)
+  earlier = jax.random.split(root, n - 1)  # the keys before the newest purpose (edit) was added
+  for i, field in enumerate(dataclasses.fields(RunKeys)[:-1]):
+    np.testing.assert_array_equal(jax.random.key_data(getattr(keys, field.name)), jax.random.key_data(earlier[i]))
