@@ -36,3 +36,94 @@ def make_sampler(parts, settings, mesh, decoder):
   from diffusion_jax.sampling import make_sample_fn
   return make_sample_fn(parts.model, parts.schedule, settings, mesh, parts.input_shape,
                         prediction=parts.diffusion.prediction, variance=parts.diffusion.variance, decoder=decoder)
+
+
+# ---------------------------------------------------------------- where a compiled step's time goes
+
+def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Each instruction of an optimized HLO module -> ('conv' / 'matmul' / 'reduce' / 'copy/transpose' /
+  'elementwise' from what its fused computation (or the instruction itself) contains, its output shape)."""
+  import re
+  bodies, current = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      bodies[current] = []
+    elif current:
+      bodies[current].append(line)
+
+  def category(text: str) -> str:
+    if re.search(r" convolution\(|cudnn\$conv|__cudnn\$conv", text):
+      return "conv"
+    if re.search(r" dot\(|cublas|gemm|__triton", text):
+      return "matmul"
+    if re.search(r" reduce(-window)?\(", text):
+      return "reduce"
+    if re.search(r" (transpose|copy)\(", text) and not re.search(r" (add|multiply|subtract|divide)\(", text):
+      return "copy/transpose"
+    return "elementwise"
+
+  out = {}
+  for body in bodies.values():
+    for line in body:
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*)", line)
+      if not m:
+        continue
+      name, shape, op, rest = m.groups()
+      called = re.search(r"calls=%?([\w.\-]+)", rest)
+      text = " ".join(bodies.get(called.group(1), [])) if called else ""
+      out[name] = (category(f" {op}(" + rest + " " + text), shape.split("{")[0])
+  return out
+
+
+def summarize_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 12) -> tuple[list[dict], list[dict]]:
+  """(time per category, the `top` ops) per step from a jax.profiler trace of `steps` calls of one compiled
+  program, read from its perfetto trace. Device ops where the trace has a device track (GPU), else the
+  program's own HLO instructions as XLA:CPU ran them (runtime and Python events left out)."""
+  import collections
+  import glob
+  import gzip
+  import json
+  files = sorted(glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True))
+  if not files:
+    raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
+  trace = json.load(gzip.open(files[-1]))
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device_pids = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n}
+  hlo = _hlo_categories(hlo_text)
+  # A GPU kernel is named after its fusion with '_' for '.' (loop_add_fusion_3 <- loop_add_fusion.3).
+  hlo.update({k.replace(".", "_"): v for k, v in list(hlo.items())})
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    name = e["name"]
+    if device_pids:
+      if e.get("pid") not in device_pids:
+        continue
+    elif name not in hlo:
+      continue
+    per_op[name] += e.get("dur", 0) / 1e3 / steps  # ms per step
+
+  def category(name: str) -> str:
+    if name in hlo:
+      return hlo[name][0]
+    low = name.lower()
+    for key, cat in (("conv", "conv"), ("xmma", "matmul/conv kernel"), ("gemm", "matmul"), ("cutlass", "matmul/conv kernel"),
+                     ("reduce", "reduce"), ("transpose", "copy/transpose"), ("copy", "copy/transpose")):
+      if key in low:
+        return cat
+    return "elementwise/other"
+
+  total = sum(per_op.values()) or 1.0
+  by_category = collections.Counter()
+  for name, ms in per_op.items():
+    by_category[category(name)] += ms
+  cat_rows = [dict(category=c, ms_per_step=f"{ms:.1f}", share=f"{ms / total * 100:.0f}%")
+              for c, ms in by_category.most_common()]
+  op_rows = [dict(op=n[:60], shape=hlo.get(n, ("", "-"))[1], category=category(n), ms_per_step=f"{ms:.2f}", share=f"{ms / total * 100:.1f}%")
+             for n, ms in per_op.most_common(top)]
+  return cat_rows, op_rows

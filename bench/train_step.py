@@ -1,7 +1,10 @@
 """Train-step benchmark: compile time, median step time, images/s and model FLOPs utilisation.
 
-python bench/train_step.py [--configs fashion_mnist,cifar10_ddpm] [--steps 10] [--batch N]
-Prints a markdown table; MFU = XLA cost-analysis FLOPs per step / measured step time / measured peak.
+python bench/train_step.py [--configs fashion_mnist,cifar10_ddpm] [--steps 10] [--batch N] [--peak-tflops P]
+  [--profile DIR]
+Prints a markdown table; MFU = XLA cost-analysis FLOPs per step / measured step time / peak (the measured
+float32 matmul peak, or --peak-tflops, e.g. 989 for an H100's bf16 dense peak). --profile traces 3 more
+steps of each row with jax.profiler into DIR and prints where the time goes (per op category and top ops).
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ def peak_flops(n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / min(times)
 
 
-def time_step(step_fn, state, args: tuple, steps: int, peak: float) -> dict:
-  """AOT-compile `step_fn(state, *args) -> (state, metrics)`, then time `steps` calls."""
+def time_step(step_fn, state, args: tuple, steps: int, peak: float, profile_dir: str | None = None) -> dict:
+  """AOT-compile `step_fn(state, *args) -> (state, metrics)`, then time `steps` calls (and trace 3 more)."""
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, *args).compile()
+  lowered = step_fn.lower(state, *args)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
+  # FLOPs of the program as written (before XLA's backend passes), the same on every platform: the compiled
+  # module's count misses work moved into library calls (on GPU, cuDNN convolutions count 0).
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) * jax.device_count()  # cost analysis is per device
+  flops = float(cost.get("flops", 0.0))
   state, m = compiled(state, *args)
   jax.block_until_ready(m)
   times = []
@@ -49,6 +55,18 @@ def time_step(step_fn, state, args: tuple, steps: int, peak: float) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   med = float(np.median(times))
+  if profile_dir:
+    from common import summarize_trace
+    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+    for _ in range(3):
+      state, m = compiled(state, *args)
+    jax.block_until_ready(m)
+    jax.profiler.stop_trace()
+    categories, ops = summarize_trace(profile_dir, compiled.as_text(), 3)
+    print(f"\nwhere the time goes ({flops / 1e9:.1f} GFLOP per step, {med * 1e3:.1f} ms per step):\n")
+    print_table(categories)
+    print()
+    print_table(ops)
   return dict(params=f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M",
               compile_s=f"{compile_s:.1f}", median_s=med, mfu=f"{flops / med / peak * 100:.1f}%" if flops else "n/a")
 
@@ -60,7 +78,8 @@ def row(label, batch, timing, extra_s=0.0):
               mfu=timing["mfu"])
 
 
-def bench_config(name: str, steps: int, batch: int | None, peak: float, overrides=()) -> list[dict]:
+def bench_config(name: str, steps: int, batch: int | None, peak: float, overrides=(), profile_dir=None
+                 ) -> list[dict]:
   """One row per train step of the config: the diffusion step, and for latent configs the autoencoder's."""
   config = load_config(name, list(overrides) + ([f"batch_size={batch}"] if batch else []))
   label = name + "".join(f" {o}" for o in overrides)
@@ -99,7 +118,8 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
                                                 jnp.int32), data)
   if parts.condition.kind == "text":
     table = C.build_text_table(build.load_text_encoder(config), parts.condition.captions)
-  rows.append(row(label, config.batch_size, time_step(step_fn, state, (batch, key, table), steps, peak), encode_s))
+  timing = time_step(step_fn, state, (batch, key, table), steps, peak, profile_dir)
+  rows.append(row(label, config.batch_size, timing, encode_s))
   return rows
 
 
@@ -124,11 +144,14 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--set", action="append", default=[], help="override, e.g. --set model.ch=16")
+  parser.add_argument("--peak-tflops", type=float, default=0.0, help="MFU's denominator (0: measure fp32 matmul)")
+  parser.add_argument("--profile", default=None, help="trace 3 steps per config into this folder, print a summary")
   args = parser.parse_args()
-  peak = peak_flops()
-  rows = [r for c in split_config_names(args.configs) for r in bench_config(c, args.steps, args.batch, peak, args.set)]
-  print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices, measured matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s\n")
+  peak = args.peak_tflops * 1e12 or peak_flops()
+  rows = [r for c in split_config_names(args.configs)
+          for r in bench_config(c, args.steps, args.batch, peak, args.set, args.profile)]
+  print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices, "
+        f"{'given' if args.peak_tflops else 'measured fp32 matmul'} peak {peak / 1e9:.1f} GFLOP/s\n")
   print_table(rows)
 
 

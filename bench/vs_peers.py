@@ -1,0 +1,314 @@
+"""This project's U-Net vs diffusers' UNet2DModel, the same architecture and batch, timed in one run.
+
+python bench/vs_peers.py [--cases fmnist_small,ddpm_cifar10] [--steps 10] [--rounds 3] [--batch N] [--no-peer]
+  [--no-rss] [--peer-device cpu|cuda] [--set model.dtype=bfloat16 ...]
+
+With `model.dtype=bfloat16` the peer runs under `torch.autocast(bfloat16)` (mixed precision, as diffusers'
+training scripts do), so both sides compute in bfloat16 with float32 weights.
+
+Per case: (a) a training step (t and noise drawn, q_sample, MSE on eps, backward, Adam; this project's is its
+real `train.compile_train_step`, which also updates the EMA and clips gradients as configured) and (b) one
+no-grad network evaluation inside an ancestral DDPM sampling loop (this project: `sampling.make_sample_fn`, one
+compiled lax.scan over the steps; the peer: a Python loop of `model(x, t)` and the DDPM update, eval mode).
+Runs alternate (ours, peer, ours, ...) in `--rounds` rounds of `--steps` calls each, after warm-up; the
+median over all calls is reported. `--rss` (default on) also runs each side's train step alone in a fresh
+process and reports its peak resident memory.
+
+The peer is optional: `pip install torch==2.13.0` (the CPU wheel) and
+`pip install --no-deps diffusers==0.42.1 && pip install huggingface_hub safetensors regex requests filelock
+importlib_metadata Pillow`; without it only this project's rows are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# The U-Net of each case, as this project's config overrides on configs/cifar10_ddpm.py and as diffusers'
+# UNet2DModel arguments. google/ddpm-cifar10-32's config is the second; the first is the issue's small CPU
+# model (attention at 8x8 and in the middle, as DDPM).
+CASES = {
+    "fmnist_small": dict(
+        batch=64, overrides=["data.channels=1", "model.ch=32", "model.ch_mult=(1,2,2)", "model.num_res_blocks=1",
+                             "model.attn_resolutions=(8,)", "model.dropout=0.0", "batch_size=64"],
+        peer=dict(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                  layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), dropout=0.0)),
+    "ddpm_cifar10": dict(
+        batch=16, overrides=["batch_size=16"],
+        peer=dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                  layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                                        "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1)),
+}
+# What google/ddpm-cifar10-32 sets beside the blocks (DDPM's GroupNorm eps, timestep embedding, one head).
+PEER_COMMON = dict(norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None, downsample_padding=0,
+                   flip_sin_to_cos=False, freq_shift=1, time_embedding_type="positional", act_fn="silu")
+PEER_INSTALL = ("pip install torch==2.13.0 && pip install --no-deps diffusers==0.42.1 && pip install huggingface_hub "
+                "safetensors regex requests filelock importlib_metadata Pillow")
+
+
+# ---------------------------------------------------------------- this project
+
+class Ours:
+  """This project's compiled train step and sampling loop for one case."""
+
+  def __init__(self, case: dict, extra_overrides: list[str], sample_steps: int, batch: int):
+    import jax
+    import jax.numpy as jnp
+    from diffusion_jax import build, train
+    from diffusion_jax.config import load_config
+    from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
+    from diffusion_jax.sampling import SampleSettings, make_sample_fn
+    self.jax = jax
+    config = load_config("cifar10_ddpm", case["overrides"] + list(extra_overrides) + [f"batch_size={batch}"])
+    self.batch_size = config.batch_size
+    mesh = make_mesh()
+    parts = build.build_components(config)
+    self.state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape,
+                                                     mesh, parts.schedule.num_timesteps)
+    self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (config.batch_size, *parts.input_shape)).astype(np.float32)
+    self.batch = {"image": jax.device_put(jnp.asarray(images), batch_sharding(mesh))}
+    self.key = jax.random.key(1)
+    step = train.compile_train_step(parts, mesh, shardings)
+    t0 = time.perf_counter()
+    self.step = step.lower(self.state, self.batch, self.key, None).compile()
+    self.compile_s = time.perf_counter() - t0
+    settings = SampleSettings(sampler="ddpm", num_steps=sample_steps)
+    self.sample_steps = sample_steps
+    self.sample_fn = make_sample_fn(parts.model, parts.schedule, settings, mesh, parts.input_shape,
+                                    prediction=parts.diffusion.prediction, variance=parts.diffusion.variance)
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.sample_fn(self.state.ema_params, self.key, config.batch_size))
+    self.sample_compile_s = time.perf_counter() - t0
+
+  def train_steps(self, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      self.state, metrics = self.step(self.state, self.batch, self.key, None)
+      self.jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    return times
+
+  def sample_evals(self, n: int) -> list[float]:
+    """Seconds per network evaluation, one entry per sampling loop of `sample_steps` evaluations."""
+    times = []
+    for i in range(n):
+      t0 = time.perf_counter()
+      self.jax.block_until_ready(self.sample_fn(self.state.ema_params, self.jax.random.key(i), self.batch_size))
+      times.append((time.perf_counter() - t0) / self.sample_steps)
+    return times
+
+
+# ---------------------------------------------------------------- the peer
+
+def peer_available() -> str:
+  """'' when torch and diffusers import, else why not."""
+  try:
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+  except Exception as e:  # noqa: BLE001  (any import failure means: no peer)
+    return f"{type(e).__name__}: {e}"
+  return ""
+
+
+class Peer:
+  """diffusers' UNet2DModel, the same train step in eager PyTorch (what a diffusers training script does)."""
+
+  def __init__(self, case: dict, sample_steps: int, threads: int, batch: int, device: str, bfloat16: bool):
+    import contextlib
+    import torch
+    from diffusers import UNet2DModel
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    self.torch, self.device = torch, device
+    self.model = UNet2DModel(**case["peer"], **PEER_COMMON).to(device)
+    self.params = sum(p.numel() for p in self.model.parameters())
+    self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4)
+    self.autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bfloat16 else contextlib.nullcontext
+    c = case["peer"]["in_channels"]
+    size = case["peer"]["sample_size"]
+    self.images = torch.rand(batch, c, size, size, device=device) * 2 - 1
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64, device=device)  # DDPM's linear schedule
+    self.alphas = 1 - betas
+    self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+    self.betas = betas
+    self.sample_steps = sample_steps
+    t0 = time.perf_counter()
+    self.train_steps(1)
+    self.first_step_s = time.perf_counter() - t0
+
+  def sync(self) -> None:
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+  def train_steps(self, n: int) -> list[float]:
+    torch = self.torch
+    self.model.train()
+    acp = self.alphas_cumprod.float()
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      x0 = self.images
+      t = torch.randint(0, 1000, (x0.shape[0],), device=self.device)
+      noise = torch.randn_like(x0)
+      a = acp[t].view(-1, 1, 1, 1)
+      x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q_sample (DDPM eq. 4)
+      with self.autocast():
+        eps = self.model(x_t, t).sample
+      loss = torch.nn.functional.mse_loss(eps.float(), noise)
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      self.opt.step()
+      self.sync()
+      times.append(time.perf_counter() - t0)
+    return times
+
+  def sample_evals(self, n: int) -> list[float]:
+    """The ancestral DDPM update (eq. 11, sigma^2 = beta) on a respaced grid of `sample_steps` timesteps."""
+    torch = self.torch
+    self.model.eval()
+    grid = np.linspace(0, 999, self.sample_steps).round().astype(int)[::-1]
+    acp = self.alphas_cumprod
+    times = []
+    with torch.no_grad(), self.autocast():
+      for _ in range(n):
+        t0 = time.perf_counter()
+        x = torch.randn_like(self.images)
+        for i, t in enumerate(grid):
+          prev = acp[grid[i + 1]] if i + 1 < len(grid) else torch.tensor(1.0, dtype=torch.float64)
+          a_t, beta = float(acp[t]), float(1 - acp[t] / prev)
+          eps = self.model(x, torch.full((x.shape[0],), int(t), device=self.device)).sample.float()
+          mean = (x - beta / (1 - a_t) ** 0.5 * eps) / (1 - beta) ** 0.5
+          x = mean + beta ** 0.5 * torch.randn_like(x) if i + 1 < len(grid) else mean
+        self.sync()
+        times.append((time.perf_counter() - t0) / self.sample_steps)
+    return times
+
+
+# ---------------------------------------------------------------- memory, one side per process
+
+def peak_rss_mb(side: str, case_name: str, args) -> float:
+  """Peak resident memory (MB) of a fresh process that runs only `side`'s train step 3 times."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", side, "--cases", case_name, "--steps", "3",
+         "--threads", str(args.threads), "--peer-device", args.peer_device] + (
+             ["--batch", str(args.batch)] if args.batch else []) + [a for o in args.set for a in ("--set", o)]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])["rss_mb"]
+
+
+def rss_child(side: str, case_name: str, args) -> None:
+  runner = Ours(*runner_args(case_name, args)) if side == "ours" else Peer(*peer_args(case_name, args))
+  runner.train_steps(args.steps)
+  print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+# ---------------------------------------------------------------- the table
+
+def median_ms(times: list[float]) -> float:
+  return float(np.median(times)) * 1e3
+
+
+def runner_args(name: str, args) -> tuple:
+  return CASES[name], args.set, args.sample_steps, args.batch or CASES[name]["batch"]
+
+
+def peer_args(name: str, args) -> tuple:
+  bfloat16 = any(o.replace(" ", "") in ("model.dtype=bfloat16", "model.dtype='bfloat16'") for o in args.set)
+  return CASES[name], args.sample_steps, args.threads, args.batch or CASES[name]["batch"], args.peer_device, bfloat16
+
+
+def bench_case(name: str, args) -> list[dict]:
+  ours = Ours(*runner_args(name, args))
+  peer = None if args.no_peer else Peer(*peer_args(name, args))
+  ours.train_steps(2)  # warm-up beyond the compile
+  ours.sample_evals(1)
+  if peer:
+    peer.train_steps(2)
+    peer.sample_evals(1)
+  timings = {"ours_train": [], "peer_train": [], "ours_sample": [], "peer_sample": []}
+  for _ in range(args.rounds):  # alternate, so a machine-wide slowdown hits both sides alike
+    timings["ours_train"] += ours.train_steps(args.steps)
+    if peer:
+      timings["peer_train"] += peer.train_steps(args.steps)
+    timings["ours_sample"] += ours.sample_evals(max(1, args.steps // 5))
+    if peer:
+      timings["peer_sample"] += peer.sample_evals(max(1, args.steps // 5))
+  rss = {}
+  if args.rss:
+    rss["ours"] = peak_rss_mb("ours", name, args)
+    if peer:
+      rss["peer"] = peak_rss_mb("peer", name, args)
+  b = ours.batch_size
+  rows = []
+  for what, label, compile_s in (("train", "train step", ours.compile_s),
+                                 ("sample", "sampling network evaluation", ours.sample_compile_s)):
+    ours_ms = median_ms(timings[f"ours_{what}"])
+    row = {"case": name, "what": label, "batch": b, "params (ours / peer)":
+           f"{ours.params:,} / {peer.params:,}" if peer else f"{ours.params:,} / -",
+           "ours ms": f"{ours_ms:.1f}", "ours images/s": f"{b / ours_ms * 1e3:.1f}"}
+    if peer:
+      peer_ms = median_ms(timings[f"peer_{what}"])
+      row.update({"peer ms": f"{peer_ms:.1f}", "peer images/s": f"{b / peer_ms * 1e3:.1f}",
+                  "ratio (ours / peer, images/s)": f"{peer_ms / ours_ms:.2f}x"})
+    else:
+      row.update({"peer ms": "-", "peer images/s": "-", "ratio (ours / peer, images/s)": "-"})
+    row["ours compile s"] = f"{compile_s:.1f}"
+    row["peer first step s"] = f"{peer.first_step_s:.2f}" if peer and what == "train" else "-"
+    if what == "train":
+      row["peak RSS MB (ours / peer)"] = (f"{rss['ours']:.0f} / {rss.get('peer', float('nan')):.0f}"
+                                          if rss else "-")
+    else:
+      row["peak RSS MB (ours / peer)"] = "-"
+    rows.append(row)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--cases", default="fmnist_small,ddpm_cifar10")
+  parser.add_argument("--steps", type=int, default=10, help="timed train steps per round")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--sample-steps", type=int, default=10, help="network evaluations per timed sampling loop")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the peer's torch threads")
+  parser.add_argument("--batch", type=int, default=0, help="global batch of both sides (0: the case's)")
+  parser.add_argument("--no-peer", action="store_true")
+  parser.add_argument("--peer-device", default="cpu", choices=("cpu", "cuda"))
+  parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--set", action="append", default=[], help="override of this project's config")
+  parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  names = args.cases.split(",")
+  unknown = [n for n in names if n not in CASES]
+  if unknown:
+    parser.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
+  if args.rss_child:
+    return rss_child(args.rss_child, names[0], args)
+  if not args.no_peer:
+    why = peer_available()
+    if why:
+      print(f"no peer ({why}); this project's rows only. To compare with diffusers: {PEER_INSTALL}")
+      args.no_peer = True
+  import jax
+  from common import print_table
+  rows = [r for n in names for r in bench_case(n, args)]
+  peer_note = "" if args.no_peer else (f", peer torch eager on {args.peer_device}" + (
+      f" with {args.threads} threads" if args.peer_device == "cpu" else ""))
+  print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices{peer_note}; median of "
+        f"{args.rounds * args.steps} train steps and {args.rounds * max(1, args.steps // 5)} sampling loops of "
+        f"{args.sample_steps} evaluations, alternating\n")
+  print_table(rows)
+
+
+if __name__ == "__main__":
+  main()
