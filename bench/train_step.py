@@ -83,7 +83,7 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
   """One row per train step of the config: the diffusion step, and for latent configs the autoencoder's."""
   config = load_config(name, list(overrides) + ([f"batch_size={batch}"] if batch else []))
   label = name + "".join(f" {o}" for o in overrides)
-  mesh = make_mesh()
+  mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   data = batch_sharding(mesh)
   key = jax.random.key(1)
   rng = np.random.default_rng(0)

@@ -70,7 +70,7 @@ class Ours:
     self.jax = jax
     config = load_config("cifar10_ddpm", case["overrides"] + list(extra_overrides) + [f"batch_size={batch}"])
     self.batch_size = config.batch_size
-    mesh = make_mesh()
+    mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
     parts = build.build_components(config)
     self.state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape,
                                                      mesh, parts.schedule.num_timesteps)
@@ -201,7 +201,8 @@ class Peer:
 def peak_rss_mb(side: str, case_name: str, args) -> float:
   """Peak resident memory (MB) of a fresh process that runs only `side`'s train step 3 times."""
   cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", side, "--cases", case_name, "--steps", "3",
-         "--threads", str(args.threads), "--peer-device", args.peer_device] + (
+         "--threads", str(args.threads), "--peer-device", args.peer_device,
+         "--cpu-devices", str(args.cpu_devices)] + (
              ["--batch", str(args.batch)] if args.batch else []) + [a for o in args.set for a in ("--set", o)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
   return json.loads(out.strip().splitlines()[-1])["rss_mb"]
@@ -210,7 +211,17 @@ def peak_rss_mb(side: str, case_name: str, args) -> float:
 def rss_child(side: str, case_name: str, args) -> None:
   runner = Ours(*runner_args(case_name, args)) if side == "ours" else Peer(*peer_args(case_name, args))
   runner.train_steps(args.steps)
-  print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+  print(json.dumps({"rss_mb": peak_rss_of_this_process()}))
+
+
+def peak_rss_of_this_process() -> float:
+  """MB; VmHWM of this process's memory (getrusage's ru_maxrss would carry the parent's peak over exec)."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+  except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: KB on Linux, bytes on macOS
+    return peak / 1024 ** (2 if sys.platform == "darwin" else 1)
 
 
 # ---------------------------------------------------------------- the table
@@ -286,12 +297,17 @@ def main(argv=None):
   parser.add_argument("--peer-device", default="cpu", choices=("cpu", "cuda"))
   parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--set", action="append", default=[], help="override of this project's config")
+  parser.add_argument("--cpu-devices", type=int, default=0,
+                      help="XLA:CPU devices this project's side splits the host into (0: auto, as main does)")
   parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   names = args.cases.split(",")
   unknown = [n for n in names if n not in CASES]
   if unknown:
     parser.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
+  from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
+  batches = tuple(args.batch or CASES[n]["batch"] for n in names)
+  split_host_devices(args.cpu_devices or auto_host_devices(len(os.sched_getaffinity(0)), batches))
   if args.rss_child:
     return rss_child(args.rss_child, names[0], args)
   if not args.no_peer:

@@ -16,6 +16,8 @@ VARIABLES = {
     "DJ_DISTRIBUTED": "'auto' to let JAX detect a TPU pod or SLURM job",
     "DJ_INIT_TIMEOUT": "seconds a process waits for the others to join at start-up (a number > 0)",
     "DJ_PORT": "the coordinator's port (read by launch/slurm_gpu.sh)",
+    "DJ_CPU_DEVICES": "how many XLA:CPU devices to split this host into: an int >= 1, or 'auto' (the default: up "
+                      "to 2 per core, dividing the batch)",
 }
 DEFAULT_INIT_TIMEOUT = 300.0
 
@@ -28,6 +30,7 @@ class Environment:
   process_id: int | None = None
   auto_distributed: bool = False
   init_timeout: float = DEFAULT_INIT_TIMEOUT
+  cpu_devices: int | None = None  # None: auto (parallel.mesh.auto_host_devices)
 
 
 def _bad(name: str, value: str) -> ValueError:
@@ -67,6 +70,7 @@ def read_environment(env: Mapping[str, str] | None = None) -> Environment:
     raise _bad("DJ_INIT_TIMEOUT", timeout) from None
   if not init_timeout > 0:
     raise _bad("DJ_INIT_TIMEOUT", timeout)
+  cpu_devices = None if env.get("DJ_CPU_DEVICES", "auto") == "auto" else _int(env, "DJ_CPU_DEVICES", 1)
   address = env.get("DJ_COORDINATOR_ADDRESS") or None
   num_processes, process_id = _int(env, "DJ_NUM_PROCESSES", 1), _int(env, "DJ_PROCESS_ID", 0)
   if address is not None:
@@ -80,4 +84,5 @@ def read_environment(env: Mapping[str, str] | None = None) -> Environment:
     if process_id >= num_processes:
       raise _bad("DJ_PROCESS_ID", str(process_id))
   return Environment(traceback=traceback == "1", coordinator_address=address, num_processes=num_processes,
-                     process_id=process_id, auto_distributed=auto == "auto", init_timeout=init_timeout)
+                     process_id=process_id, auto_distributed=auto == "auto", init_timeout=init_timeout,
+                     cpu_devices=cpu_devices)

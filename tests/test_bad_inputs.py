@@ -83,8 +83,10 @@ CASES = [
     ("DJ_DISTRIBUTED", [], {"DJ_DISTRIBUTED": "yes"}, r"DJ_DISTRIBUTED='yes' is invalid: expected 'auto'"),
     ("DJ_DISTRIBUTED without a cluster", [], {"DJ_DISTRIBUTED": "auto"}, r"distributed start-up failed "
      r"\(DJ_DISTRIBUTED=auto\): .*JAX detected no TPU pod or SLURM job here"),
-    ("mesh", ["--config.mesh.fsdp=3"], {}, r"config\.mesh\.data=-1, config\.mesh\.fsdp=3 is invalid: 3 does not "
-     r"divide the 1 devices"),
+    ("mesh", ["--config.mesh.fsdp=3"], {"DJ_CPU_DEVICES": "1"}, r"config\.mesh\.data=-1, config\.mesh\.fsdp=3 is "
+     r"invalid: 3 does not divide the 1 devices"),
+    ("DJ_CPU_DEVICES", [], {"DJ_CPU_DEVICES": "0"}, r"DJ_CPU_DEVICES='0' is invalid: expected how many XLA:CPU "
+     r"devices"),
     # mode=edit (checked before any checkpoint is read)
     ("edit task missing", ["--config.mode=edit"], {}, r"config\.edit\.task=None is invalid: mode=edit needs a task: "
      r"set --config\.edit\.task to one of \('inpaint'"),

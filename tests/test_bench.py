@@ -1,0 +1,50 @@
+"""bench/: the scripts run and print their tables (so they cannot rot); timings are never asserted."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_vs_peers_prints_this_projects_rows_and_how_to_get_the_peer(tmp_path):
+  fake = tmp_path / "diffusers"  # a diffusers that fails to import: the script must fall back, not crash
+  fake.mkdir()
+  (fake / "__init__.py").write_text("raise ImportError('diffusers is not installed')\n")
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+  out = subprocess.run([sys.executable, "bench/vs_peers.py", "--cases", "fmnist_small", "--batch", "8", "--steps",
+                        "2", "--rounds", "1", "--sample-steps", "2", "--no-rss"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "no peer (ImportError: diffusers is not installed)" in out.stdout
+  assert "pip install --no-deps diffusers==0.42.1" in out.stdout
+  rows = [line for line in out.stdout.splitlines() if line.startswith("| fmnist_small")]
+  assert [r.split(" | ")[1] for r in rows] == ["train step", "sampling network evaluation"]
+  for r in rows:
+    cells = r.split(" | ")
+    assert cells[3] == "1,112,801 / -"  # the issue's fmnist_small U-Net, parameter for parameter
+    assert float(cells[4]) > 0 and float(cells[5]) > 0 and cells[6] == "-"
+  assert re.search(r"backend cpu, (\d+) devices", out.stdout)
+
+
+@pytest.mark.slow
+def test_vs_peers_builds_the_same_unet_as_diffusers():
+  """Equal parameter counts on both sides for every case (needs torch and diffusers: the slow tier)."""
+  pytest.importorskip("diffusers")
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import jax
+  from vs_peers import CASES, PEER_COMMON
+  from diffusers import UNet2DModel
+  from diffusion_jax import build, train
+  from diffusion_jax.config import load_config
+  for case in CASES.values():
+    parts = build.build_components(load_config("cifar10_ddpm", case["overrides"]))
+    x, t = jax.numpy.zeros((1, *parts.input_shape)), jax.numpy.zeros((1,), jax.numpy.int32)
+    params = jax.eval_shape(lambda: parts.model.init(jax.random.key(0), x, t,
+                                                     **train.example_condition(parts.model, parts.input_shape)))
+    ours = sum(x.size for x in jax.tree.leaves(params))
+    peer = sum(p.numel() for p in UNet2DModel(**case["peer"], **PEER_COMMON).parameters())
+    assert ours == peer, (case["peer"]["block_out_channels"], ours, peer)
