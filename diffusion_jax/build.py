@@ -52,6 +52,7 @@ class OptimSettings:
   weight_decay: float = 0.0
   ema_decay: float = 0.0
   nan_policy: str = "stop"  # a NaN/inf loss or gradient: 'stop' the run, or 'skip' the step (keep the state)
+  grad_accum_steps: int = 1  # the batch's gradient over this many micro-batches, one at a time (less memory)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,10 +172,11 @@ def optim_config(*, learning_rate: float, warmup_steps: int, grad_clip: float = 
                  ema_decay: float = 0.0) -> ml_collections.ConfigDict:
   """An optimizer section (build.OptimSettings): AdamW, linear warmup, global-norm clipping (0 = off), EMA
   of the params (0 = none); nan_policy: a NaN/inf loss or gradient 'stop's the run (the last good checkpoint
-  kept) or 'skip's the step."""
+  kept) or 'skip's the step; grad_accum_steps: the batch's gradient computed over that many micro-batches one
+  after another (one optimizer update per batch: a global batch larger than memory)."""
   return ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, grad_clip=grad_clip,
                                         b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, ema_decay=ema_decay,
-                                        nan_policy="stop"))
+                                        nan_policy="stop", grad_accum_steps=1))
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -48,7 +48,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_mesh(config)
   check_data(config.data)
   check_diffusion(config.diffusion)
-  check_optim(config.optim, "optim")
+  check_optim(config.optim, "optim", config.batch_size)
   if build.is_latent(config):
     check_autoencoder(config)
   check_image_condition(config)
@@ -129,8 +129,13 @@ def check_diffusion(d: ml_collections.ConfigDict) -> None:
   _check_fields(build.DiffusionSettings, d, "diffusion")
 
 
-def check_optim(o: ml_collections.ConfigDict, section: str) -> None:
+def check_optim(o: ml_collections.ConfigDict, section: str, batch_size: int) -> None:
   _check_fields(build.OptimSettings, o, section)
+  require(_is_int(o.grad_accum_steps, 1), f"{section}.grad_accum_steps", o.grad_accum_steps, "must be an int >= 1")
+  n = jax.device_count()
+  require(batch_size % (n * o.grad_accum_steps) == 0, f"{section}.grad_accum_steps", o.grad_accum_steps,
+          f"the batch of {batch_size} must split into {o.grad_accum_steps} micro-batches of whole rows on each of "
+          f"the {n} devices (batch divisible by devices x grad_accum_steps = {n * o.grad_accum_steps})")
   require(_is_number(o.learning_rate) and o.learning_rate > 0, f"{section}.learning_rate", o.learning_rate,
           "must be a number > 0")
   require(_is_int(o.warmup_steps, 0), f"{section}.warmup_steps", o.warmup_steps, "must be an int >= 0")
@@ -158,7 +163,7 @@ def check_autoencoder(config: ml_collections.ConfigDict) -> None:
   _check_batch_size("autoencoder.batch_size", a.batch_size)
   require(a.rec_loss in REC_LOSSES, "autoencoder.rec_loss", a.rec_loss, f"choose one of {REC_LOSSES}")
   require(_is_number(a.kl_weight) and a.kl_weight >= 0, "autoencoder.kl_weight", a.kl_weight, "must be >= 0")
-  check_optim(a.optim, "autoencoder.optim")
+  check_optim(a.optim, "autoencoder.optim", a.batch_size)
   m = a.model
   require(m.conv_impl in CONV_IMPLS, "autoencoder.model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
   for key in ("ch", "num_res_blocks", "z_channels"):

@@ -22,7 +22,8 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
 from diffusion_jax.parallel.mesh import batch_sharding, global_to_host, host_to_global, replicated
-from diffusion_jax.train_state import AutoencoderState, apply_gradients, guard_nonfinite, init_on_mesh
+from diffusion_jax.train_state import (AutoencoderState, accumulated_value_and_grad, apply_gradients, guard_nonfinite,
+                                      init_on_mesh)
 
 SCALE_FILE = "latent_scale.json"
 
@@ -45,17 +46,21 @@ def autoencoder_dir(config: ml_collections.ConfigDict, workdir: str | epath.Path
 
 def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array], base_key: jax.Array, *,
                            model: AutoencoderKL, tx, kl_weight: float, rec_loss: str, learning_rate_fn,
-                           skip_nonfinite: bool = False) -> tuple[AutoencoderState, dict[str, jax.Array]]:
+                           skip_nonfinite: bool = False, grad_accum_steps: int = 1
+                           ) -> tuple[AutoencoderState, dict[str, jax.Array]]:
   """One step on images [B,H,W,C]: reconstruction + kl_weight * KL (LDM stage 1); key = fold_in(base, step).
-  skip_nonfinite (nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state."""
+  skip_nonfinite (nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state.
+  grad_accum_steps: the gradient over that many micro-batches (train_state.accumulated_value_and_grad)."""
   key = jax.random.fold_in(base_key, state.step)
 
-  def loss_fn(params):
-    reconstruction, posterior = model.apply(params, batch["image"], key, train=True)
-    terms = autoencoder_loss(reconstruction, batch["image"], posterior, kl_weight=kl_weight, rec_loss=rec_loss)
+  def loss_fn(params, micro):
+    k = key if grad_accum_steps == 1 else jax.random.fold_in(key, micro["row"][0])  # a posterior key per micro
+    reconstruction, posterior = model.apply(params, micro["image"], k, train=True)
+    terms = autoencoder_loss(reconstruction, micro["image"], posterior, kl_weight=kl_weight, rec_loss=rec_loss)
     return terms["loss"], terms
 
-  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  micro = {"image": batch["image"], "row": jnp.arange(batch["image"].shape[0])}
+  (_, terms), grads = accumulated_value_and_grad(loss_fn, state.params, micro, grad_accum_steps)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
   new_state = AutoencoderState(step=state.step + 1, params=params, opt_state=opt_state)
   new_state, guard = guard_nonfinite(terms["loss"], grads, new_state, state, skip_nonfinite)
@@ -105,7 +110,8 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                            process_index=jax.process_index(), process_count=jax.process_count())
     step_fn = jax.jit(functools.partial(autoencoder_train_step, model=model, tx=tx, kl_weight=a.kl_weight,
                                         rec_loss=a.rec_loss, learning_rate_fn=lr,
-                                        skip_nonfinite=optim.nan_policy == "skip"),
+                                        skip_nonfinite=optim.nan_policy == "skip",
+                                        grad_accum_steps=optim.grad_accum_steps),
                       in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
     try:

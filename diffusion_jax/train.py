@@ -29,7 +29,8 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
-from diffusion_jax.train_state import TrainState, apply_gradients, ema_update, guard_nonfinite, init_on_mesh
+from diffusion_jax.train_state import (TrainState, accumulated_value_and_grad, apply_gradients, ema_update,
+                                      guard_nonfinite, init_on_mesh)
 
 NonFiniteLossError = loop.NonFiniteLossError
 
@@ -64,13 +65,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
                text_table: C.TextTable | C.CaptionEncoder | None = None, *, model: UNet,
                tx: optax.GradientTransformation, schedule: D.Schedule, diffusion: build.DiffusionSettings,
                condition: C.ConditionSpec, ema_decay: float, learning_rate_fn, skip_nonfinite: bool = False,
-               text_module=None, image_condition: IC.ImageConditionSpec = IC.ImageConditionSpec()
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               text_module=None, image_condition: IC.ImageConditionSpec = IC.ImageConditionSpec(),
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch {"image": [B,H,W,C], "label": [B], "concat": [B,H,W,c],
   "caption_ids" / "caption_mask": [B,L]}; key = fold_in(base_key, step). Text models draw a caption of each
   example's class from `text_table`, or (per-image captions) encode the batch's own with `text_module`.
   An image condition (super-resolution, inpainting) is made from the batch's images here, on device.
-  skip_nonfinite (optim.nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state."""
+  skip_nonfinite (optim.nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state.
+  grad_accum_steps (optim.grad_accum_steps): the gradient of the whole batch, computed over that many
+  micro-batches one after another (train_state.accumulated_value_and_grad); t and noise are drawn for the
+  whole batch first, so the step is the unaccumulated one up to float summation order (dropout aside)."""
   key = jax.random.fold_in(base_key, state.step)
   key_t, key_noise, key_dropout, key_uncond = jax.random.split(key, 4)
   x_start = batch["image"]
@@ -82,15 +86,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   t, weights = D.sample_timesteps(key_t, x_start.shape[0], schedule.num_timesteps,
                                   method=diffusion.timestep_sampler, history=state.loss_history)
   noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
+  b = x_start.shape[0]
 
-  def loss_fn(params):
-    model_fn = lambda x, tt: model.apply(params, x, tt, train=True, rngs={"dropout": key_dropout}, **cond)
-    terms = D.diffusion_loss(schedule, model_fn, x_start, t, noise, loss_type=diffusion.loss,
-                             prediction=diffusion.prediction, variance=diffusion.variance,
+  def loss_fn(params, micro):
+    # One dropout key per micro-batch (grad_accum_steps > 1); the unaccumulated step keeps its key.
+    key = key_dropout if grad_accum_steps == 1 else jax.random.fold_in(key_dropout, micro["row"][0])
+    model_fn = lambda x, tt: model.apply(params, x, tt, train=True, rngs={"dropout": key}, **micro["cond"])
+    terms = D.diffusion_loss(schedule, model_fn, micro["x_start"], micro["t"], micro["noise"],
+                             loss_type=diffusion.loss, prediction=diffusion.prediction, variance=diffusion.variance,
                              vlb_weight=diffusion.vlb_weight, snr_gamma=diffusion.snr_gamma or None)
-    return jnp.mean(terms["loss"] * weights), terms
+    return jnp.mean(terms["loss"] * micro["weights"]), terms
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  batched_cond = {k: v for k, v in cond.items() if v.shape[:1] == (b,)}
+  if len(batched_cond) != len(cond) and grad_accum_steps > 1:
+    raise ValueError(f"conditions {sorted(set(cond) - set(batched_cond))} have no [B] axis to split into micro-batches")
+  micro = {"x_start": x_start, "t": t, "noise": noise, "weights": weights, "cond": cond,
+           "row": jnp.arange(b)}
+  (loss, terms), grads = accumulated_value_and_grad(loss_fn, state.params, micro, grad_accum_steps)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
   history = state.loss_history
   if diffusion.timestep_sampler == "importance":
@@ -111,7 +123,7 @@ def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate
   step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule, text_module=text_module,
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
                            learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip",
-                           image_condition=parts.image_condition)
+                           image_condition=parts.image_condition, grad_accum_steps=parts.optim.grad_accum_steps)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else ())
 

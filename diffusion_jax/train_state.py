@@ -44,6 +44,32 @@ def init_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
   return jax.jit(init_fn, out_shardings=shardings)(key), shardings
 
 
+def accumulated_value_and_grad(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], params: Any, batch: Any,
+                               steps: int) -> tuple[tuple[jax.Array, Any], Any]:
+  """`jax.value_and_grad(loss_fn, has_aux=True)(params, batch)` over `steps` micro-batches, one at a time
+  (lax.scan: the activations of one micro-batch live at once), for global batches larger than memory.
+
+  `batch`: a pytree of arrays with a leading [B] axis (B divisible by steps); `loss_fn(params, micro)` returns
+  (the micro-batch's mean loss, aux with a leading [B/steps] axis). Micro-batch j takes rows j, j+steps, ...,
+  so each device keeps contributing its own rows. The mean of equal-sized micro-batch means is the global
+  mean, so the loss and gradient are the full batch's (up to float summation order); aux comes back as [B].
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if steps == 1:
+    return grad_fn(params, batch)
+  split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)  # [steps,B/steps,...]
+  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])  # back to [B,...] in the original order
+
+  def body(grad_sum, micro):
+    (loss, aux), grads = grad_fn(params, micro)
+    return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grad_sum, (losses, aux) = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+  grads = jax.tree.map(lambda g: g / steps, grad_sum)
+  return (jnp.mean(losses), jax.tree.map(lambda a: merge(a) if a.ndim > 1 else jnp.mean(a), aux)), grads
+
+
 def apply_gradients(params: Any, opt_state: Any, grads: Any, tx) -> tuple[Any, Any]:
   """One optimizer update: (new params, new optimizer state)."""
   updates, opt_state = tx.update(grads, opt_state, params)

@@ -40,6 +40,9 @@ PIXEL_ERRORS = [
     ("optim.ema_decay", 1.5, r"config.optim.ema_decay=1.5 is invalid: must be in \[0, 1\)"),
     ("optim.warmup_steps", -5, r"config.optim.warmup_steps=-5 is invalid: must be an int >= 0"),
     ("optim.learning_rate", 0.0, r"config.optim.learning_rate=0.0 is invalid"),
+    ("optim.grad_accum_steps", 0, r"config.optim.grad_accum_steps=0 is invalid: must be an int >= 1"),
+    ("optim.grad_accum_steps", 3, r"config.optim.grad_accum_steps=3 is invalid: the batch of 8 must split into 3 "
+     r"micro-batches of whole rows on each of the 8 devices"),
     ("model.dropout", 2.0, r"config.model.dropout=2.0 is invalid: must be in \[0, 1\)"),
     ("model.ch", 0, r"config.model.ch=0 is invalid: must be an int >= 1"),
     ("model.ch_mult", (), r"config.model.ch_mult=\(\) is invalid: must be a tuple of ints"),

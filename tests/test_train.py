@@ -51,18 +51,23 @@ def test_train_step_overfits_a_fixed_batch(data_dir):
 @pytest.mark.parametrize("loss,variance", [("simple", "fixed_large"), ("hybrid", "learned_range")])
 def test_sharded_step_equals_single_device(data_dir, loss, variance):
   assert jax.device_count() == 8, "conftest sets 8 host CPU devices"
+  """... and with the gradient accumulated over micro-batches (optim.grad_accum_steps: the same step)."""
   config = tiny_config(data_dir)
   config.diffusion.loss, config.diffusion.variance = loss, variance
   outs = []
-  for devices in (jax.devices()[:1], jax.devices()):
+  runs = [(jax.devices()[:1], 1), (jax.devices(), 1)] + ([(jax.devices(), 2)] if loss == "hybrid" else [])
+  for devices, accum in runs:
+    config.optim.grad_accum_steps = accum
     mesh, state, step = _setup(config, devices)
-    batch = jax.device_put(_batch(data_dir), batch_sharding(mesh))
+    batch = jax.device_put(_batch(data_dir, 16), batch_sharding(mesh))
     for _ in range(2):
       state, metrics = step(state, batch, jax.random.key(1), None)
-    outs.append((float(metrics["loss"]), jax.device_get(state.params)))
-  assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
-  for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    outs.append((float(metrics["loss"]), float(metrics["vb"]) if "vb" in metrics else 0.0,
+                 jax.device_get(state.params)))
+  for other in outs[1:]:
+    assert outs[0][:2] == pytest.approx(other[:2], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(outs[0][2]), jax.tree.leaves(other[2])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_train_step_compiles_once_and_moves_ema_by_its_formula(data_dir, monkeypatch):

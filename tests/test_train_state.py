@@ -39,3 +39,24 @@ def test_ema_update_follows_its_warmup_formula():
   for step, decay in ((0, 0.9999), (100, 0.9999), (10**6, 0.9)):
     d = min(decay, (1 + step) / (10 + step))
     np.testing.assert_allclose(ema_update(ema, params, jnp.asarray(step), decay)["w"], 1 - d, rtol=1e-6)
+
+
+def test_accumulated_value_and_grad_is_the_whole_batchs_and_keeps_row_order():
+  from diffusion_jax.train_state import accumulated_value_and_grad
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.normal(size=(12, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(12,)),
+                                                                                      jnp.float32)}
+  params = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32), "b": jnp.zeros(())}
+
+  def loss_fn(p, micro):
+    per_row = (micro["x"] @ p["w"] + p["b"] - micro["y"]) ** 2  # [b]
+    return per_row.mean(), {"per_row": per_row, "mean": per_row.mean()}
+
+  (loss1, aux1), g1 = accumulated_value_and_grad(loss_fn, params, batch, 1)
+  for steps in (2, 3, 4):
+    (loss, aux), g = accumulated_value_and_grad(loss_fn, params, batch, steps)
+    np.testing.assert_allclose(loss, loss1, rtol=1e-6)
+    np.testing.assert_allclose(aux["per_row"], aux1["per_row"], rtol=1e-6)  # [B] back in the batch's order
+    np.testing.assert_allclose(aux["mean"], aux1["mean"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g1)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
