@@ -112,8 +112,9 @@ def summarize_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 12) ->
     if name in hlo:
       return hlo[name][0]
     low = name.lower()
-    for key, cat in (("conv", "conv"), ("xmma", "matmul/conv kernel"), ("gemm", "matmul"), ("cutlass", "matmul/conv kernel"),
-                     ("reduce", "reduce"), ("transpose", "copy/transpose"), ("copy", "copy/transpose")):
+    for key, cat in (("conv", "conv"), ("xmma", "matmul/conv kernel"), ("gemm", "matmul"),
+                     ("cutlass", "matmul/conv kernel"), ("reduce", "reduce"), ("transpose", "copy/transpose"),
+                     ("copy", "copy/transpose")):
       if key in low:
         return cat
     return "elementwise/other"
@@ -124,6 +125,7 @@ def summarize_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 12) ->
     by_category[category(name)] += ms
   cat_rows = [dict(category=c, ms_per_step=f"{ms:.1f}", share=f"{ms / total * 100:.0f}%")
               for c, ms in by_category.most_common()]
-  op_rows = [dict(op=n[:60], shape=hlo.get(n, ("", "-"))[1], category=category(n), ms_per_step=f"{ms:.2f}", share=f"{ms / total * 100:.1f}%")
+  op_rows = [dict(op=n[:60], shape=hlo.get(n, ("", "-"))[1], category=category(n), ms_per_step=f"{ms:.2f}",
+                  share=f"{ms / total * 100:.1f}%")
              for n, ms in per_op.most_common(top)]
   return cat_rows, op_rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +40,19 @@ NonFiniteLossError = loop.NonFiniteLossError
 def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.Array,
                        input_shape: tuple[int, int, int], mesh, num_timesteps: int) -> tuple[TrainState, Any]:
   """(state, state shardings) for a model on inputs [B,*input_shape] (pixels, or latents)."""
+  return init_on_mesh(train_state_init_fn(model, tx, input_shape, num_timesteps), key, mesh)
+
+
+def train_state_init_fn(model: UNet, tx: optax.GradientTransformation, input_shape: tuple[int, int, int],
+                        num_timesteps: int) -> Callable[[jax.Array], TrainState]:
+  """init(key) -> a fresh TrainState (what create_train_state runs on the mesh; jax.eval_shape of it gives a
+  model's state shapes without allocating them, as bench/scaling.py does for an SD-sized U-Net)."""
   def init(key):
     x = jnp.zeros((1, *input_shape), jnp.float32)
     params = model.init(key, x, jnp.zeros((1,), jnp.int32), **example_condition(model, input_shape))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=tx.init(params), loss_history=D.init_loss_history(num_timesteps))
-  return init_on_mesh(init, key, mesh)
+  return init
 
 
 def example_condition(model: UNet, input_shape: tuple[int, int, int]) -> dict[str, jax.Array]:

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Subprocess runs of `diffusion_jax.main` (which drop XLA_FLAGS) train tiny models: one XLA:CPU device compiles and
+# runs them fastest; tests about the host split set DJ_CPU_DEVICES themselves (test_edit_cli, test_bad_inputs).
+os.environ.setdefault("DJ_CPU_DEVICES", "1")
 
 import jax  # noqa: E402
 

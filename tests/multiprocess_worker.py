@@ -19,6 +19,8 @@ assert jax.device_count() == 4 and jax.local_device_count() == 2
 config = tiny_config(data_dir)
 losses = run_steps(config, num_steps=3)
 print("LOSSES", " ".join(f"{x:.8f}" for x in losses), flush=True)
+config.mesh.fsdp = 4  # FSDP across both processes: each large parameter split over all 4 devices
+print("FSDP_LOSSES", " ".join(f"{x:.8f}" for x in run_steps(config, num_steps=3)), flush=True)
 # The whole job, text-conditional: the caption table and prompt embeddings are replicated to both processes.
 train.train_and_evaluate(tiny_text_config(data_dir), workdir)
 print("DONE", flush=True)

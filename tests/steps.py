@@ -8,7 +8,7 @@ from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mes
 
 
 def run_steps(config, num_steps: int) -> list[float]:
-  mesh = make_mesh()
+  mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   parts = build.build_components(config)
   state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
                                               parts.schedule.num_timesteps)

@@ -85,6 +85,8 @@ CASES = [
      r"\(DJ_DISTRIBUTED=auto\): .*JAX detected no TPU pod or SLURM job here"),
     ("mesh", ["--config.mesh.fsdp=3"], {"DJ_CPU_DEVICES": "1"}, r"config\.mesh\.data=-1, config\.mesh\.fsdp=3 is "
      r"invalid: 3 does not divide the 1 devices"),
+    ("gs workdir offline", ["--workdir=gs://diffusion-jax-offline/run"], {}, r"--workdir='gs://diffusion-jax-offline/"
+     r"run' cannot be reached: .*"),
     ("DJ_CPU_DEVICES", [], {"DJ_CPU_DEVICES": "0"}, r"DJ_CPU_DEVICES='0' is invalid: expected how many XLA:CPU "
      r"devices"),
     # mode=edit (checked before any checkpoint is read)
@@ -125,7 +127,8 @@ def _run(case, tmp):
   rest = [a for a in args if a not in (config, workdir)]
   if workdir == "--workdir=":
     workdir = None
-  env = {k: v for k, v in os.environ.items() if not k.startswith("DJ_") and k != "XLA_FLAGS"}
+  env = {k: v for k, v in os.environ.items()
+         if k == "DJ_CPU_DEVICES" or not k.startswith("DJ_") and k != "XLA_FLAGS"}
   env.update(extra_env)
   command = [sys.executable, "-m", "diffusion_jax.main", config, *([workdir] if workdir else []), *rest]
   return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -147,6 +150,7 @@ def test_each_bad_input_is_one_error_line_naming_it(tmp_path):
   # Nothing was written to a workdir of a run that failed validation.
   assert not any((tmp / name.replace(" ", "_")).exists() for name, *_ in CASES[:25] if name != "sample without "
                  "checkpoint")
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))  # the unreachable gs:// workdir made no local folder
 
 
 @pytest.mark.parametrize("process_id, expected", [

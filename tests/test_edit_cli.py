@@ -42,10 +42,16 @@ def get_config(variant="pixel"):
 '''
 
 
-def _main(config_file, variant, workdir, *overrides):
+# Trained on 4 host devices (the class model FSDP-sharded over them), edited and sampled on 1: checkpoints
+# restore onto another device count through the CLI.
+TRAIN_DEVICES = {"DJ_CPU_DEVICES": "4"}
+EDIT_DEVICES = {"DJ_CPU_DEVICES": "1"}
+
+
+def _main(config_file, variant, workdir, *overrides, devices=EDIT_DEVICES):
   command = [sys.executable, "-m", "diffusion_jax.main", f"--config={config_file}:{variant}", f"--workdir={workdir}",
              *overrides]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **devices}
   return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
@@ -58,7 +64,8 @@ def runs(tmp_path_factory):
   config_file.write_text(CONFIG.format(tests=os.path.dirname(__file__), data=data))
   variants = ("class", "latent", "sr", "masked")
   with ThreadPoolExecutor(2) as pool:
-    results = list(pool.map(lambda v: _main(config_file, v, tmp / v), variants))
+    fsdp = lambda v: ["--config.mesh.fsdp=4"] if v == "class" else []
+    results = list(pool.map(lambda v: _main(config_file, v, tmp / v, *fsdp(v), devices=TRAIN_DEVICES), variants))
   for variant, out in zip(variants, results):
     assert out.returncode == 0, f"{variant}: {out.stderr[-3000:]}"
   return tmp, config_file
@@ -102,6 +109,12 @@ def test_inpaint_outpaint_img2img_on_pixel_and_latent_models(runs):
       ("latent", ["--config.edit.task=img2img", "--config.edit.invert=True", "--config.edit.strength=1.0",
                   "--config.edit.images=test:0-1"]),
   ])
+  # mode=sample on 1 device from the checkpoint trained FSDP-sharded over 4.
+  config_file = runs[1]
+  out = _main(config_file, "class", tmp / "class", "--config.mode=sample", "--config.sample.num_images=3")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "over 1 devices" in out.stderr
+  assert np.load(tmp / "class" / "samples" / "samples.npz")["images"].shape == (3, 16, 16, 1)
   # Pixel inpainting: the box regenerated, everything else the input exactly; labels = each image's class.
   r = _load(runs, "class", "inpaint")
   assert r["inputs"].shape == r["outputs"].shape == (4, 16, 16, 1) and r["masks"].shape == (4, 16, 16, 1)

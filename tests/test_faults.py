@@ -47,7 +47,8 @@ def get_config():
 
 
 def _env():
-  env = {k: v for k, v in os.environ.items() if not k.startswith("DJ_") and k != "XLA_FLAGS"}
+  env = {k: v for k, v in os.environ.items()
+         if k == "DJ_CPU_DEVICES" or not k.startswith("DJ_") and k != "XLA_FLAGS"}
   env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
   return env
 

@@ -1,5 +1,5 @@
-"""Two processes x 2 CPU devices (jax.distributed over gloo) train, checkpoint and sample like one process
-(the whole job text-conditional)."""
+"""Two processes x 2 CPU devices (jax.distributed over gloo) train (replicated and FSDP-sharded across the
+processes), checkpoint and sample like one process (the whole job text-conditional)."""
 
 import os
 import signal
@@ -40,6 +40,10 @@ def test_two_processes_match_one_and_write_one_workdir(tmp_path):
   # The same global batches on one process (8 local devices) give the same losses.
   single = run_steps(tiny_config(data_dir), num_steps=3)
   np.testing.assert_allclose(losses[0], single, rtol=1e-5)
+  # FSDP over both processes (fsdp=4: params, EMA and Adam moments split across the processes) trains alike.
+  for out in outs:
+    fsdp = [float(x) for x in next(l for l in out.splitlines() if l.startswith("FSDP_LOSSES")).split()[1:]]
+    np.testing.assert_allclose(fsdp, single, rtol=1e-5)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   assert samples["images"].shape == (10, 16, 16, 1)

@@ -94,6 +94,7 @@ def test_main_end_to_end_resume_and_nan_guard(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(data_dir)
   config.eval.bpd_num_images = 8
+  config.mesh.fsdp = 8  # trained FSDP-sharded over all 8 devices; resumed and sampled on other meshes below
   train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   metrics = json.load(open(os.path.join(workdir, "eval", "metrics_4.json")))
@@ -109,13 +110,15 @@ def test_main_end_to_end_resume_and_nan_guard(data_dir, tmp_path):
   assert os.path.exists(os.path.join(workdir, "samples", "preview_0000004.png"))
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["ch"] == 8
 
-  # Re-running resumes at step 4 and trains only the remaining steps.
+  # Re-running resumes at step 4 (on a 4x2 data x fsdp mesh) and trains only the remaining steps.
   config.num_train_steps = 6
+  config.mesh.fsdp = 2
   train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
 
-  # Sampling mode on the workdir works from the latest checkpoint.
+  # Sampling mode on the workdir works from the latest checkpoint (replicated: data=8).
   config.mode = "sample"
+  config.mesh.fsdp = 1
   config.sample.num_images = 3
   train.train_and_evaluate(config, workdir)
   assert np.load(os.path.join(workdir, "samples", "samples.npz"))["images"].shape == (3, 16, 16, 1)
