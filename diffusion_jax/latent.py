@@ -53,14 +53,13 @@ def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array],
   grad_accum_steps: the gradient over that many micro-batches (train_state.accumulated_value_and_grad)."""
   key = jax.random.fold_in(base_key, state.step)
 
-  def loss_fn(params, micro):
-    k = key if grad_accum_steps == 1 else jax.random.fold_in(key, micro["row"][0])  # a posterior key per micro
-    reconstruction, posterior = model.apply(params, micro["image"], k, train=True)
+  def loss_fn(params, micro, posterior_key):  # a posterior key per micro-batch (accumulated_value_and_grad)
+    reconstruction, posterior = model.apply(params, micro["image"], posterior_key, train=True)
     terms = autoencoder_loss(reconstruction, micro["image"], posterior, kl_weight=kl_weight, rec_loss=rec_loss)
     return terms["loss"], terms
 
-  micro = {"image": batch["image"], "row": jnp.arange(batch["image"].shape[0])}
-  (_, terms), grads = accumulated_value_and_grad(loss_fn, state.params, micro, grad_accum_steps)
+  (_, terms), grads = accumulated_value_and_grad(loss_fn, state.params, {"image": batch["image"]}, key,
+                                                 grad_accum_steps)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
   new_state = AutoencoderState(step=state.step + 1, params=params, opt_state=opt_state)
   new_state, guard = guard_nonfinite(terms["loss"], grads, new_state, state, skip_nonfinite)

@@ -95,10 +95,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
   b = x_start.shape[0]
 
-  def loss_fn(params, micro):
-    # One dropout key per micro-batch (grad_accum_steps > 1); the unaccumulated step keeps its key.
-    key = key_dropout if grad_accum_steps == 1 else jax.random.fold_in(key_dropout, micro["row"][0])
-    model_fn = lambda x, tt: model.apply(params, x, tt, train=True, rngs={"dropout": key}, **micro["cond"])
+  def loss_fn(params, micro, dropout_key):  # a dropout key per micro-batch (accumulated_value_and_grad)
+    model_fn = lambda x, tt: model.apply(params, x, tt, train=True, rngs={"dropout": dropout_key}, **micro["cond"])
     terms = D.diffusion_loss(schedule, model_fn, micro["x_start"], micro["t"], micro["noise"],
                              loss_type=diffusion.loss, prediction=diffusion.prediction, variance=diffusion.variance,
                              vlb_weight=diffusion.vlb_weight, snr_gamma=diffusion.snr_gamma or None)
@@ -107,9 +105,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   batched_cond = {k: v for k, v in cond.items() if v.shape[:1] == (b,)}
   if len(batched_cond) != len(cond) and grad_accum_steps > 1:
     raise ValueError(f"conditions {sorted(set(cond) - set(batched_cond))} have no [B] axis to split into micro-batches")
-  micro = {"x_start": x_start, "t": t, "noise": noise, "weights": weights, "cond": cond,
-           "row": jnp.arange(b)}
-  (loss, terms), grads = accumulated_value_and_grad(loss_fn, state.params, micro, grad_accum_steps)
+  micro = {"x_start": x_start, "t": t, "noise": noise, "weights": weights, "cond": cond}
+  (loss, terms), grads = accumulated_value_and_grad(loss_fn, state.params, micro, key_dropout, grad_accum_steps)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
   history = state.loss_history
   if diffusion.timestep_sampler == "importance":

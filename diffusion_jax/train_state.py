@@ -44,28 +44,30 @@ def init_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
   return jax.jit(init_fn, out_shardings=shardings)(key), shardings
 
 
-def accumulated_value_and_grad(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], params: Any, batch: Any,
-                               steps: int) -> tuple[tuple[jax.Array, Any], Any]:
-  """`jax.value_and_grad(loss_fn, has_aux=True)(params, batch)` over `steps` micro-batches, one at a time
+def accumulated_value_and_grad(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], params: Any,
+                               batch: Any, key: jax.Array, steps: int) -> tuple[tuple[jax.Array, Any], Any]:
+  """`jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)` over `steps` micro-batches, one at a time
   (lax.scan: the activations of one micro-batch live at once), for global batches larger than memory.
 
-  `batch`: a pytree of arrays with a leading [B] axis (B divisible by steps); `loss_fn(params, micro)` returns
+  `batch`: a pytree of arrays with a leading [B] axis (B divisible by steps); `loss_fn(params, micro, key)` returns
   (the micro-batch's mean loss, aux with a leading [B/steps] axis). Micro-batch j takes rows j, j+steps, ...,
-  so each device keeps contributing its own rows. The mean of equal-sized micro-batch means is the global
-  mean, so the loss and gradient are the full batch's (up to float summation order); aux comes back as [B].
+  so each device keeps contributing its own rows, and its own key fold_in(key, j) (one step: `key` itself). The
+  mean of equal-sized micro-batch means is the global mean, so the loss and gradient are the full batch's (up to
+  float summation order); aux comes back as [B].
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if steps == 1:
-    return grad_fn(params, batch)
+    return grad_fn(params, batch, key)
   split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)  # [steps,B/steps,...]
   merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])  # back to [B,...] in the original order
 
-  def body(grad_sum, micro):
-    (loss, aux), grads = grad_fn(params, micro)
+  def body(grad_sum, indexed):
+    j, micro = indexed
+    (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(key, j))
     return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grad_sum, (losses, aux) = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+  grad_sum, (losses, aux) = jax.lax.scan(body, zeros, (jnp.arange(steps), jax.tree.map(split, batch)))
   grads = jax.tree.map(lambda g: g / steps, grad_sum)
   return (jnp.mean(losses), jax.tree.map(lambda a: merge(a) if a.ndim > 1 else jnp.mean(a), aux)), grads
 

@@ -48,13 +48,13 @@ def test_accumulated_value_and_grad_is_the_whole_batchs_and_keeps_row_order():
                                                                                       jnp.float32)}
   params = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32), "b": jnp.zeros(())}
 
-  def loss_fn(p, micro):
+  def loss_fn(p, micro, key):
     per_row = (micro["x"] @ p["w"] + p["b"] - micro["y"]) ** 2  # [b]
     return per_row.mean(), {"per_row": per_row, "mean": per_row.mean()}
 
-  (loss1, aux1), g1 = accumulated_value_and_grad(loss_fn, params, batch, 1)
+  (loss1, aux1), g1 = accumulated_value_and_grad(loss_fn, params, batch, jax.random.key(0), 1)
   for steps in (2, 3, 4):
-    (loss, aux), g = accumulated_value_and_grad(loss_fn, params, batch, steps)
+    (loss, aux), g = accumulated_value_and_grad(loss_fn, params, batch, jax.random.key(0), steps)
     np.testing.assert_allclose(loss, loss1, rtol=1e-6)
     np.testing.assert_allclose(aux["per_row"], aux1["per_row"], rtol=1e-6)  # [B] back in the batch's order
     np.testing.assert_allclose(aux["mean"], aux1["mean"], rtol=1e-6)
