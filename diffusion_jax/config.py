@@ -31,7 +31,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # The device mesh (parallel/mesh.py): data-parallel replicas x FSDP shards of the parameters, EMA and optimizer
   # state; -1 takes the remaining devices. fsdp > 1 trains models larger than one device's memory.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # partition_rules: ((regex, spec), ...) placing state arrays by path, first match wins, e.g.
+  # (("attn.*/kernel$", "None,None,fsdp"), ("GroupNorm", "")); unmatched arrays: the automatic FSDP rule.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, partition_rules=()))
   config.data = _data()
   config.diffusion = _diffusion()
   config.model = _model()

@@ -72,8 +72,9 @@ def check_run(config: ml_collections.ConfigDict) -> None:
 
 def check_mesh(config: ml_collections.ConfigDict) -> None:
   """config.mesh against the devices of every process (parallel.mesh.mesh_shape's one-line errors)."""
-  from diffusion_jax.parallel.mesh import mesh_shape
+  from diffusion_jax.parallel.mesh import mesh_shape, parse_partition_rules
   mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
+  parse_partition_rules(config.mesh.partition_rules)
 
 
 def _check_batch_size(key: str, value: int) -> None:
@@ -301,14 +302,38 @@ IDENTITY_KEYS = ("data.image_size", "data.channels", "diffusion.schedule", "diff
 COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.dropout", "model.remat", "autoencoder.model.conv_impl")
 
 
+# Packages a remote workdir needs beyond epath's: Orbax (0.12.8) lists a gs:// folder's checkpoint steps through
+# google-cloud-storage (gcs_utils.is_hierarchical_namespace_enabled), and fails with an ImportError without it.
+REMOTE_WORKDIR_PACKAGES = {"gs": ("google.cloud.storage", "google-cloud-storage", "diffusion_jax[gcs]")}
+
+
+def missing_remote_package(workdir: str) -> str | None:
+  """The pip line a remote workdir's scheme still needs here, None when nothing is missing."""
+  import importlib.util
+  module, package, extra = REMOTE_WORKDIR_PACKAGES.get(workdir.split("://")[0], (None, None, None))
+  if module is None:
+    return None
+  try:
+    if importlib.util.find_spec(module) is not None:
+      return None
+  except ModuleNotFoundError:  # a parent package (google.cloud) is missing
+    pass
+  return f"pip install {package} (or pip install '{extra}')"
+
+
 def check_workdir(workdir: str) -> None:
-  """A workdir is a folder (new, or an earlier run's) that can be written; remote ones must be reachable."""
+  """A workdir is a folder (new, or an earlier run's) that can be written; remote ones must be reachable, with the
+  packages their checkpoints need."""
   if "://" in workdir:
     try:
       epath.Path(workdir).exists()
     except Exception as e:  # no credentials, no network, an unknown scheme
       raise ValueError(f"--workdir={workdir!r} cannot be reached: {type(e).__name__}: "
                        f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
+    install = missing_remote_package(workdir)
+    if install:
+      raise ValueError(f"--workdir={workdir!r} needs {REMOTE_WORKDIR_PACKAGES[workdir.split('://')[0]][1]} for its "
+                       f"checkpoints (Orbax lists them through it): {install}")
     return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,8 @@ from diffusion_jax.data import make_batches
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
-from diffusion_jax.parallel.mesh import batch_sharding, global_to_host, host_to_global, replicated
+from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, global_to_host, host_to_global,
+                                         replicated)
 from diffusion_jax.train_state import (AutoencoderState, accumulated_value_and_grad, apply_gradients, guard_nonfinite,
                                       init_on_mesh)
 
@@ -67,12 +68,12 @@ def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array],
   return new_state, metrics
 
 
-def create_autoencoder_state(model: AutoencoderKL, tx, key: jax.Array, image_shape: tuple[int, int, int], mesh
-                             ) -> tuple[AutoencoderState, Any]:
+def create_autoencoder_state(model: AutoencoderKL, tx, key: jax.Array, image_shape: tuple[int, int, int], mesh,
+                             partition_rules: Sequence[PartitionRule] = ()) -> tuple[AutoencoderState, Any]:
   def init(key):
     params = model.init(key, jnp.zeros((1, *image_shape)), jax.random.key(0))
     return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return init_on_mesh(init, key, mesh)
+  return init_on_mesh(init, key, mesh, partition_rules)
 
 
 def make_encode_fn(model: AutoencoderKL, mesh):
@@ -93,7 +94,8 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                             "checkpoint (expected a checkpoints/ folder written by a latent run's stage 1)")
   optim = OptimSettings(**a.optim)
   tx, lr = build_optimizer(optim)
-  state, shardings = create_autoencoder_state(model, tx, keys.autoencoder_init, config_image_shape(config), mesh)
+  state, shardings = create_autoencoder_state(model, tx, keys.autoencoder_init, config_image_shape(config), mesh,
+                                              config.mesh.partition_rules)
   manager = checkpoint.make_manager(directory, max_to_keep=config.keep_checkpoints)
   scale_path = directory / SCALE_FILE
   restored = checkpoint.restore_latest_good(manager, state)  # a damaged newest step falls back to an older one

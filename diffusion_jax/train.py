@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from diffusion_jax.config_check import check_config, check_resume, check_workdir
 from diffusion_jax.data import make_batches, real_images
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet
-from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh, replicated
+from diffusion_jax.parallel.mesh import PartitionRule, batch_sharding, host_to_global, make_mesh, replicated
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
 from diffusion_jax.train_state import (TrainState, accumulated_value_and_grad, apply_gradients, ema_update,
                                       guard_nonfinite, init_on_mesh)
@@ -38,9 +38,11 @@ NonFiniteLossError = loop.NonFiniteLossError
 # ---------------------------------------------------------------- state and step
 
 def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.Array,
-                       input_shape: tuple[int, int, int], mesh, num_timesteps: int) -> tuple[TrainState, Any]:
-  """(state, state shardings) for a model on inputs [B,*input_shape] (pixels, or latents)."""
-  return init_on_mesh(train_state_init_fn(model, tx, input_shape, num_timesteps), key, mesh)
+                       input_shape: tuple[int, int, int], mesh, num_timesteps: int,
+                       partition_rules: Sequence[PartitionRule] = ()) -> tuple[TrainState, Any]:
+  """(state, state shardings) for a model on inputs [B,*input_shape] (pixels, or latents); `partition_rules`:
+  config.mesh.partition_rules (parallel/mesh.py)."""
+  return init_on_mesh(train_state_init_fn(model, tx, input_shape, num_timesteps), key, mesh, partition_rules)
 
 
 def train_state_init_fn(model: UNet, tx: optax.GradientTransformation, input_shape: tuple[int, int, int],
@@ -174,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   run = Run(config, workdir, mesh, keys, writer, parts, decoder, text_encoder)
 
   state, state_shardings = create_train_state(parts.model, parts.tx, keys.init, parts.input_shape, mesh,
-                                              parts.schedule.num_timesteps)
+                                              parts.schedule.num_timesteps, config.mesh.partition_rules)
   logging.info("diffusion model: %.2fM parameters on %s inputs",
                sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, "x".join(map(str, parts.input_shape)))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)

@@ -3,7 +3,7 @@ eval_shape -> shardings -> jit(init, out_shardings) (big_vision's pattern)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as D
-from diffusion_jax.parallel.mesh import state_shardings
+from diffusion_jax.parallel.mesh import PartitionRule, state_shardings
 
 
 @flax.struct.dataclass
@@ -35,12 +35,14 @@ class AutoencoderState:
   opt_state: Any
 
 
-def init_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh) -> tuple[Any, Any]:
-  """(state, state shardings): `init_fn(key)` traced once abstractly, each leaf's sharding chosen (FSDP over
-  the mesh's fsdp axis for large arrays, else replicated: parallel.mesh.state_shardings), then run as one jit
-  that writes each leaf straight into its sharding (no device ever holds the whole state when fsdp > 1)."""
+def init_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh,
+                 partition_rules: Sequence[PartitionRule] = ()) -> tuple[Any, Any]:
+  """(state, state shardings): `init_fn(key)` traced once abstractly, each leaf's sharding chosen (the first
+  matching partition rule, else FSDP over the mesh's fsdp axis for large arrays, else replicated:
+  parallel.mesh.state_shardings), then run as one jit that writes each leaf straight into its sharding (no device
+  ever holds the whole state when it is sharded)."""
   abstract = jax.eval_shape(init_fn, key)
-  shardings = state_shardings(abstract, mesh)
+  shardings = state_shardings(abstract, mesh, partition_rules)
   return jax.jit(init_fn, out_shardings=shardings)(key), shardings
 
 

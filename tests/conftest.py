@@ -10,7 +10,9 @@ os.environ.setdefault("DJ_CPU_DEVICES", "1")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                 os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache")))
+# The persistent compilation cache, shared with the subprocesses tests start (main and the multi-process workers
+# read the same variable).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

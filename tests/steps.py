@@ -1,6 +1,7 @@
 """A few train steps through the public pieces, on whatever processes and devices this run has."""
 
 import jax
+import orbax.checkpoint as ocp
 
 from diffusion_jax import build, train
 from diffusion_jax.data import InMemoryBatches, load_split
@@ -19,6 +20,12 @@ def run_steps(config, num_steps: int) -> list[float]:
   losses = []
   for s in range(num_steps):
     batch = host_to_global({"image": batches.batch(s)["image"]}, batch_sharding(mesh))
+    if s == 0 and jax.process_count() > 1:
+      # Compile first, then wait for every process: XLA:CPU's gloo collectives give up on a peer that reaches the
+      # first cross-process collective more than 30 s later, and compile times differ that much between
+      # processes sharing 2 cores.
+      step = step.lower(state, batch, jax.random.key(1), None).compile()
+      ocp.multihost.get_barrier_sync_fn()(key="run_steps_compiled", timeout_ms=600_000)
     state, metrics = step(state, batch, jax.random.key(1), None)
     losses.append(float(metrics["loss"]))
   return losses

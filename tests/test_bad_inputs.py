@@ -85,6 +85,8 @@ CASES = [
      r"\(DJ_DISTRIBUTED=auto\): .*JAX detected no TPU pod or SLURM job here"),
     ("mesh", ["--config.mesh.fsdp=3"], {"DJ_CPU_DEVICES": "1"}, r"config\.mesh\.data=-1, config\.mesh\.fsdp=3 is "
      r"invalid: 3 does not divide the 1 devices"),
+    ("partition rule", ['--config.mesh.partition_rules=(("(", "fsdp"),)'], {"DJ_CPU_DEVICES": "1"},
+     r"config\.mesh\.partition_rules\[0\]=\('\(', 'fsdp'\) is invalid: the regex does not compile"),
     ("gs workdir offline", ["--workdir=gs://diffusion-jax-offline/run"], {}, r"--workdir='gs://diffusion-jax-offline/"
      r"run' cannot be reached: .*"),
     ("DJ_CPU_DEVICES", [], {"DJ_CPU_DEVICES": "0"}, r"DJ_CPU_DEVICES='0' is invalid: expected how many XLA:CPU "

@@ -1,6 +1,8 @@
 """diffusion_jax.parallel.mesh: the (data, fsdp) mesh, FSDP shardings of the train state, the sharded train step
 against the replicated one, and checkpoints restored onto other meshes (8 host CPU devices, conftest)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,22 +42,43 @@ def setup(tmp_path_factory):
   return parts, jnp.asarray(scale_images(images[:8]))
 
 
-def _state_and_step(parts, mesh):
+def _state_and_step(parts, mesh, rules=()):
   state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
-                                              parts.schedule.num_timesteps)
+                                              parts.schedule.num_timesteps, rules)
   return state, shardings, train.compile_train_step(parts, mesh, shardings, donate=False)
+
+
+# Rules as a user writes them (config.mesh.partition_rules): the residual blocks' conv kernels split on their input
+# channels, the time-embedding projections over the data axis too (ZeRO over every device), GroupNorm replicated.
+RULES = ((r"ResBlock_\d+/Conv_\d+/kernel$", "None,None,fsdp"), (r"ResBlock_\d+/Dense_0/kernel$", ("data",)),
+         ("GroupNorm", ""))
 
 
 def test_the_fsdp_step_gives_the_replicated_steps_result_with_sharded_state(setup):
   parts, images = setup
   results = {}
-  for data, fsdp in ((8, 1), (2, 4), (1, 8)):
+  for data, fsdp, rules in ((8, 1, ()), (2, 4, ()), (1, 8, ()), (2, 4, RULES)):
     mesh = make_mesh(data=data, fsdp=fsdp)
-    state, shardings, step = _state_and_step(parts, mesh)
+    state, shardings, step = _state_and_step(parts, mesh, rules)
     batch = {"image": jax.device_put(images, batch_sharding(mesh))}
     for _ in range(2):
       state, metrics = step(state, batch, jax.random.key(1), None)
-    results[fsdp] = (jax.device_get(state), float(metrics["loss"]))
+    results[fsdp, rules] = (jax.device_get(state), float(metrics["loss"]))
+    if rules:  # each rule placed the parameter, its EMA and both Adam moments alike; the rest by the auto rule
+      placed = {}
+      for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        placed.setdefault(next((spec for regex, spec in rules if re.search(regex, name)), "auto"), []).append(
+            (name, x))
+      conv, dense, norm = (placed[spec] for _, spec in rules)
+      assert len(conv) == 2 * len(dense) and len(dense) % 4 == 0 and norm  # each in params, ema, mu and nu
+      assert all(x.sharding.spec == P(None, None, "fsdp") and x.addressable_shards[0].data.shape[2] == x.shape[2] // 4
+                 for _, x in conv)
+      assert all(x.sharding.spec == P("data") and x.addressable_shards[0].data.shape[0] == x.shape[0] // 2
+                 for _, x in dense)
+      assert all(x.sharding.spec == P() for _, x in norm)
+      assert all(x.sharding.spec == fsdp_spec(x.shape, 4) for _, x in placed["auto"])
+      continue
     kernels = [x for x in jax.tree.leaves(state.params) if x.ndim == 4 and x.size >= 1024]
     if fsdp > 1:  # every large kernel (and its Adam moments) is split: each device holds 1/fsdp of it
       assert kernels and all(x.addressable_shards[0].data.size == x.size // fsdp for x in kernels)
@@ -63,12 +86,32 @@ def test_the_fsdp_step_gives_the_replicated_steps_result_with_sharded_state(setu
       assert mu and all(x.addressable_shards[0].data.size == x.size // fsdp for x in mu)
     else:
       assert all(x.addressable_shards[0].data.size == x.size for x in kernels)
-  reference, loss = results[1]
-  for fsdp in (4, 8):
-    state, other_loss = results[fsdp]
+  reference, loss = results[1, ()]
+  for fsdp, rules in ((4, ()), (8, ()), (4, RULES)):
+    state, other_loss = results[fsdp, rules]
     np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-4, atol=2e-6)
+
+
+def test_partition_rules_that_do_not_fit_are_one_line_naming_the_rule(setup):
+  from diffusion_jax.parallel.mesh import parse_partition_rules
+  parts, _ = setup
+  mesh = make_mesh(data=2, fsdp=4)
+  for rules, match in (
+      ((("^params/params/Conv_0/kernel$", "None,None,fsdp"),),
+       r"partition_rules\[0\]=.* does not fit params/params/Conv_0/kernel of shape \(3, 3, 1, 16\): 1 does not divide over the 4 devices"),
+      ((("GroupNorm", ""), ("bias$", "None,fsdp")), r"partition_rules\[1\]=.* does not fit .*bias of shape "
+                                                     r"\(\d+,\): the spec names 2 axes, the array has 1")):
+    with pytest.raises(ValueError, match=match):
+      _state_and_step(parts, mesh, rules)
+  for rules, match in (("kernel", r"expected a tuple of \(regex, spec\) pairs"),
+                       ((("kernel",),), r"partition_rules\[0\]=\('kernel',\) is invalid: expected a \(regex, spec\)"),
+                       ((("(", "fsdp"),), r"partition_rules\[0\]=.* the regex does not compile"),
+                       ((("kernel", "None,model"),), r"takes one of the mesh axes \('data', 'fsdp'\) or None"),
+                       ((("kernel", "fsdp,fsdp"),), r"each mesh axis at most once")):
+    with pytest.raises(ValueError, match=match):
+      parse_partition_rules(rules)
 
 
 def test_a_checkpoint_written_sharded_restores_onto_other_meshes(setup, tmp_path):

@@ -1,5 +1,6 @@
-"""Two processes x 2 CPU devices (jax.distributed over gloo) train (replicated and FSDP-sharded across the
-processes), checkpoint and sample like one process (the whole job text-conditional)."""
+"""Two and four processes x 2 CPU devices (jax.distributed over gloo) train (replicated and FSDP-sharded across the
+processes) like one process, restore a checkpoint one process wrote on another mesh, and (2 processes) checkpoint and
+sample (the whole job text-conditional)."""
 
 import os
 import signal
@@ -7,8 +8,12 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import pytest
 
+from diffusion_jax import build, checkpoint, train
+from diffusion_jax.parallel.mesh import make_mesh
 from helpers import tiny_config, write_fake_fashion_mnist
 from steps import run_steps
 
@@ -21,33 +26,77 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_and_write_one_workdir(tmp_path):
-  (tmp_path / "data").mkdir()
-  data_dir = write_fake_fashion_mnist(str(tmp_path / "data"))
-  workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  """Fake Fashion-MNIST, the single-process losses of 3 steps (8 local devices), and a checkpoint written by this
+  process on a data 2 x fsdp 4 mesh with its leaves saved beside it as numpy (what the workers compare with)."""
+  tmp = tmp_path_factory.mktemp("multiprocess")
+  (tmp / "data").mkdir()
+  data_dir = write_fake_fashion_mnist(str(tmp / "data"))
+  config = tiny_config(data_dir)
+  single = run_steps(config, num_steps=3)
+  parts = build.build_components(config)
+  state, _ = train.create_train_state(parts.model, parts.tx, jax.random.key(3), parts.input_shape,
+                                      make_mesh(data=2, fsdp=4), parts.schedule.num_timesteps)
+  state = state.replace(step=state.step + 5, ema_params=jax.tree.map(lambda x: x * 0.5, state.ema_params))
+  manager = checkpoint.make_manager(str(tmp / "written"), async_save=False)
+  checkpoint.save(manager, 5, state)
+  manager.wait_until_finished()
+  np.savez(tmp / "written" / "leaves.npz",
+           **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))})
+  return data_dir, single, str(tmp / "written")
+
+
+def run_workers(num_processes: int, data_dir: str, workdir: str, checkpoint_workdir: str) -> list[str]:
   port = free_port()
   env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(port), str(i),
-                             data_dir, workdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for i in range(2)]
+                             str(num_processes), data_dir, workdir, checkpoint_workdir],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for i in range(num_processes)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  losses = [np.array([float(x) for x in next(l for l in out.splitlines() if l.startswith("LOSSES")).split()[1:]])
-            for out in outs]
-  np.testing.assert_allclose(losses[0], losses[1], rtol=0)  # both processes see the same global loss
-  # The same global batches on one process (8 local devices) give the same losses.
-  single = run_steps(tiny_config(data_dir), num_steps=3)
+  for i, out in enumerate(outs):  # kept beside the run for a look after a failure
+    with open(os.path.join(os.path.dirname(workdir), f"process_{i}_of_{num_processes}.log"), "w") as f:
+      f.write(out)
+  failed = [f"process {i} (exit {p.returncode}): ...{out[-1500:]}" for i, (p, out) in enumerate(zip(procs, outs))
+            if p.returncode != 0]
+  assert not failed, "\n".join(failed)
+  return outs
+
+
+def printed(out: str, tag: str) -> list[float]:
+  return [float(x) for x in next(l for l in out.splitlines() if l.startswith(tag + " ")).split()[1:]]
+
+
+def test_two_processes_match_one_and_write_one_workdir(written, tmp_path):
+  data_dir, single, checkpoint_workdir = written
+  workdir = str(tmp_path / "run")
+  outs = run_workers(2, data_dir, workdir, checkpoint_workdir)
+  # FSDP over both processes (fsdp=4: params, EMA and Adam moments split across the processes): both see the same
+  # global loss, and the same global batches on one process (8 local devices, replicated) give the same losses.
+  losses = [np.array(printed(out, "FSDP_LOSSES")) for out in outs]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=0)
   np.testing.assert_allclose(losses[0], single, rtol=1e-5)
-  # FSDP over both processes (fsdp=4: params, EMA and Adam moments split across the processes) trains alike.
+  # The checkpoint written on one process (data 2 x fsdp 4 of 8 devices) restores onto it leaf for leaf.
   for out in outs:
-    fsdp = [float(x) for x in next(l for l in out.splitlines() if l.startswith("FSDP_LOSSES")).split()[1:]]
-    np.testing.assert_allclose(fsdp, single, rtol=1e-5)
+    restored = next(l for l in out.splitlines() if l.startswith("RESTORED"))
+    assert "leaves equal" in restored and int(restored.split(",")[1].split()[0]) > 0, restored
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   assert samples["images"].shape == (10, 16, 16, 1)
   assert samples["prompts"][0] == "a photo of a t-shirt"
+
+
+def test_four_processes_train_fsdp_sharded_across_all_and_restore_another_topology(written, tmp_path):
+  """4 processes x 2 devices, fsdp=8: each large parameter is split over every process; losses match one process,
+  and the one-process checkpoint restores onto the 4-process mesh."""
+  data_dir, single, checkpoint_workdir = written
+  outs = run_workers(4, data_dir, str(tmp_path / "run"), checkpoint_workdir)
+  for out in outs:
+    np.testing.assert_allclose(printed(out, "FSDP_LOSSES"), single, rtol=1e-5)
+    restored = next(l for l in out.splitlines() if l.startswith("RESTORED"))
+    assert "leaves equal" in restored and int(restored.split(",")[1].split()[0]) > 0, restored
 
 
 def test_sigterm_to_both_processes_saves_one_agreed_step(tmp_path):

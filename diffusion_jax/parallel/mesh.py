@@ -4,11 +4,18 @@ FSDP-sharded), and global arrays built from host batches.
 The mesh has two axes: `data` (replicas that each see their own rows) and `fsdp` (ZeRO-3 style: each large
 parameter, its EMA and its optimizer moments split over these devices along one axis, gathered by XLA where a
 layer needs them). The global batch is split over both axes, so every device gets its own rows either way.
+
+Which axis of which array is split comes from an automatic rule (each large array along its largest axis the fsdp
+size divides), or from `config.mesh.partition_rules`: (regex, spec) pairs, first match wins (t5x / MaxText's
+logical-axis rules, in their regex form), matched against each leaf's path in the state, e.g.
+`opt_state/1/0/mu/params/down_1/ResBlock_0/Conv_0/kernel`, so one rule places a parameter, its EMA and its Adam
+moments alike.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -101,11 +108,65 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) 
   return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
-  """A sharding per leaf of a (train) state: FSDP over the mesh's fsdp axis (replicated when it is 1)."""
+PartitionRule = tuple[str, str | Sequence[str | None]]
+
+
+def parse_partition_rules(rules: Sequence[PartitionRule]) -> list[tuple[re.Pattern, P]]:
+  """config.mesh.partition_rules -> [(compiled regex, PartitionSpec)]; ValueError naming the bad rule.
+
+  A rule is (regex, spec). The spec names a mesh axis (or None: not split) per array axis, as a tuple
+  (None, "fsdp") or a string "None,fsdp" (what a command-line override writes); "" or () is replicated.
+  Trailing axes left out are not split (PartitionSpec's convention)."""
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+    raise ValueError(f"config.mesh.partition_rules={rules!r} is invalid: expected a tuple of (regex, spec) pairs")
+  parsed = []
+  for i, rule in enumerate(rules):
+    where = f"config.mesh.partition_rules[{i}]={rule!r} is invalid"
+    if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2 \
+        or not isinstance(rule[0], str):
+      raise ValueError(f"{where}: expected a (regex, spec) pair such as ('Conv_0/kernel$', 'None,None,None,fsdp')")
+    pattern, spec = rule
+    try:
+      compiled = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"{where}: the regex does not compile ({e})") from None
+    if isinstance(spec, str):
+      spec = [a.strip() for a in spec.split(",")] if spec.strip() else []
+    if not isinstance(spec, Sequence):
+      raise ValueError(f"{where}: the spec must be a string like 'None,fsdp' or a tuple like (None, 'fsdp')")
+    axes = [None if a in (None, "None", "none", "") else a for a in spec]
+    named = [a for a in axes if a is not None]
+    if any(a not in BATCH_AXES for a in named) or len(set(named)) != len(named):
+      raise ValueError(f"{where}: each array axis takes one of the mesh axes {BATCH_AXES} or None, each mesh axis "
+                       "at most once")
+    parsed.append((compiled, P(*axes)))
+  return parsed
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, partition_rules: Sequence[PartitionRule] = (),
+                    min_size: int = FSDP_MIN_SIZE) -> Any:
+  """A sharding per leaf of a (train) state: the first of `partition_rules` whose regex matches the leaf's path,
+  else FSDP over the mesh's fsdp axis by fsdp_spec (replicated when it is 1). ValueError naming the rule and the
+  leaf when a rule's spec does not fit that leaf (more axes than it has, or a size the mesh axis does not divide)."""
   fsdp = mesh.shape[FSDP_AXIS]
-  return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp, min_size)),
-                      abstract_state)
+  rules = parse_partition_rules(partition_rules)
+
+  def leaf_sharding(path, leaf):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    shape = tuple(leaf.shape)
+    for i, (pattern, spec) in enumerate(rules):
+      if not pattern.search(name):
+        continue
+      where = f"config.mesh.partition_rules[{i}]={partition_rules[i]!r} does not fit {name} of shape {shape}"
+      if len(spec) > len(shape):
+        raise ValueError(f"{where}: the spec names {len(spec)} axes, the array has {len(shape)}")
+      for dim, axis in zip(shape, spec):
+        if axis is not None and dim % mesh.shape[axis]:
+          raise ValueError(f"{where}: {dim} does not divide over the {mesh.shape[axis]} devices of mesh axis {axis!r}")
+      return NamedSharding(mesh, spec)
+    return NamedSharding(mesh, fsdp_spec(shape, fsdp, min_size))
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
 
 
 def host_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
