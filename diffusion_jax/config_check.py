@@ -308,7 +308,8 @@ REMOTE_WORKDIR_PACKAGES = {"gs": ("google.cloud.storage", "google-cloud-storage"
 
 
 def missing_remote_package(workdir: str) -> str | None:
-  """The pip line a remote workdir's scheme still needs here, None when nothing is missing."""
+  """What a remote workdir's scheme still needs here ("<package> ...: pip install ..."), None when nothing is
+  missing."""
   import importlib.util
   module, package, extra = REMOTE_WORKDIR_PACKAGES.get(workdir.split("://")[0], (None, None, None))
   if module is None:
@@ -318,7 +319,8 @@ def missing_remote_package(workdir: str) -> str | None:
       return None
   except ModuleNotFoundError:  # a parent package (google.cloud) is missing
     pass
-  return f"pip install {package} (or pip install '{extra}')"
+  return (f"{package} for its checkpoints (Orbax lists them through it): pip install {package} "
+          f"(or pip install '{extra}')")
 
 
 def check_workdir(workdir: str) -> None:
@@ -330,10 +332,9 @@ def check_workdir(workdir: str) -> None:
     except Exception as e:  # no credentials, no network, an unknown scheme
       raise ValueError(f"--workdir={workdir!r} cannot be reached: {type(e).__name__}: "
                        f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
-    install = missing_remote_package(workdir)
-    if install:
-      raise ValueError(f"--workdir={workdir!r} needs {REMOTE_WORKDIR_PACKAGES[workdir.split('://')[0]][1]} for its "
-                       f"checkpoints (Orbax lists them through it): {install}")
+    missing = missing_remote_package(workdir)
+    if missing:
+      raise ValueError(f"--workdir={workdir!r} needs {missing}")
     return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):

@@ -24,9 +24,8 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
                            process_id=process_id)
 
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 from helpers import tiny_config, tiny_text_config  # noqa: E402
-from steps import run_steps  # noqa: E402
+from steps import run_steps, wait_for_all_processes  # noqa: E402
 
 from diffusion_jax import build, checkpoint, train  # noqa: E402
 from diffusion_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -44,7 +43,7 @@ mesh = make_mesh(data=1, fsdp=devices)
 target, _ = train.create_train_state(parts.model, parts.tx, jax.random.key(7), parts.input_shape, mesh,
                                      parts.schedule.num_timesteps)
 # Orbax's manager starts with a barrier that is a device collective: wait here first (see steps.run_steps).
-ocp.multihost.get_barrier_sync_fn()(key="restore_target_ready", timeout_ms=600_000)
+wait_for_all_processes("restore_target_ready")
 restored = checkpoint.restore(checkpoint.make_manager(checkpoint_workdir), target)
 expected = np.load(os.path.join(checkpoint_workdir, "leaves.npz"))
 leaves = jax.tree.leaves(restored)

@@ -8,6 +8,11 @@ from diffusion_jax.data import InMemoryBatches, load_split
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh
 
 
+def wait_for_all_processes(name: str) -> None:
+  """A coordination-service barrier (no device collective, so no gloo context to time out while peers compile)."""
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=600_000)
+
+
 def run_steps(config, num_steps: int) -> list[float]:
   mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   parts = build.build_components(config)
@@ -25,7 +30,7 @@ def run_steps(config, num_steps: int) -> list[float]:
       # first cross-process collective more than 30 s later, and compile times differ that much between
       # processes sharing 2 cores.
       step = step.lower(state, batch, jax.random.key(1), None).compile()
-      ocp.multihost.get_barrier_sync_fn()(key="run_steps_compiled", timeout_ms=600_000)
+      wait_for_all_processes("run_steps_compiled")
     state, metrics = step(state, batch, jax.random.key(1), None)
     losses.append(float(metrics["loss"]))
   return losses

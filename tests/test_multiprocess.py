@@ -69,6 +69,12 @@ def printed(out: str, tag: str) -> list[float]:
   return [float(x) for x in next(l for l in out.splitlines() if l.startswith(tag + " ")).split()[1:]]
 
 
+def assert_restored(out: str) -> None:
+  """The worker restored every leaf equal, some of them sharded across the processes."""
+  restored = next(l for l in out.splitlines() if l.startswith("RESTORED"))
+  assert "leaves equal" in restored and int(restored.split(",")[1].split()[0]) > 0, restored
+
+
 def test_two_processes_match_one_and_write_one_workdir(written, tmp_path):
   data_dir, single, checkpoint_workdir = written
   workdir = str(tmp_path / "run")
@@ -80,8 +86,7 @@ def test_two_processes_match_one_and_write_one_workdir(written, tmp_path):
   np.testing.assert_allclose(losses[0], single, rtol=1e-5)
   # The checkpoint written on one process (data 2 x fsdp 4 of 8 devices) restores onto it leaf for leaf.
   for out in outs:
-    restored = next(l for l in out.splitlines() if l.startswith("RESTORED"))
-    assert "leaves equal" in restored and int(restored.split(",")[1].split()[0]) > 0, restored
+    assert_restored(out)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   assert samples["images"].shape == (10, 16, 16, 1)
@@ -95,8 +100,7 @@ def test_four_processes_train_fsdp_sharded_across_all_and_restore_another_topolo
   outs = run_workers(4, data_dir, str(tmp_path / "run"), checkpoint_workdir)
   for out in outs:
     np.testing.assert_allclose(printed(out, "FSDP_LOSSES"), single, rtol=1e-5)
-    restored = next(l for l in out.splitlines() if l.startswith("RESTORED"))
-    assert "leaves equal" in restored and int(restored.split(",")[1].split()[0]) > 0, restored
+    assert_restored(out)
 
 
 def test_sigterm_to_both_processes_saves_one_agreed_step(tmp_path):
