@@ -116,7 +116,7 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                       in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
     try:
-      state = run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, keys.autoencoder_train),
+      state = run_loop(state=state, step_fn=step_fn, step_args=(keys.autoencoder_train,),
                        batch_fn=lambda i: host_to_global({"image": batches.batch(i)["image"]}, batch_sharding(mesh)),
                        num_steps=a.num_train_steps, batch_size=a.batch_size, log_every=config.log_every_steps,
                        checkpoint_every=config.checkpoint_every_steps, preview_every=config.preview_every_steps,

@@ -16,6 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint
+from diffusion_jax.parallel import multihost
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -101,8 +102,11 @@ class StopSignals:
 def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], num_steps: int, batch_size: int,
              log_every: int, checkpoint_every: int, preview_every: int, manager, writer,
              preview_fn: Callable[[Any, int], None] | None = None, name: str = "train",
-             nan_policy: str = "stop") -> Any:
-  """Steps state.step+1 .. num_steps: `step_fn(state, batch_fn(step - 1)) -> (state, metrics)`.
+             nan_policy: str = "stop", step_args: tuple = ()) -> Any:
+  """Steps state.step+1 .. num_steps: `step_fn(state, batch_fn(step - 1), *step_args) -> (state, metrics)`.
+
+  With several processes, `step_fn` (a jitted function) is compiled before the first step and every process
+  waits for the others there (`multihost.compile_then_wait`), so the step's collectives start together.
 
   Metrics are pulled to the host at log and checkpoint steps; a non-finite loss raises there (nan_policy
   'stop'), before the next save, so the last good checkpoint is never overwritten by a diverged state. A
@@ -118,7 +122,10 @@ def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], n
                jax.device_count())
   with StopSignals() as signals:
     for step in range(start + 1, num_steps + 1):
-      state, metrics = step_fn(state, batch_fn(step - 1))
+      batch = batch_fn(step - 1)
+      if step == start + 1:
+        step_fn = multihost.compile_then_wait(step_fn, state, batch, *step_args, name=f"{name}_step")
+      state, metrics = step_fn(state, batch, *step_args)
       pending.append(metrics)
       stop = signals.stop_now(step)
       is_last = step == num_steps

@@ -245,7 +245,7 @@ def _train(run: Run, state: TrainState, state_shardings, manager) -> TrainState:
 
   preview = _sampler(run, SampleSettings.from_config(config.sample, preview=True), config.sample.preview_images)
   try:
-    return loop.run_loop(state=state, step_fn=lambda s, b: step_fn(s, b, keys.train, text_table), batch_fn=batch_fn,
+    return loop.run_loop(state=state, step_fn=step_fn, step_args=(keys.train, text_table), batch_fn=batch_fn,
                        num_steps=config.num_train_steps, batch_size=config.batch_size,
                        log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
                        preview_every=config.preview_every_steps, manager=manager, writer=run.writer,

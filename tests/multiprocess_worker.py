@@ -24,16 +24,25 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
                            process_id=process_id)
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 from helpers import tiny_config, tiny_text_config  # noqa: E402
-from steps import run_steps, wait_for_all_processes  # noqa: E402
+from steps import run_steps  # noqa: E402
 
 from diffusion_jax import build, checkpoint, train  # noqa: E402
+from diffusion_jax.parallel import multihost  # noqa: E402
 from diffusion_jax.parallel.mesh import make_mesh  # noqa: E402
+
+flags.FLAGS(sys.argv[:1])  # as main does (absl parses the flags; Orbax reads its barrier flag from them)
+multihost.use_coordination_barriers()  # what main's start-up does after jax.distributed.initialize
 
 devices = 2 * num_processes
 assert jax.device_count() == devices and jax.local_device_count() == 2
 config = tiny_config(data_dir)
 config.mesh.fsdp = devices  # FSDP across every process: each large parameter split over all devices
+if num_processes == 2 and process_id == 1:
+  # The last process starts its first step 35 s after the others: without the barrier after compiling
+  # (multihost.compile_then_wait) gloo gives up on it after 30 s (DEADLINE_EXCEEDED).
+  time.sleep(35)
 print("FSDP_LOSSES", " ".join(f"{x:.8f}" for x in run_steps(config, num_steps=3)), flush=True)
 print(f"at {time.time() - start:.1f}s", flush=True)
 
@@ -42,8 +51,8 @@ parts = build.build_components(config)
 mesh = make_mesh(data=1, fsdp=devices)
 target, _ = train.create_train_state(parts.model, parts.tx, jax.random.key(7), parts.input_shape, mesh,
                                      parts.schedule.num_timesteps)
-# Orbax's manager starts with a barrier that is a device collective: wait here first (see steps.run_steps).
-wait_for_all_processes("restore_target_ready")
+# Orbax's manager starts with a barrier, here through the coordination service (use_coordination_barriers): a
+# device collective there would meet gloo's 30 s limit when one process creates its target state much later.
 restored = checkpoint.restore(checkpoint.make_manager(checkpoint_workdir), target)
 expected = np.load(os.path.join(checkpoint_workdir, "leaves.npz"))
 leaves = jax.tree.leaves(restored)

@@ -1,16 +1,11 @@
 """A few train steps through the public pieces, on whatever processes and devices this run has."""
 
 import jax
-import orbax.checkpoint as ocp
 
 from diffusion_jax import build, train
 from diffusion_jax.data import InMemoryBatches, load_split
+from diffusion_jax.parallel import multihost
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh
-
-
-def wait_for_all_processes(name: str) -> None:
-  """A coordination-service barrier (no device collective, so no gloo context to time out while peers compile)."""
-  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=600_000)
 
 
 def run_steps(config, num_steps: int) -> list[float]:
@@ -25,12 +20,8 @@ def run_steps(config, num_steps: int) -> list[float]:
   losses = []
   for s in range(num_steps):
     batch = host_to_global({"image": batches.batch(s)["image"]}, batch_sharding(mesh))
-    if s == 0 and jax.process_count() > 1:
-      # Compile first, then wait for every process: XLA:CPU's gloo collectives give up on a peer that reaches the
-      # first cross-process collective more than 30 s later, and compile times differ that much between
-      # processes sharing 2 cores.
-      step = step.lower(state, batch, jax.random.key(1), None).compile()
-      wait_for_all_processes("run_steps_compiled")
+    if s == 0:  # as the library's loop does: with several processes, compiled first, then all wait for all
+      step = multihost.compile_then_wait(step, state, batch, jax.random.key(1), None, name="run_steps")
     state, metrics = step(state, batch, jax.random.key(1), None)
     losses.append(float(metrics["loss"]))
   return losses

@@ -180,12 +180,12 @@ def test_unet_for_size_keeps_parameters_and_attention_levels():
   model = UNet(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), out_channels=1)
   wide = model.for_size(28, 36)
   assert tuple(wide.attn_resolutions) == (9,)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
   wide_params = jax.eval_shape(wide.init, jax.random.key(0), jnp.zeros((1, 36, 36, 1)), jnp.zeros((1,), jnp.int32))
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, wide_params)
-  out = model.apply(params, jnp.ones((2, 28, 40, 1)), jnp.zeros((2,), jnp.int32))  # non-square: same height
+  out = jax.jit(model.apply)(params, jnp.ones((2, 28, 40, 1)), jnp.zeros((2,), jnp.int32))  # non-square: same height
   assert out.shape == (2, 28, 40, 1)
-  out = wide.apply(params, jnp.ones((1, 36, 36, 1)), jnp.zeros((1,), jnp.int32))
+  out = jax.jit(wide.apply)(params, jnp.ones((1, 36, 36, 1)), jnp.zeros((1,), jnp.int32))
   assert out.shape == (1, 36, 36, 1) and np.isfinite(np.asarray(out)).all()
 
 

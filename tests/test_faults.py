@@ -74,7 +74,9 @@ def reference(config_file, tmp_path_factory):
   return _final_state(workdir)
 
 
-@pytest.mark.parametrize("where, step", [("between", 4), ("during", 4), ("after", 6)])
+# The default tier kills mid-save (the hard case); between saves and after the last one run in the slow tier.
+@pytest.mark.parametrize("where, step", [pytest.param("between", 4, marks=pytest.mark.slow), ("during", 4),
+                                         pytest.param("after", 6, marks=pytest.mark.slow)])
 def test_sigkill_then_rerun_gives_the_uninterrupted_bits(config_file, reference, tmp_path, where, step):
   workdir = tmp_path / "run"
   killed = _main(config_file, workdir, driver=[os.path.join(HERE, "fault_driver.py"), where, str(step)])
@@ -106,7 +108,8 @@ def _wait_for_step(proc, step):
   raise AssertionError("the run ended before step %d:\n%s" % (step, "".join(lines[-40:])))
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143),
+                                          pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_a_signal_saves_the_step_reached_and_the_rerun_loses_none(config_file, tmp_path, signum, code):
   workdir = tmp_path / "run"
   proc = _start(config_file, workdir)

@@ -1,4 +1,5 @@
-"""Multi-process start-up: one call before any other JAX use, that ends with one line instead of hanging."""
+"""Multi-process start-up (one call before any other JAX use, that ends with one line instead of hanging) and the
+barriers that keep the processes' first collectives together."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import os
 import socket
 import sys
 import threading
+from typing import Any, Callable
 
 import jax
-from absl import logging
+import orbax.checkpoint as ocp
+from absl import flags, logging
 
 from diffusion_jax.environment import Environment
 
@@ -71,5 +74,43 @@ def maybe_initialize_distributed(env: Environment) -> None:
                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}{hint}") from None
   finally:
     watchdog.cancel()
+  use_coordination_barriers()
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def use_coordination_barriers() -> None:
+  """Orbax's own barriers (the manager's start, each save) through the coordination service, as
+  `wait_for_all_processes`, instead of device collectives: those open a gloo communicator on CPU (the 30 s limit
+  of `compile_then_wait`) and can only hang, not time out with a message. Orbax reads an absl flag, so the flags
+  must have been parsed (main does so)."""
+  flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
+  """Every process waits here until all have arrived: a coordination-service barrier, no device collective
+  (nothing to compile, no communicator to open). A no-op with one process."""
+  if jax.process_count() == 1:
+    return
+  try:
+    ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+  except Exception as e:  # the coordination service's own error is a long gRPC status
+    raise RuntimeError(f"process {jax.process_index()} waited {timeout_s:g}s at barrier {name!r} and not all "
+                       f"{jax.process_count()} processes arrived (one stopped, or is still compiling): "
+                       f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+
+
+def compile_then_wait(jitted: Callable, *args: Any, name: str) -> Callable:
+  """`jitted` compiled for `args`; with several processes every process compiles first and then waits for
+  the others, so the program's first cross-process collective finds every peer there.
+
+  Why: XLA:CPU's gloo collectives give up when a peer reaches a new communicator more than 30 s after another
+  (`DEADLINE_EXCEEDED: GetKeyValue() timed out`), and compile times differ by more than that between processes
+  sharing a host, or where one finds the program in the persistent compilation cache and another does not.
+  With one process `jitted` itself is returned (compiled on its first call, as usual).
+  """
+  if jax.process_count() == 1:
+    return jitted
+  compiled = jitted.lower(*args).compile()
+  wait_for_all_processes(f"{name}_compiled")
+  return compiled
