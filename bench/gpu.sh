@@ -22,6 +22,9 @@ timeout 170 python3 train_step.py --configs cifar10_ddpm --batch 128 --steps 20 
   --peak-tflops 989 --profile /tmp/trace_bf16 > "$out/mfu_bf16.log" 2>&1; show "$out/mfu_bf16.log"
 timeout 110 python3 train_step.py --configs cifar10_ddpm --batch 128 --steps 20 --peak-tflops 989 \
   > "$out/mfu_fp32.log" 2>&1; show "$out/mfu_fp32.log"
+# cuDNN's fused flash attention (model.attention_impl=cudnn; not yet run on a GPU), bf16, the same step.
+timeout 110 python3 train_step.py --configs cifar10_ddpm --batch 128 --steps 20 --set model.dtype=bfloat16 \
+  --set model.attention_impl=cudnn --peak-tflops 989 > "$out/mfu_bf16_cudnn.log" 2>&1; show "$out/mfu_bf16_cudnn.log"
 # 2. This project vs diffusers' UNet2DModel on the same GPU (peer in eager PyTorch; bf16 = torch.autocast).
 for dtype in bfloat16 float32; do
   timeout 160 python3 vs_peers.py --cases ddpm_cifar10,fmnist_small --batch 128 --no-rss --peer-device cuda \

@@ -23,7 +23,7 @@ from diffusion_jax import diffusion as D
 from diffusion_jax.data import IMAGE_FOLDER, IN_MEMORY, dataset_image_shape, dataset_info, is_streamed
 from diffusion_jax.data.datasets import folder_index
 from diffusion_jax.loop import NAN_POLICIES
-from diffusion_jax.models.layers import CONV_IMPLS
+from diffusion_jax.models.layers import ATTENTION_IMPLS, CONV_IMPLS
 
 MODES = ("train", "sample", "eval", "edit")
 REC_LOSSES = ("l1", "l2")
@@ -215,6 +215,13 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
   require(m.dtype in build.DTYPES, "model.dtype", m.dtype, f"choose one of {tuple(build.DTYPES)}")
   require(m.conv_impl in CONV_IMPLS, "model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
+  require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
+          f"choose one of {ATTENTION_IMPLS}")
+  if m.attention_impl == "cudnn":  # cuDNN's fused attention: NVIDIA GPUs, half-precision inputs only
+    require(jax.default_backend() == "gpu", "model.attention_impl", m.attention_impl,
+            f"cuDNN attention runs on NVIDIA GPUs and this run's backend is {jax.default_backend()}: use 'xla'")
+    require(m.dtype == "bfloat16", "model.attention_impl", m.attention_impl,
+            f"cuDNN attention computes in bfloat16: set --config.model.dtype=bfloat16 (model.dtype={m.dtype!r})")
   for key, low in (("ch", 1), ("num_res_blocks", 1), ("num_heads", 1), ("num_classes", 0), ("context_dim", 0),
                    ("concat_channels", 0)):
     require(_is_int(m[key], low), f"model.{key}", m[key], f"must be an int >= {low}")
@@ -297,9 +304,10 @@ def check_sample(config: ml_collections.ConfigDict) -> None:
 IDENTITY_KEYS = ("data.image_size", "data.channels", "diffusion.schedule", "diffusion.num_timesteps",
                  "diffusion.prediction", "diffusion.loss", "diffusion.variance", "model", "autoencoder.model",
                  "text.encoder", "image_condition")
-# ... except how it is computed: the compute dtype, the convolution lowering and dropout may change (e.g. sample
-# a float32-trained model in bfloat16, or fine-tune with dropout).
-COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.dropout", "model.remat", "autoencoder.model.conv_impl")
+# ... except how it is computed: the compute dtype, the convolution and attention lowerings and dropout may
+# change (e.g. sample a float32-trained model in bfloat16, or fine-tune with dropout).
+COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.attention_impl",
+                "model.dropout", "model.remat", "autoencoder.model.conv_impl")
 
 
 # Packages a remote workdir needs beyond epath's: Orbax (0.12.8) lists a gs:// folder's checkpoint steps through

@@ -47,6 +47,10 @@ PIXEL_ERRORS = [
     ("model.ch", 0, r"config.model.ch=0 is invalid: must be an int >= 1"),
     ("model.ch_mult", (), r"config.model.ch_mult=\(\) is invalid: must be a tuple of ints"),
     ("model.dtype", "float16", r"config.model.dtype='float16' is invalid"),
+    ("model.attention_impl", "flash", r"config.model.attention_impl='flash' is invalid: choose one of "
+     r"\('xla', 'cudnn'\)"),
+    ("model.attention_impl", "cudnn", r"config.model.attention_impl='cudnn' is invalid: cuDNN attention runs on NVIDIA "
+     r"GPUs and this run's backend is cpu: use 'xla'"),
     ("model.chh", 3, r"config.model is invalid: .*unexpected keyword argument 'chh'"),
     ("model.attn_resolutions", (5,), r"config.data.image_size=16 and config.model do not fit: attn_resolutions"),
     ("model.context_dim", 384, r"config.model.context_dim=384 is invalid: cross-attention needs a context"),

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import layer_refs as R
-from diffusion_jax.models.layers import AttentionBlock, GroupNorm, ResBlock, attention_heads, timestep_embedding
+from diffusion_jax.models.layers import (AttentionBlock, GroupNorm, ResBlock, attend, attention_heads,
+                                         timestep_embedding)
 
 IN_CH, EMB = 48, 20  # 48 channels: GroupNorm with gcd(32, 48) = 16 groups of 3 channels
 
@@ -121,3 +122,26 @@ def test_group_norm_is_flaxs_group_norm(shape, groups, dtype):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     GroupNorm(num_groups=32).init(jax.random.key(0), jnp.zeros((1, 4, 4, 48)))
+
+
+def test_attend_gives_cudnn_the_valid_key_counts_of_the_mask(monkeypatch):
+  """attention_impl='cudnn' passes cuDNN the number of valid keys per example instead of the boolean mask; on this
+  CPU the call is routed to XLA with those same arguments, and must equal the masked attention."""
+  real, seen = jax.nn.dot_product_attention, []
+
+  def routed(*args, implementation=None, **kwargs):
+    seen.append((implementation, sorted(kwargs)))
+    return real(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", routed)
+  q, k, v = (jax.random.normal(jax.random.key(i), shape) for i, shape in
+             enumerate([(2, 6, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)]))
+  mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # the valid tokens first, then padding (text encoders)
+  np.testing.assert_allclose(attend(q, k, v, mask, "cudnn"), attend(q, k, v, mask, "xla"), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(attend(q, k, v, None, "cudnn"), attend(q, k, v, None, "xla"), rtol=1e-5, atol=1e-6)
+  assert [s[0] for s in seen] == ["cudnn", "xla", "cudnn", "xla"]
+  assert seen[0][1] == ["key_value_seq_lengths"] and seen[1][1] == ["mask"]
+  unmasked = attend(q, k, v, None, "xla")
+  assert not np.allclose(attend(q, k, v, mask, "xla")[0], unmasked[0])  # the mask matters for example 0
+  with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+    attend(q, k, v, None, "flash")

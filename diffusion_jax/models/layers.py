@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 
 CONV_IMPLS = ("xla", "im2col")
+# jax.nn.dot_product_attention's implementations: XLA's (any backend), or cuDNN's fused flash attention (NVIDIA GPUs,
+# bfloat16 / float16 compute, head width <= 128).
+ATTENTION_IMPLS = ("xla", "cudnn")
 Dtype = Any
 
 
@@ -174,8 +177,22 @@ def attention_heads(channels: int, num_heads: int, head_channels: int) -> int:
   return heads
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, context_mask: jax.Array | None, impl: str = "xla") -> jax.Array:
+  """softmax(QK^T/sqrt(d))V per head, q [B,N,heads,D], k and v [B,L,heads,D] -> [B,N,heads,D]; keys where
+  context_mask [B,L] is 0 are left out. `impl` 'xla' masks with a boolean [B,1,1,L]; 'cudnn' gives cuDNN the
+  number of valid keys per example instead (its padding mask type), which is the same thing for the masks text
+  encoders make: the valid tokens first, then padding."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+  if impl == "cudnn":
+    lengths = None if context_mask is None else jnp.sum(context_mask != 0, axis=-1).astype(jnp.int32)  # [B]
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+  mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)  # [B,1,1,L]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
 def multi_head_attention(h: jax.Array, context: jax.Array | None, context_mask: jax.Array | None, heads: int,
-                         dtype: Dtype, prefix: str = "") -> jax.Array:
+                         dtype: Dtype, prefix: str = "", impl: str = "xla") -> jax.Array:
   """softmax(QK^T/sqrt(d))V (Vaswani et al. 2017, eq. 1): Q from h [B,N,C], K and V from context [B,L,D]
   (h itself when None), padding keys masked by context_mask [B,L]; out projection zero-initialised.
 
@@ -185,8 +202,7 @@ def multi_head_attention(h: jax.Array, context: jax.Array | None, context_mask: 
   source = h if context is None else context.astype(dtype)
   dense = lambda name: nn.DenseGeneral((heads, c // heads), dtype=dtype, param_dtype=jnp.float32, name=prefix + name)
   q, k, v = dense("q")(h), dense("k")(source), dense("v")(source)  # [B,N,heads,D], [B,L,heads,D]
-  mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)  # [B,1,1,L]
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  out = attend(q, k, v, context_mask, impl)
   return nn.DenseGeneral(c, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
                          kernel_init=nn.initializers.zeros, name=prefix + "proj_out")(out)
 
@@ -197,13 +213,15 @@ class AttentionBlock(nn.Module):
   num_heads: int = 1
   head_channels: int = -1
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     heads = attention_heads(c, self.num_heads, self.head_channels)
     h = group_norm(c, self.dtype)(x).reshape(b, hgt * wid, c)
-    return x + multi_head_attention(h, None, None, heads, self.dtype).reshape(b, hgt, wid, c)
+    return x + multi_head_attention(h, None, None, heads, self.dtype, impl=self.attention_impl).reshape(
+        b, hgt, wid, c)
 
 
 class SpatialTransformer(nn.Module):
@@ -214,6 +232,7 @@ class SpatialTransformer(nn.Module):
   num_heads: int = 1
   head_channels: int = -1
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None = None) -> jax.Array:
@@ -222,8 +241,10 @@ class SpatialTransformer(nn.Module):
     dense = lambda features, name, **kw: nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name, **kw)
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=name)
     h = dense(c, "proj_in")(group_norm(c, self.dtype)(x).reshape(b, hgt * wid, c))
-    h = h + multi_head_attention(norm("norm1")(h), None, None, heads, self.dtype, prefix="attn1_")
-    h = h + multi_head_attention(norm("norm2")(h), context, context_mask, heads, self.dtype, prefix="attn2_")
+    impl = self.attention_impl
+    h = h + multi_head_attention(norm("norm1")(h), None, None, heads, self.dtype, prefix="attn1_", impl=impl)
+    h = h + multi_head_attention(norm("norm2")(h), context, context_mask, heads, self.dtype, prefix="attn2_",
+                                 impl=impl)
     value, gate = jnp.split(dense(8 * c, "ff_in")(norm("norm3")(h)), 2, axis=-1)
     h = h + dense(c, "ff_out")(value * nn.gelu(gate, approximate=False))  # GEGLU, inner width 4C
     h = dense(c, "proj_out", kernel_init=nn.initializers.zeros)(h)

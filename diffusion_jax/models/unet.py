@@ -30,6 +30,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   scale_shift_norm: bool = False
   conv_impl: str = "xla"
+  attention_impl: str = "xla"  # or "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16 / float16)
   num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
   context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context
   pooled_context: bool = True  # also add the mean text token to the timestep embedding (Imagen)
@@ -108,7 +109,8 @@ class UNet(nn.Module):
     def attn():
       counts["attn"] += 1
       name = f"{'SpatialTransformer' if self.context_dim else 'AttentionBlock'}_{counts['attn'] - 1}"
-      block = attn_cls(self.num_heads, self.head_channels, dtype=self.dtype, name=name)
+      block = attn_cls(self.num_heads, self.head_channels, dtype=self.dtype, attention_impl=self.attention_impl,
+                       name=name)
       if self.context_dim:
         return lambda h: block(h, context, context_mask)
       return block
