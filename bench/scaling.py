@@ -1,14 +1,16 @@
 """Memory and speed of the train step over (devices, fsdp): per-device bytes of the train state and what XLA's
 compiled memory analysis reserves, ms per step and images/s; an SD-sized U-Net's state by shapes only.
 
-python bench/scaling.py [--devices 1,2,4,8] [--fsdp 1,2,4,8] [--batch 16] [--steps 3] [--no-time]
+python bench/scaling.py [--devices 1,2,4,8] [--fsdp 1,2,4,8] [--batch 16] [--steps 3] [--no-time] [--sd-compile B]
 
 On CPU each device count runs in its own process with that many XLA:CPU host devices (the count is fixed when
 JAX starts); on an accelerator pass the real count (e.g. --devices 1). The model is DDPM's CIFAR-10 U-Net
 (configs/cifar10_ddpm.py, 35.7M params). The SD-sized U-Net (latent 64x64x4, ch 320, ch_mult (1,2,4,4), 2 res
 blocks, cross-attention to a 768-d context at 64/32/16, 64-channel heads: ~860M params as Stable Diffusion 1.x)
 is never allocated: its state comes from jax.eval_shape and the FSDP shardings, so its rows count only the
-train state (params, EMA, Adam's two moments), not activations.
+train state (params, EMA, Adam's two moments), not activations; `--sd-compile B` also compiles its whole train
+step (B images per device, text-conditional, without and with remat) from abstract inputs for XLA's memory
+analysis, which counts the temporaries (activations, gradients, gathered layers) too.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def state_bytes_per_device(abstract_state, shardings) -> int:
   return sum(int(np.prod(s.shard_shape(tuple(x.shape)))) * x.dtype.itemsize for x, s in leaves)
 
 
-def child(devices: int, fsdps: list[int], batch: int, steps: int) -> list[dict]:
+def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: int = 0) -> list[dict]:
   import jax
   import jax.numpy as jnp
   from diffusion_jax import build, train
@@ -85,6 +87,47 @@ def child(devices: int, fsdps: list[int], batch: int, steps: int) -> list[dict]:
                      devices=devices, data=devices // fsdp, fsdp=fsdp, batch="-",
                      state_mb=state_bytes_per_device(abstract, state_shardings(abstract, mesh)) / 2 ** 20,
                      argument_mb=float("nan"), temp_mb=float("nan"), compile_s=float("nan"), ms=float("nan")))
+    if sd_compile:
+      rows += sd_compiled_rows(devices, fsdp, sd_compile)
+  return rows
+
+
+def sd_compiled_rows(devices: int, fsdp: int, batch_per_device: int) -> list[dict]:
+  """The SD-sized U-Net's whole train step compiled (never run, nothing allocated) for this mesh, without and with
+  model.remat: XLA's memory analysis per device. Inputs are abstract (shapes and shardings); the text condition is
+  a table of 77-token, 768-d caption embeddings as SD 1.x's CLIP text encoder gives (the encoder itself is not in
+  the step: it is frozen and runs once)."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from diffusion_jax import build, conditioning as C, train
+  from diffusion_jax.config import load_config
+  from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, replicated, state_shardings
+  mesh = make_mesh(jax.devices()[:devices], fsdp=fsdp)
+  batch = batch_per_device * devices
+  rows = []
+  for remat in (False, True):
+    config = load_config("cifar10_ddpm", SD_OVERRIDES + [f"mesh.fsdp={fsdp}", f"model.remat={remat}"])
+    parts = build.build_components(config)
+    parts = dataclasses.replace(parts, condition=C.ConditionSpec("text", p_uncond=0.1, captions=(("a photo",),) * 10))
+    init = train.train_state_init_fn(parts.model, parts.tx, parts.input_shape, parts.schedule.num_timesteps)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = state_shardings(abstract, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    data, rep = batch_sharding(mesh), replicated(mesh)
+    spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    inputs = {"image": spec((batch, *parts.input_shape), jnp.float32, data), "label": spec((batch,), jnp.int32, data)}
+    table = C.TextTable(context=spec((11, 77, 768), jnp.float32, rep), mask=spec((11, 77), jnp.int32, rep),
+                        caption_rows=spec((10, 1), jnp.int32, rep), counts=spec((10,), jnp.int32, rep))
+    t0 = time.perf_counter()
+    compiled = train.compile_train_step(parts, mesh, shardings).lower(state, inputs, jax.random.key(1), table).compile()
+    memory = compiled.memory_analysis()
+    rows.append(dict(model=f"sd_sized compiled{' remat' if remat else ''}",
+                     params=sum(x.size for x in jax.tree.leaves(abstract.params)), devices=devices,
+                     data=devices // fsdp, fsdp=fsdp, batch=batch,
+                     state_mb=state_bytes_per_device(abstract, shardings) / 2 ** 20,
+                     argument_mb=memory.argument_size_in_bytes / 2 ** 20, temp_mb=memory.temp_size_in_bytes / 2 ** 20,
+                     compile_s=time.perf_counter() - t0, ms=float("nan")))
   return rows
 
 
@@ -128,12 +171,15 @@ def main():
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--no-time", action="store_true", help="memory only (compile, no steps)")
+  parser.add_argument("--sd-compile", type=int, default=0, metavar="B",
+                      help="also compile the SD-sized step (B images per device, without and with remat) for its "
+                           "memory analysis; minutes per mesh on a CPU")
   parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   fsdps = [int(f) for f in args.fsdp.split(",")]
   steps = 0 if args.no_time else args.steps
   if args.child:
-    print("ROWS " + json.dumps(child(args.child, fsdps, args.batch, steps)))
+    print("ROWS " + json.dumps(child(args.child, fsdps, args.batch, steps, args.sd_compile)))
     return
   rows = []
   accelerator = any(p in os.environ.get("JAX_PLATFORMS", "") for p in ("cuda", "gpu", "tpu"))
@@ -142,7 +188,8 @@ def main():
     if not accelerator:
       env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--fsdp", args.fsdp, "--batch",
-           str(args.batch), "--steps", str(args.steps)] + (["--no-time"] if args.no_time else [])
+           str(args.batch), "--steps", str(args.steps), "--sd-compile", str(args.sd_compile)] + (
+               ["--no-time"] if args.no_time else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
       sys.exit(f"the {n}-device run failed:\n{out.stderr[-3000:]}")
