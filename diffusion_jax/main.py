@@ -84,7 +84,8 @@ def main(argv):
     sys.exit(e.exit_code)
   except KeyboardInterrupt:  # outside the training loop (compiling, sampling, evaluating): nothing unsaved
     _fail("interrupted (Ctrl-C); every finished checkpoint is kept: rerun the same command to resume", 130)
-  except (ValueError, FileNotFoundError, ImportError, DataNotFoundError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, ImportError, TimeoutError, DataNotFoundError,
+          train.NonFiniteLossError) as e:
     # Errors that name the bad value and the fix: print that line, not a traceback (DJ_TRACEBACK=1 shows it).
     if env.traceback:
       raise

@@ -3,6 +3,7 @@ processes) like one process, restore a checkpoint one process wrote on another m
 sample (the whole job text-conditional)."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,3 +142,33 @@ def get_config():
     assert "on SIGTERM" in last and "rerun the same command to resume" in last, out[-3000:]
     steps.add(int(last.split("saved step ")[1].split()[0]))
   assert len(steps) == 1 and os.listdir(tmp_path / "run" / "checkpoints") == [str(steps.pop())]
+
+
+BARRIER_SCRIPT = """
+import sys, time
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from diffusion_jax.parallel import multihost
+if jax.process_index() == 0:
+  multihost.wait_for_all_processes("never_reached", timeout_s=3)
+else:
+  time.sleep(8)  # not there within the 3 s
+"""
+
+
+def test_a_process_that_never_reaches_a_barrier_is_one_timeout_line(tmp_path):
+  """multihost.wait_for_all_processes: the processes that wait give up after timeout_s with one line naming the
+  barrier (main prints it as one error line), instead of hanging."""
+  address = f"127.0.0.1:{free_port()}"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, "-c", BARRIER_SCRIPT, address, str(i)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env) for i in range(2)]
+  try:
+    err = procs[0].communicate(timeout=120)[1]
+  finally:
+    procs[1].kill()
+    procs[1].communicate()
+  assert procs[0].returncode != 0
+  assert re.search(r"TimeoutError: process 0 waited 3s at barrier 'never_reached' and not all 2 processes arrived",
+                   err), err[-3000:]

@@ -89,13 +89,14 @@ def use_coordination_barriers() -> None:
 
 def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
   """Every process waits here until all have arrived: a coordination-service barrier, no device collective
-  (nothing to compile, no communicator to open). A no-op with one process."""
+  (nothing to compile, no communicator to open). A no-op with one process; TimeoutError (one line, naming the
+  barrier) when not all arrive within timeout_s."""
   if jax.process_count() == 1:
     return
   try:
     ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
   except Exception as e:  # the coordination service's own error is a long gRPC status
-    raise RuntimeError(f"process {jax.process_index()} waited {timeout_s:g}s at barrier {name!r} and not all "
+    raise TimeoutError(f"process {jax.process_index()} waited {timeout_s:g}s at barrier {name!r} and not all "
                        f"{jax.process_count()} processes arrived (one stopped, or is still compiling): "
                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
