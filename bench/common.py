@@ -31,6 +31,32 @@ def restore_workdir(config, workdir: str):
   return mesh, parts, decoder, build.load_text_encoder(config), state
 
 
+class TrainStepSetup:
+  """A config's diffusion model ready to time: components, a fresh train state on the mesh, one random batch of
+  images in [-1, 1] sharded over the data axis (labels too for conditional models), a key, and the jitted step."""
+
+  def __init__(self, config, mesh=None, *, donate: bool = True, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from diffusion_jax import build, train
+    from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
+    self.config = config
+    self.mesh = mesh if mesh is not None else make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+    self.parts = parts = build.build_components(config)
+    self.state, self.shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape,
+                                                          self.mesh, parts.schedule.num_timesteps)
+    self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
+    rng, data = np.random.default_rng(seed), batch_sharding(self.mesh)
+    images = rng.uniform(-1, 1, (config.batch_size, *parts.input_shape)).astype(np.float32)
+    self.batch = {"image": jax.device_put(jnp.asarray(images), data)}
+    if parts.condition.kind != "none":  # a conditional step also gathers the condition of each example
+      labels = rng.integers(0, parts.condition.num_labels, config.batch_size).astype(np.int32)
+      self.batch["label"] = jax.device_put(jnp.asarray(labels), data)
+    self.key = jax.random.key(1)
+    self.step = train.compile_train_step(parts, self.mesh, self.shardings, donate=donate)
+
+
 def make_sampler(parts, settings, mesh, decoder):
   """The compiled sample function of a workdir's model with these SampleSettings."""
   from diffusion_jax.sampling import make_sample_fn

@@ -39,27 +39,23 @@ def state_bytes_per_device(abstract_state, shardings) -> int:
 
 def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: int = 0) -> list[dict]:
   import jax
-  import jax.numpy as jnp
+  from common import TrainStepSetup
+
   from diffusion_jax import build, train
   from diffusion_jax.config import load_config
-  from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, state_shardings
+  from diffusion_jax.parallel.mesh import make_mesh, state_shardings
   rows = []
   for fsdp in fsdps:
     if fsdp > devices or devices % fsdp:
       continue
     mesh = make_mesh(jax.devices()[:devices], fsdp=fsdp)
-    config = load_config("cifar10_ddpm", [f"batch_size={batch}", f"mesh.fsdp={fsdp}"])
-    parts = build.build_components(config)
-    state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
-                                                parts.schedule.num_timesteps)
-    images = np.random.default_rng(0).uniform(-1, 1, (batch, *parts.input_shape)).astype(np.float32)
-    data = {"image": jax.device_put(jnp.asarray(images), batch_sharding(mesh))}
-    key = jax.random.key(1)
+    setup = TrainStepSetup(load_config("cifar10_ddpm", [f"batch_size={batch}", f"mesh.fsdp={fsdp}"]), mesh)
+    state, shardings, data, key = setup.state, setup.shardings, setup.batch, setup.key
     t0 = time.perf_counter()
-    compiled = train.compile_train_step(parts, mesh, shardings).lower(state, data, key, None).compile()
+    compiled = setup.step.lower(state, data, key, None).compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
-    row = dict(model="ddpm_cifar10", params=sum(x.size for x in jax.tree.leaves(state.params)), devices=devices,
+    row = dict(model="ddpm_cifar10", params=setup.params, devices=devices,
                data=devices // fsdp, fsdp=fsdp, batch=batch,
                state_mb=state_bytes_per_device(state, shardings) / 2 ** 20,
                argument_mb=getattr(memory, "argument_size_in_bytes", 0) / 2 ** 20 if memory else float("nan"),
@@ -76,7 +72,7 @@ def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: in
         times.append(time.perf_counter() - t0)
       row["ms"] = float(np.median(times)) * 1e3
     rows.append(row)
-    del state, compiled
+    del state, compiled, setup
     # The SD-sized U-Net on the same mesh: shapes only.
     sd = load_config("cifar10_ddpm", SD_OVERRIDES + [f"mesh.fsdp={fsdp}"])
     sd_parts = build.build_components(sd)

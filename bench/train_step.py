@@ -16,9 +16,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import load_config, print_table
+from common import TrainStepSetup, load_config, print_table
 
-from diffusion_jax import build, conditioning as C, latent, train
+from diffusion_jax import build, conditioning as C, latent
 from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
 
 
@@ -108,17 +108,11 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
       encode(ae_state.params, images, key, 1.0).block_until_ready()
     encode_s = (time.perf_counter() - t0) / steps
     label = f"{label} stage 2 (U-Net on {'x'.join(map(str, shape))} + encoder)"
-  state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), shape, mesh,
-                                              parts.schedule.num_timesteps)
-  step_fn = train.compile_train_step(parts, mesh, shardings)
-  batch = {"image": random_batch(config.batch_size, shape)}
+  setup = TrainStepSetup(config, mesh)
   table = None
-  if parts.condition.kind != "none":  # a conditional step also gathers the condition of each example
-    batch["label"] = jax.device_put(jnp.asarray(rng.integers(0, parts.condition.num_labels, config.batch_size),
-                                                jnp.int32), data)
   if parts.condition.kind == "text":
     table = C.build_text_table(build.load_text_encoder(config), parts.condition.captions)
-  timing = time_step(step_fn, state, (batch, key, table), steps, peak, profile_dir)
+  timing = time_step(setup.step, setup.state, (setup.batch, setup.key, table), steps, peak, profile_dir)
   rows.append(row(label, config.batch_size, timing, encode_s))
   return rows
 

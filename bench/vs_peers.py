@@ -62,26 +62,18 @@ class Ours:
 
   def __init__(self, case: dict, extra_overrides: list[str], sample_steps: int, batch: int):
     import jax
-    import jax.numpy as jnp
-    from diffusion_jax import build, train
+    from common import TrainStepSetup
+
     from diffusion_jax.config import load_config
-    from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
     from diffusion_jax.sampling import SampleSettings, make_sample_fn
     self.jax = jax
     config = load_config("cifar10_ddpm", case["overrides"] + list(extra_overrides) + [f"batch_size={batch}"])
     self.batch_size = config.batch_size
-    mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
-    parts = build.build_components(config)
-    self.state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape,
-                                                     mesh, parts.schedule.num_timesteps)
-    self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (config.batch_size, *parts.input_shape)).astype(np.float32)
-    self.batch = {"image": jax.device_put(jnp.asarray(images), batch_sharding(mesh))}
-    self.key = jax.random.key(1)
-    step = train.compile_train_step(parts, mesh, shardings)
+    setup = TrainStepSetup(config)
+    mesh, parts, self.state, self.params = setup.mesh, setup.parts, setup.state, setup.params
+    self.batch, self.key = setup.batch, setup.key
     t0 = time.perf_counter()
-    self.step = step.lower(self.state, self.batch, self.key, None).compile()
+    self.step = setup.step.lower(self.state, self.batch, self.key, None).compile()
     self.compile_s = time.perf_counter() - t0
     settings = SampleSettings(sampler="ddpm", num_steps=sample_steps)
     self.sample_steps = sample_steps
