@@ -41,9 +41,8 @@ def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: in
   import jax
   from common import TrainStepSetup
 
-  from diffusion_jax import build, train
   from diffusion_jax.config import load_config
-  from diffusion_jax.parallel.mesh import make_mesh, state_shardings
+  from diffusion_jax.parallel.mesh import make_mesh
   rows = []
   for fsdp in fsdps:
     if fsdp > devices or devices % fsdp:
@@ -74,21 +73,30 @@ def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: in
     rows.append(row)
     del state, compiled, setup
     # The SD-sized U-Net on the same mesh: shapes only.
-    sd = load_config("cifar10_ddpm", SD_OVERRIDES + [f"mesh.fsdp={fsdp}"])
-    sd_parts = build.build_components(sd)
-    init = train.train_state_init_fn(sd_parts.model, sd_parts.tx, sd_parts.input_shape,
-                                     sd_parts.schedule.num_timesteps)
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    _, abstract, sd_shardings = sd_abstract_state(mesh)
     rows.append(dict(model="sd_sized (shapes only)", params=sum(x.size for x in jax.tree.leaves(abstract.params)),
                      devices=devices, data=devices // fsdp, fsdp=fsdp, batch="-",
-                     state_mb=state_bytes_per_device(abstract, state_shardings(abstract, mesh)) / 2 ** 20,
+                     state_mb=state_bytes_per_device(abstract, sd_shardings) / 2 ** 20,
                      argument_mb=float("nan"), temp_mb=float("nan"), compile_s=float("nan"), ms=float("nan")))
     if sd_compile:
-      rows += sd_compiled_rows(devices, fsdp, sd_compile)
+      rows += sd_compiled_rows(mesh, sd_compile)
   return rows
 
 
-def sd_compiled_rows(devices: int, fsdp: int, batch_per_device: int) -> list[dict]:
+def sd_abstract_state(mesh, remat: bool = False):
+  """The SD-sized U-Net's (components, abstract train state, state shardings on `mesh`): shapes only."""
+  import jax
+  from diffusion_jax import build, train
+  from diffusion_jax.config import load_config
+  from diffusion_jax.parallel.mesh import FSDP_AXIS, state_shardings
+  config = load_config("cifar10_ddpm", SD_OVERRIDES + [f"mesh.fsdp={mesh.shape[FSDP_AXIS]}", f"model.remat={remat}"])
+  parts = build.build_components(config)
+  init = train.train_state_init_fn(parts.model, parts.tx, parts.input_shape, parts.schedule.num_timesteps)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  return parts, abstract, state_shardings(abstract, mesh)
+
+
+def sd_compiled_rows(mesh, batch_per_device: int) -> list[dict]:
   """The SD-sized U-Net's whole train step compiled (never run, nothing allocated) for this mesh, without and with
   model.remat: XLA's memory analysis per device. Inputs are abstract (shapes and shardings); the text condition is
   a table of 77-token, 768-d caption embeddings as SD 1.x's CLIP text encoder gives (the encoder itself is not in
@@ -96,19 +104,14 @@ def sd_compiled_rows(devices: int, fsdp: int, batch_per_device: int) -> list[dic
   import dataclasses
   import jax
   import jax.numpy as jnp
-  from diffusion_jax import build, conditioning as C, train
-  from diffusion_jax.config import load_config
-  from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, replicated, state_shardings
-  mesh = make_mesh(jax.devices()[:devices], fsdp=fsdp)
+  from diffusion_jax import conditioning as C, train
+  from diffusion_jax.parallel.mesh import FSDP_AXIS, batch_sharding, replicated
+  devices, fsdp = mesh.size, mesh.shape[FSDP_AXIS]
   batch = batch_per_device * devices
   rows = []
   for remat in (False, True):
-    config = load_config("cifar10_ddpm", SD_OVERRIDES + [f"mesh.fsdp={fsdp}", f"model.remat={remat}"])
-    parts = build.build_components(config)
+    parts, abstract, shardings = sd_abstract_state(mesh, remat)
     parts = dataclasses.replace(parts, condition=C.ConditionSpec("text", p_uncond=0.1, captions=(("a photo",),) * 10))
-    init = train.train_state_init_fn(parts.model, parts.tx, parts.input_shape, parts.schedule.num_timesteps)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = state_shardings(abstract, mesh)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     data, rep = batch_sharding(mesh), replicated(mesh)
     spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

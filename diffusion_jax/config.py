@@ -97,7 +97,7 @@ def _model() -> ml_collections.ConfigDict:
   m.pooled_context = True  # text models: the mean token also joins the timestep embedding (Imagen)
   m.concat_channels = 0  # > 0: extra input channels for spatially aligned conditions
   m.conv_impl = "xla"  # xla | im2col (9 slices + one matmul; slower here, see README's bench table)
-  m.attention_impl = "xla"  # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, with model.dtype bfloat16 or float16)
+  m.attention_impl = "xla"  # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, with model.dtype=bfloat16)
   m.remat = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
   return m
 

@@ -66,9 +66,10 @@ class GroupNorm(nn.Module):
   (`scale`, `bias`) and float32 statistics.
 
   The statistics are per-channel sums over the spatial axes first, then added within each group, and the
-  normalization is one multiply-add per element: on XLA:CPU (with SiLU after it) 1.3-5x faster forward and
-  1.4-2.2x forward + backward than reducing the [B,H,W,G,C/G] view as nn.GroupNorm does, most at 2 channels per
-  group (the U-Net's 64-channel skip concatenations at 32x32); bench/layers.py prints the table.
+  normalization is one multiply-add per element: on XLA:CPU (with SiLU after it) up to 5x faster forward and
+  2.2x forward + backward than reducing the [B,H,W,G,C/G] view as nn.GroupNorm does, most at 2 channels per group
+  (the U-Net's 64-channel skip concatenations at 32x32), and about even (0.95-0.97x) at 32 channels, 32x32;
+  bench/layers.py prints the table.
   """
 
   num_groups: int

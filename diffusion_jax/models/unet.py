@@ -30,7 +30,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   scale_shift_norm: bool = False
   conv_impl: str = "xla"
-  attention_impl: str = "xla"  # or "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16 / float16)
+  attention_impl: str = "xla"  # or "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16 dtype)
   num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
   context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context
   pooled_context: bool = True  # also add the mean text token to the timestep embedding (Imagen)
