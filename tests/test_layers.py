@@ -100,24 +100,27 @@ def test_timestep_embedding_matches_ddpm_formula():
   assert np.all(odd[:, dim] == 0)
 
 
+@pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("shape, groups, dtype", [((2, 8, 8, 64), 32, jnp.float32), ((2, 5, 7, 48), 16, jnp.float32),
                                                   ((3, 10, 32), 32, jnp.float32), ((2, 4, 4, 64), 32, jnp.bfloat16)])
-def test_group_norm_is_flaxs_group_norm(shape, groups, dtype):
-  """layers.GroupNorm (per-channel sums first, for speed) gives nn.GroupNorm's parameters, output and gradients,
-  also for a mean far from 0 (the E[x^2] - E[x]^2 variance) and on [B,L,C] tokens."""
+def test_group_norm_is_flaxs_group_norm(shape, groups, dtype, silu):
+  """layers.GroupNorm (per-channel sums first, its backward written out, SiLU optionally in the same pass) gives
+  nn.GroupNorm's (then nn.silu's) parameters, output and gradients, also for a mean far from 0 (the E[x^2] - E[x]^2
+  variance) and on [B,L,C] tokens."""
   x = jax.random.normal(jax.random.key(0), shape) * 3 + 2
   ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)
-  ours = GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)
+  ours = GroupNorm(num_groups=groups, epsilon=1e-6, silu=silu, dtype=dtype)
   params = ref.init(jax.random.key(1), x)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
-  out, want = ours.apply(params, x), ref.apply(params, x)
+  apply_ref = lambda p, x: nn.silu(ref.apply(p, x)) if silu else ref.apply(p, x)
+  out, want = ours.apply(params, x), apply_ref(params, x)
   assert out.dtype == want.dtype == dtype
   tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
   cotangent = jax.random.normal(jax.random.key(3), shape)
-  grads = [jax.grad(lambda p, x, m=m: jnp.vdot(m.apply(p, x).astype(jnp.float32), cotangent), argnums=(0, 1))(
-      params, x) for m in (ours, ref)]
+  grads = [jax.jit(jax.grad(lambda p, x, f=f: jnp.vdot(f(p, x).astype(jnp.float32), cotangent), argnums=(0, 1)))(
+      params, x) for f in (ours.apply, apply_ref)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):

@@ -65,7 +65,7 @@ class Encoder(_Coder):
     if self.mid_attention:
       h = AttentionBlock(dtype=self.dtype)(h)
     h = ResBlock(h.shape[-1], **kw)(h, None, train=train)
-    h = nn.silu(group_norm(h.shape[-1], self.dtype)(h))
+    h = group_norm(h.shape[-1], self.dtype, silu=True)(h)
     h = Conv(2 * self.z_channels, 3, **kw)(h)
     return Conv(2 * self.z_channels, 1, **kw, name="quant_conv")(h).astype(jnp.float32)
 
@@ -93,7 +93,7 @@ class Decoder(_Coder):
       if level != 0:
         h = Conv(h.shape[-1], 3, **kw)(upsample_nearest(h))
         resolution *= 2
-    h = nn.silu(group_norm(h.shape[-1], self.dtype)(h))
+    h = group_norm(h.shape[-1], self.dtype, silu=True)(h)
     return Conv(self.out_channels, 3, **kw)(h).astype(jnp.float32)
 
 

@@ -161,6 +161,6 @@ class UNet(nn.Module):
         resolution *= 2
     assert not skips
 
-    h = nn.silu(group_norm(h.shape[-1], self.dtype)(h))
+    h = group_norm(h.shape[-1], self.dtype, silu=True)(h)
     out = Conv(self.out_channels or channels, 3, zero_init=True, **kw)(h)
     return out[:, pad // 2:pad // 2 + height, pad_w // 2:pad_w // 2 + width].astype(jnp.float32)
