@@ -2,6 +2,7 @@
 compiled memory analysis reserves, ms per step and images/s; an SD-sized U-Net's state by shapes only.
 
 python bench/scaling.py [--devices 1,2,4,8] [--fsdp 1,2,4,8] [--batch 16] [--steps 3] [--no-time] [--sd-compile B]
+  [--set model.ch=32 ...]
 
 On CPU each device count runs in its own process with that many XLA:CPU host devices (the count is fixed when
 JAX starts); on an accelerator pass the real count (e.g. --devices 1). The model is DDPM's CIFAR-10 U-Net
@@ -37,7 +38,8 @@ def state_bytes_per_device(abstract_state, shardings) -> int:
   return sum(int(np.prod(s.shard_shape(tuple(x.shape)))) * x.dtype.itemsize for x, s in leaves)
 
 
-def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: int = 0) -> list[dict]:
+def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: int = 0, overrides=()
+          ) -> list[dict]:
   import jax
   from common import TrainStepSetup
 
@@ -48,13 +50,14 @@ def child(devices: int, fsdps: list[int], batch: int, steps: int, sd_compile: in
     if fsdp > devices or devices % fsdp:
       continue
     mesh = make_mesh(jax.devices()[:devices], fsdp=fsdp)
-    setup = TrainStepSetup(load_config("cifar10_ddpm", [f"batch_size={batch}", f"mesh.fsdp={fsdp}"]), mesh)
+    setup = TrainStepSetup(load_config("cifar10_ddpm", [f"batch_size={batch}", f"mesh.fsdp={fsdp}", *overrides]),
+                           mesh)
     state, shardings, data, key = setup.state, setup.shardings, setup.batch, setup.key
     t0 = time.perf_counter()
     compiled = setup.step.lower(state, data, key, None).compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
-    row = dict(model="ddpm_cifar10", params=setup.params, devices=devices,
+    row = dict(model=" ".join(["ddpm_cifar10", *overrides]), params=setup.params, devices=devices,
                data=devices // fsdp, fsdp=fsdp, batch=batch,
                state_mb=state_bytes_per_device(state, shardings) / 2 ** 20,
                argument_mb=getattr(memory, "argument_size_in_bytes", 0) / 2 ** 20 if memory else float("nan"),
@@ -136,7 +139,7 @@ def largest_fitting_params(rows: list[dict], budget_gib: float = 16.0) -> list[d
   estimate: activations and gathered layers grow with the model as the state does)."""
   out = []
   for r in rows:
-    if r["model"] != "ddpm_cifar10":
+    if not r["model"].startswith("ddpm_cifar10"):
       continue
     per_param = (r["argument_mb"] + r["temp_mb"]) * 2 ** 20 / r["params"]
     out.append(dict(devices=r["devices"], fsdp=r["fsdp"], batch_per_device=r["batch"] // r["devices"],
@@ -173,12 +176,14 @@ def main():
   parser.add_argument("--sd-compile", type=int, default=0, metavar="B",
                       help="also compile the SD-sized step (B images per device, without and with remat) for its "
                            "memory analysis; minutes per mesh on a CPU")
+  parser.add_argument("--set", action="append", default=[], help="override of the ddpm_cifar10 config, e.g. "
+                      "--set model.ch=32 (a smaller model)")
   parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   fsdps = [int(f) for f in args.fsdp.split(",")]
   steps = 0 if args.no_time else args.steps
   if args.child:
-    print("ROWS " + json.dumps(child(args.child, fsdps, args.batch, steps, args.sd_compile)))
+    print("ROWS " + json.dumps(child(args.child, fsdps, args.batch, steps, args.sd_compile, args.set)))
     return
   rows = []
   accelerator = any(p in os.environ.get("JAX_PLATFORMS", "") for p in ("cuda", "gpu", "tpu"))
@@ -188,7 +193,7 @@ def main():
       env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--fsdp", args.fsdp, "--batch",
            str(args.batch), "--steps", str(args.steps), "--sd-compile", str(args.sd_compile)] + (
-               ["--no-time"] if args.no_time else [])
+               ["--no-time"] if args.no_time else []) + [f"--set={o}" for o in args.set]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
       sys.exit(f"the {n}-device run failed:\n{out.stderr[-3000:]}")

@@ -78,6 +78,8 @@ def main(argv):
       "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache")))
   try:
     maybe_initialize_distributed(env)
+    if jax.process_index() > 0:  # one log for the job: process 0's (the others still print warnings and errors)
+      absl_logging.set_verbosity(absl_logging.WARNING)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except TrainingInterrupted as e:
     sys.stderr.write(f"{e}\n")

@@ -48,3 +48,24 @@ def test_vs_peers_builds_the_same_unet_as_diffusers():
     ours = sum(x.size for x in jax.tree.leaves(params))
     peer = sum(p.numel() for p in UNet2DModel(**case["peer"], **PEER_COMMON).parameters())
     assert ours == peer, (case["peer"]["block_out_channels"], ours, peer)
+
+
+def test_scaling_prints_the_memory_table_and_fsdp_shards_the_state():
+  """bench/scaling.py on 2 host devices with fsdp=2 (a small U-Net for speed): its rows and the 16 GiB estimate
+  print, and the SD-sized state per device is half of its replicated size (params, EMA, two Adam moments)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "bench/scaling.py", "--devices", "2", "--fsdp", "2", "--batch", "4", "--steps",
+                        "1", "--set", "model.ch=32", "--set", "model.ch_mult=(1,2)", "--set", "model.num_res_blocks=1",
+                        "--set", "model.attn_resolutions=(16,)"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.stdout.splitlines()
+          if line.startswith("| ddpm_cifar10") or line.startswith("| sd_sized")}
+  small = rows["ddpm_cifar10 model.ch=32 model.ch_mult=(1,2) model.num_res_blocks=1 model.attn_resolutions=(16,)"]
+  assert small[2:6] == ["2", "1", "2", "4"]  # devices, data, fsdp, batch
+  assert float(small[10]) > 0  # ms per step
+  sd = rows["sd_sized (shapes only)"]
+  params = float(sd[1].rstrip("M")) * 1e6
+  replicated_mb = params * 4 * 4 / 2 ** 20  # float32 params, EMA, Adam's mu and nu
+  assert 0.49 * replicated_mb < float(sd[6].replace(",", "")) < 0.51 * replicated_mb
+  assert re.search(r"\| 2 \| 2 \| 2 \| [\d.]+ \| [\d,]+M params \|", out.stdout)

@@ -142,6 +142,8 @@ def get_config():
     assert "on SIGTERM" in last and "rerun the same command to resume" in last, out[-3000:]
     steps.add(int(last.split("saved step ")[1].split()[0]))
   assert len(steps) == 1 and os.listdir(tmp_path / "run" / "checkpoints") == [str(steps.pop())]
+  # One log for the job: process 0 logs the steps, process 1 only its warnings and its last line.
+  assert "train step" in outs[0] and "train step" not in outs[1], outs[1][-3000:]
 
 
 BARRIER_SCRIPT = """

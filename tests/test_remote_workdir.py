@@ -155,3 +155,18 @@ def test_a_gs_workdir_without_google_cloud_storage_is_one_line_before_anything_i
                                          r"'diffusion_jax\[gcs\]'\)"):
       train.train_and_evaluate(config, BUCKET + "run")
   assert os.listdir(tmp_path / "bucket") == []
+
+
+def test_fid_reference_statistics_are_read_from_a_gs_path(tmp_path):
+  """The FID statistics a run caches under DIR/eval are read back through epath (a gs:// workdir's too)."""
+  from diffusion_jax.evaluation.evaluate import load_reference_stats
+  mu, sigma = np.arange(3.0), np.eye(3) * 2
+  with fake_bucket(str(tmp_path / "bucket")):
+    path = epath.Path(BUCKET + "run/eval/fid_stats_fashion_mnist_test.npz")
+    path.parent.mkdir(parents=True)
+    with path.open("wb") as f:
+      np.savez(f, mu=mu, sigma=sigma)
+    got_mu, got_sigma = load_reference_stats(path)
+  np.testing.assert_array_equal(got_mu, mu)
+  np.testing.assert_array_equal(got_sigma, sigma)
+  assert not os.path.exists("gs:")

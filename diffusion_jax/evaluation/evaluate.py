@@ -44,7 +44,7 @@ def sample_quality(config, images: np.ndarray, labels: np.ndarray | None = None)
 def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu [D], sigma [D,D]) from an .npz with pytorch-fid's keys `mu` and `sigma`."""
   try:
-    with np.load(path) as f:
+    with epath.Path(path).open("rb") as fh, np.load(fh) as f:  # through epath: a gs:// workdir's cached stats too
       mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path} is not a statistics file with keys 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
@@ -71,9 +71,10 @@ def fid(config, images: np.ndarray, workdir: str) -> dict[str, float]:
   else:
     # The test split (streamed datasets: up to 50k of it; an image folder: its images).
     mu_ref, sigma_ref = feature_statistics(features(real_images(config.data, "test", 50_000)))
-    stats_path.parent.mkdir(parents=True, exist_ok=True)
-    with stats_path.open("wb") as f:
-      np.savez(f, mu=mu_ref, sigma=sigma_ref)
+    if jax.process_index() == 0:  # every process computed the same statistics; one writes them
+      stats_path.parent.mkdir(parents=True, exist_ok=True)
+      with stats_path.open("wb") as f:
+        np.savez(f, mu=mu_ref, sigma=sigma_ref)
   fake_feats = features(images)
   out = {"fid": frechet_distance(*feature_statistics(fake_feats), mu_ref, sigma_ref)}
   real = real_images(config.data, "train", len(images))
