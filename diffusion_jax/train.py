@@ -29,8 +29,8 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet
 from diffusion_jax.parallel.mesh import PartitionRule, batch_sharding, host_to_global, make_mesh, replicated
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
-from diffusion_jax.train_state import (TrainState, accumulated_value_and_grad, apply_gradients, ema_update,
-                                      guard_nonfinite, init_on_mesh)
+from diffusion_jax.train_state import (TrainState, abstract_on_mesh, accumulated_value_and_grad, apply_gradients,
+                                      ema_update, guard_nonfinite, init_on_mesh)
 
 NonFiniteLossError = loop.NonFiniteLossError
 
@@ -175,18 +175,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     decoder = latent.prepare_autoencoder(config, parts.autoencoder, workdir, mesh, writer, keys, train=training)
   run = Run(config, workdir, mesh, keys, writer, parts, decoder, text_encoder)
 
-  state, state_shardings = create_train_state(parts.model, parts.tx, keys.init, parts.input_shape, mesh,
-                                              parts.schedule.num_timesteps, config.mesh.partition_rules)
+  init_fn = train_state_init_fn(parts.model, parts.tx, parts.input_shape, parts.schedule.num_timesteps)
+  # Restores go into the abstract state (shapes + shardings): a fresh state is only made when there is none.
+  abstract, state_shardings = abstract_on_mesh(init_fn, keys.init, mesh, config.mesh.partition_rules)
   logging.info("diffusion model: %.2fM parameters on %s inputs",
-               sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, "x".join(map(str, parts.input_shape)))
+               sum(x.size for x in jax.tree.leaves(abstract.params)) / 1e6, "x".join(map(str, parts.input_shape)))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   if not training:
-    state = checkpoint.restore(manager, state, config.sample.checkpoint_step)
+    state = checkpoint.restore(manager, abstract, config.sample.checkpoint_step)
   else:
-    restored = checkpoint.restore_latest_good(manager, state)  # a damaged newest step falls back to an older one
-    if restored is not None:
-      state = restored
+    state = checkpoint.restore_latest_good(manager, abstract)  # a damaged newest step falls back to an older one
+    if state is not None:
       logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+    else:
+      state = jax.jit(init_fn, out_shardings=state_shardings)(keys.init)
   if training:
     try:
       state = _train(run, state, state_shardings, manager)

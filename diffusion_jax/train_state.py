@@ -41,9 +41,18 @@ def init_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
   matching partition rule, else FSDP over the mesh's fsdp axis for large arrays, else replicated:
   parallel.mesh.state_shardings), then run as one jit that writes each leaf straight into its sharding (no device
   ever holds the whole state when it is sharded)."""
+  _, shardings = abstract_on_mesh(init_fn, key, mesh, partition_rules)
+  return jax.jit(init_fn, out_shardings=shardings)(key), shardings
+
+
+def abstract_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh,
+                     partition_rules: Sequence[PartitionRule] = ()) -> tuple[Any, Any]:
+  """(abstract state, state shardings): what `init_on_mesh` would make, as jax.ShapeDtypeStructs carrying their
+  shardings, with nothing allocated: the target a checkpoint restores into (Orbax reads each shard straight into
+  place), so resuming or sampling never holds a freshly initialised state beside the restored one."""
   abstract = jax.eval_shape(init_fn, key)
   shardings = state_shardings(abstract, mesh, partition_rules)
-  return jax.jit(init_fn, out_shardings=shardings)(key), shardings
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings), shardings
 
 
 def accumulated_value_and_grad(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], params: Any,

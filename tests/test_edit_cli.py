@@ -2,6 +2,7 @@
 outpaint, img2img (noise and DDIM inversion) on a pixel and a latent model, an inpainting model, and upscaling
 with a super-resolution model (also of another run's samples, a cascade). Commands run two at a time."""
 
+import json
 import os
 import subprocess
 import sys
@@ -109,12 +110,14 @@ def test_inpaint_outpaint_img2img_on_pixel_and_latent_models(runs):
       ("latent", ["--config.edit.task=img2img", "--config.edit.invert=True", "--config.edit.strength=1.0",
                   "--config.edit.images=test:0-1"]),
   ])
-  # mode=sample on 1 device from the checkpoint trained FSDP-sharded over 4.
+  # mode=eval (samples, then metrics) on 1 device from the checkpoint trained FSDP-sharded over 4.
   config_file = runs[1]
-  out = _main(config_file, "class", tmp / "class", "--config.mode=sample", "--config.sample.num_images=3")
+  out = _main(config_file, "class", tmp / "class", "--config.mode=eval", "--config.sample.num_images=3")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "over 1 devices" in out.stderr
   assert np.load(tmp / "class" / "samples" / "samples.npz")["images"].shape == (3, 16, 16, 1)
+  metrics = json.loads((tmp / "class" / "eval" / "metrics_2.json").read_text())
+  assert metrics["num_samples"] == 3.0
   # Pixel inpainting: the box regenerated, everything else the input exactly; labels = each image's class.
   r = _load(runs, "class", "inpaint")
   assert r["inputs"].shape == r["outputs"].shape == (4, 16, 16, 1) and r["masks"].shape == (4, 16, 16, 1)

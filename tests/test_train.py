@@ -48,6 +48,33 @@ def test_train_step_overfits_a_fixed_batch(data_dir):
   assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_step(data_dir):
+  """model.dtype=bfloat16 end to end on 8 devices: the step computes in bfloat16, while params, EMA and
+  Adam's moments stay float32 and move as the float32 step moves them (up to bfloat16 rounding)."""
+  config = tiny_config(data_dir)
+  outs = []
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    mesh, state, step = _setup(config, jax.devices())
+    batch = jax.device_put(_batch(data_dir, 16), batch_sharding(mesh))
+    before = jax.device_get(state.params)
+    # The program computes its convolutions in bfloat16 (XLA:CPU may then compute them in float32 and drop the
+    # rounding, allow_excess_precision: the losses below can even be equal on CPU, so the program is checked).
+    convs = [line for line in step.lower(state, batch, jax.random.key(1), None).as_text().splitlines()
+             if "stablehlo.convolution" in line]
+    assert convs and all(("bf16" in line) == (dtype == "bfloat16") for line in convs)
+    for _ in range(2):
+      state, metrics = step(state, batch, jax.random.key(1), None)
+    for tree in (state.params, state.ema_params, state.opt_state):
+      assert {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)} == {np.dtype("float32")}
+    outs.append((float(metrics["loss"]), jax.tree.map(lambda a, b: np.asarray(a) - b, jax.device_get(state.params),
+                                                      before)))
+  (loss32, delta32), (loss16, delta16) = outs
+  assert np.isfinite(loss16) and loss16 == pytest.approx(loss32, rel=0.05)
+  flat32, flat16 = (np.concatenate([d.ravel() for d in jax.tree.leaves(t)]) for t in (delta32, delta16))
+  assert np.corrcoef(flat32, flat16)[0, 1] > 0.9  # the same update direction, not merely finite
+
+
 @pytest.mark.parametrize("loss,variance", [("simple", "fixed_large"), ("hybrid", "learned_range")])
 def test_sharded_step_equals_single_device(data_dir, loss, variance):
   assert jax.device_count() == 8, "conftest sets 8 host CPU devices"
