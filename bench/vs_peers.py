@@ -60,7 +60,7 @@ PEER_INSTALL = ("pip install torch==2.13.0 && pip install --no-deps diffusers==0
 class Ours:
   """This project's compiled train step and sampling loop for one case."""
 
-  def __init__(self, case: dict, extra_overrides: list[str], sample_steps: int, batch: int):
+  def __init__(self, case: dict, extra_overrides: list[str], sample_steps: int, batch: int, sampler: bool = True):
     import jax
     from common import TrainStepSetup
 
@@ -75,6 +75,10 @@ class Ours:
     t0 = time.perf_counter()
     self.step = setup.step.lower(self.state, self.batch, self.key, None).compile()
     self.compile_s = time.perf_counter() - t0
+    if not sampler:  # the memory run: the train step alone, as the peer's, after the compile as the loop runs it
+      from diffusion_jax.loop import release_freed_host_memory
+      release_freed_host_memory()
+      return
     settings = SampleSettings(sampler="ddpm", num_steps=sample_steps)
     self.sample_steps = sample_steps
     self.sample_fn = make_sample_fn(parts.model, parts.schedule, settings, mesh, parts.input_shape,
@@ -201,7 +205,7 @@ def peak_rss_mb(side: str, case_name: str, args) -> float:
 
 
 def rss_child(side: str, case_name: str, args) -> None:
-  runner = Ours(*runner_args(case_name, args)) if side == "ours" else Peer(*peer_args(case_name, args))
+  runner = Ours(*runner_args(case_name, args), sampler=False) if side == "ours" else Peer(*peer_args(case_name, args))
   runner.train_steps(args.steps)
   print(json.dumps({"rss_mb": peak_rss_of_this_process()}))
 

@@ -99,14 +99,33 @@ class StopSignals:
     return self.signal_name is not None
 
 
+def release_freed_host_memory() -> None:
+  """Hand the memory the process has freed back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+  Why: compiling a program (LLVM on XLA:CPU) allocates hundreds of MB that are freed afterwards but stay in
+  glibc's heap, counted in the resident memory of the whole run, and the step's buffers then come on top. Called
+  once, between compiling the train step and running it: on the fmnist_small step with 4 host devices the resident
+  memory after compiling fell from 1019 to 560 MB, and the peak during steps from 1659 to 1278 MB.
+  """
+  import ctypes
+  import ctypes.util
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    trim = libc.malloc_trim
+  except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+    return
+  trim(0)
+
+
 def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], num_steps: int, batch_size: int,
              log_every: int, checkpoint_every: int, preview_every: int, manager, writer,
              preview_fn: Callable[[Any, int], None] | None = None, name: str = "train",
              nan_policy: str = "stop", step_args: tuple = ()) -> Any:
   """Steps state.step+1 .. num_steps: `step_fn(state, batch_fn(step - 1), *step_args) -> (state, metrics)`.
 
-  With several processes, `step_fn` (a jitted function) is compiled before the first step and every process
-  waits for the others there (`multihost.compile_then_wait`), so the step's collectives start together.
+  `step_fn` (a jitted function) is compiled before the first step, and the memory compiling freed is handed back
+  (`release_freed_host_memory`); with several processes every process waits for the others there
+  (`multihost.compile_then_wait`), so the step's collectives start together.
 
   Metrics are pulled to the host at log and checkpoint steps; a non-finite loss raises there (nan_policy
   'stop'), before the next save, so the last good checkpoint is never overwritten by a diverged state. A
@@ -125,6 +144,7 @@ def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], n
       batch = batch_fn(step - 1)
       if step == start + 1:
         step_fn = multihost.compile_then_wait(step_fn, state, batch, *step_args, name=f"{name}_step")
+        release_freed_host_memory()  # what compiling freed, before the step's own buffers raise the peak
       state, metrics = step_fn(state, batch, *step_args)
       pending.append(metrics)
       stop = signals.stop_now(step)

@@ -102,16 +102,16 @@ def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
 
 
 def compile_then_wait(jitted: Callable, *args: Any, name: str) -> Callable:
-  """`jitted` compiled for `args`; with several processes every process compiles first and then waits for
-  the others, so the program's first cross-process collective finds every peer there.
+  """`jitted` compiled for `args` (ahead of its first call); with several processes every process compiles first
+  and then waits for the others, so the program's first cross-process collective finds every peer there.
 
   Why: XLA:CPU's gloo collectives give up when a peer reaches a new communicator more than 30 s after another
   (`DEADLINE_EXCEEDED: GetKeyValue() timed out`), and compile times differ by more than that between processes
   sharing a host, or where one finds the program in the persistent compilation cache and another does not.
-  With one process `jitted` itself is returned (compiled on its first call, as usual).
   """
-  if jax.process_count() == 1:
+  if not hasattr(jitted, "lower"):  # a plain function (tests' stand-ins): nothing to compile
     return jitted
   compiled = jitted.lower(*args).compile()
-  wait_for_all_processes(f"{name}_compiled")
+  if jax.process_count() > 1:
+    wait_for_all_processes(f"{name}_compiled")
   return compiled
