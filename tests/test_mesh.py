@@ -136,8 +136,10 @@ def test_a_checkpoint_written_sharded_restores_onto_other_meshes(setup, tmp_path
 def test_auto_host_devices_splits_up_to_two_per_core_dividing_every_batch_and_the_mesh():
   from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
   assert auto_host_devices(2, (64,)) == 4 and auto_host_devices(2, (32, 64)) == 4
-  assert auto_host_devices(2, (6,)) == 3 and auto_host_devices(2, (7,)) == 1 and auto_host_devices(1, (64,)) == 2
+  assert auto_host_devices(2, (24,)) == 3 and auto_host_devices(2, (59,)) == 1 and auto_host_devices(1, (64,)) == 2
   assert auto_host_devices(64, (128,)) == 8  # at most 8
+  assert auto_host_devices(2, (16,)) == 2 and auto_host_devices(2, (16, 64)) == 2  # at least 8 images per device
+  assert auto_host_devices(2, (6,)) == 1 and auto_host_devices(2, (4,), fsdp=2) == 2  # fsdp wins over the minimum
   assert auto_host_devices(2, (64,), data=-1, fsdp=8) == 8 and auto_host_devices(2, (64,), data=2, fsdp=2) == 4
   assert auto_host_devices(2, (8,), data=-1, fsdp=3) == 3  # the mesh wins; check_config then names the batch
   env = {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}

@@ -51,20 +51,27 @@ HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 MAX_AUTO_HOST_DEVICES = 8
 
 
+MIN_AUTO_IMAGES_PER_DEVICE = 8
+
+
 def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, fsdp: int = 1) -> int:
   """How many XLA:CPU devices to split this host into: the most, up to 2 per core (at most 8), that divide
-  every global batch and fit config.mesh (exactly data * fsdp when data is set).
+  every global batch into at least MIN_AUTO_IMAGES_PER_DEVICE images per device and fit config.mesh (exactly
+  data * fsdp when data is set).
 
   Why: XLA:CPU runs one device's ops mostly one at a time and leaves cores idle between them (1.2 of 2 cores
   busy on bench/vs_peers.py's fmnist_small step); devices run concurrently, so a data-parallel split over
-  host devices keeps the cores busy: that step took 1577 / 1110 / 965 / 1020 ms with 1 / 2 / 4 / 8 devices
-  on 2 cores, DDPM's CIFAR-10 U-Net at batch 16 4805 / 4327 / 4501 ms with 1 / 2 / 4.
+  host devices keeps the cores busy: that step (batch 64) took 1577 / 1110 / 965 / 1020 ms with 1 / 2 / 4 / 8
+  devices on 2 cores. Fewer than 8 images per device cost more than the split gains, and each device holds its
+  own copy of the state: DDPM's CIFAR-10 U-Net at batch 16 took 4020 / 3808 / 4504 ms with 1 / 2 / 4 devices
+  (peak RSS 2412 / 3073 / 4427 MB).
   """
   if data > 0 and fsdp > 0:
     return data * fsdp
   step = fsdp if fsdp > 0 else 1
   target = max(1, min(2 * cores, MAX_AUTO_HOST_DEVICES))
-  fits = [n for n in range(step, target + 1, step) if all(b % n == 0 for b in batch_sizes)]
+  fits = [n for n in range(step, target + 1, step)
+          if all(b % n == 0 and b // n >= MIN_AUTO_IMAGES_PER_DEVICE for b in batch_sizes)]
   return max(fits) if fits else step
 
 
