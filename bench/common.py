@@ -40,12 +40,13 @@ class TrainStepSetup:
     import jax.numpy as jnp
     import numpy as np
     from diffusion_jax import build, train
-    from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
+    from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, partition_rules_from_config
     self.config = config
     self.mesh = mesh if mesh is not None else make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
     self.parts = parts = build.build_components(config)
     self.state, self.shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape,
-                                                          self.mesh, parts.schedule.num_timesteps)
+                                                          self.mesh, parts.schedule.num_timesteps,
+                                                          partition_rules_from_config(config.mesh))
     self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
     rng, data = np.random.default_rng(seed), batch_sharding(self.mesh)
     images = rng.uniform(-1, 1, (config.batch_size, *parts.input_shape)).astype(np.float32)

@@ -33,7 +33,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # state; -1 takes the remaining devices. fsdp > 1 trains models larger than one device's memory.
   # partition_rules: ((regex, spec), ...) placing state arrays by path, first match wins, e.g.
   # (("attn.*/kernel$", "None,None,fsdp"), ("GroupNorm", "")); unmatched arrays: the automatic FSDP rule.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, partition_rules=()))
+  # shard_optimizer_state: the EMA and Adam's moments split over every device (ZeRO stage 1; a rule's spec "zero"
+  # does the same for any path), parameters placed as above: less memory per device for one all-gather per step.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, partition_rules=(), shard_optimizer_state=False))
   config.data = _data()
   config.diffusion = _diffusion()
   config.model = _model()

@@ -22,7 +22,7 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
 from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, global_to_host, host_to_global,
-                                         replicated)
+                                         partition_rules_from_config, replicated)
 from diffusion_jax.train_state import (AutoencoderState, accumulated_value_and_grad, apply_gradients, guard_nonfinite,
                                       init_on_mesh)
 
@@ -95,7 +95,7 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
   optim = OptimSettings(**a.optim)
   tx, lr = build_optimizer(optim)
   state, shardings = create_autoencoder_state(model, tx, keys.autoencoder_init, config_image_shape(config), mesh,
-                                              config.mesh.partition_rules)
+                                              partition_rules_from_config(config.mesh))
   manager = checkpoint.make_manager(directory, max_to_keep=config.keep_checkpoints)
   scale_path = directory / SCALE_FILE
   restored = checkpoint.restore_latest_good(manager, state)  # a damaged newest step falls back to an older one

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import build, checkpoint, train
 from diffusion_jax.data import load_split, scale_images
-from diffusion_jax.parallel.mesh import batch_sharding, fsdp_spec, make_mesh, mesh_shape
+from diffusion_jax.parallel.mesh import OPTIMIZER_STATE_RULE, batch_sharding, fsdp_spec, make_mesh, mesh_shape
 from helpers import tiny_config, write_fake_fashion_mnist
 
 
@@ -57,13 +57,19 @@ RULES = ((r"ResBlock_\d+/Conv_\d+/kernel$", "None,None,fsdp"), (r"ResBlock_\d+/D
 def test_the_fsdp_step_gives_the_replicated_steps_result_with_sharded_state(setup):
   parts, images = setup
   results = {}
-  for data, fsdp, rules in ((8, 1, ()), (2, 4, ()), (1, 8, ()), (2, 4, RULES)):
+  zero = (OPTIMIZER_STATE_RULE,)  # config.mesh.shard_optimizer_state
+  for data, fsdp, rules in ((8, 1, ()), (2, 4, ()), (1, 8, ()), (2, 4, RULES), (8, 1, zero)):
     mesh = make_mesh(data=data, fsdp=fsdp)
     state, shardings, step = _state_and_step(parts, mesh, rules)
     batch = {"image": jax.device_put(images, batch_sharding(mesh))}
     for _ in range(2):
       state, metrics = step(state, batch, jax.random.key(1), None)
     results[fsdp, rules] = (jax.device_get(state), float(metrics["loss"]))
+    if rules == zero:  # parameters replicated; the EMA and Adam's moments split over all 8 devices (ZeRO-1)
+      assert all(x.sharding.spec == P() for x in jax.tree.leaves(state.params))
+      large = [x for x in jax.tree.leaves((state.ema_params, state.opt_state)) if x.size >= 1024]
+      assert large and all(x.addressable_shards[0].data.size == x.size // 8 for x in large)
+      continue
     if rules:  # each rule placed the parameter, its EMA and both Adam moments alike; the rest by the auto rule
       placed = {}
       for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -87,7 +93,7 @@ def test_the_fsdp_step_gives_the_replicated_steps_result_with_sharded_state(setu
     else:
       assert all(x.addressable_shards[0].data.size == x.size for x in kernels)
   reference, loss = results[1, ()]
-  for fsdp, rules in ((4, ()), (8, ()), (4, RULES)):
+  for fsdp, rules in ((4, ()), (8, ()), (4, RULES), (1, zero)):
     state, other_loss = results[fsdp, rules]
     np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):

@@ -104,15 +104,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
-  """Where one array of the state lives: split over the fsdp axis along its largest axis that the fsdp size
-  divides (a conv kernel [3,3,Cin,Cout]: Cout or Cin), or replicated when it is small or nothing divides."""
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE, mesh_axis=FSDP_AXIS) -> P:
+  """Where one array of the state lives: split over `mesh_axis` (of `fsdp` devices) along its largest axis that
+  the fsdp size divides (a conv kernel [3,3,Cin,Cout]: Cout or Cin), or replicated when it is small or nothing
+  divides."""
   if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
     if shape[axis] % fsdp == 0:
-      return P(*([None] * axis + [FSDP_AXIS]))
+      return P(*([None] * axis + [mesh_axis]))
   return P()
+
+
+# A partition rule's spec "zero": the automatic rule over every device of the mesh (both axes), as ZeRO shards
+# optimizer state (Rajbhandari et al. 2020, stage 1) while the parameters stay where the fsdp rule puts them.
+ZERO_SPEC = "zero"
+# config.mesh.shard_optimizer_state's rule: the EMA and Adam's moments (every leaf under ema_params/ or opt_state/).
+OPTIMIZER_STATE_RULE = (r"^(ema_params|opt_state)/", ZERO_SPEC)
+
+
+def partition_rules_from_config(mesh_config) -> tuple:
+  """config.mesh.partition_rules, then (under config.mesh.shard_optimizer_state) OPTIMIZER_STATE_RULE: the user's
+  rules come first and win."""
+  rules = tuple(mesh_config.partition_rules)
+  return rules + ((OPTIMIZER_STATE_RULE,) if mesh_config.get("shard_optimizer_state", False) else ())
 
 
 PartitionRule = tuple[str, str | Sequence[str | None]]
@@ -137,6 +152,9 @@ def parse_partition_rules(rules: Sequence[PartitionRule]) -> list[tuple[re.Patte
       compiled = re.compile(pattern)
     except re.error as e:
       raise ValueError(f"{where}: the regex does not compile ({e})") from None
+    if spec == ZERO_SPEC:
+      parsed.append((compiled, ZERO_SPEC))
+      continue
     if isinstance(spec, str):
       spec = [a.strip() for a in spec.split(",")] if spec.strip() else []
     if not isinstance(spec, Sequence):
@@ -164,6 +182,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, partition_rules: Sequence[P
     for i, (pattern, spec) in enumerate(rules):
       if not pattern.search(name):
         continue
+      if spec == ZERO_SPEC:
+        return NamedSharding(mesh, fsdp_spec(shape, mesh.size, min_size, mesh_axis=BATCH_AXES))
       where = f"config.mesh.partition_rules[{i}]={partition_rules[i]!r} does not fit {name} of shape {shape}"
       if len(spec) > len(shape):
         raise ValueError(f"{where}: the spec names {len(spec)} axes, the array has {len(shape)}")
