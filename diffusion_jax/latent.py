@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,8 @@ from diffusion_jax.loop import run_loop
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
 from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, global_to_host, host_to_global,
                                          partition_rules_from_config, replicated)
-from diffusion_jax.train_state import (AutoencoderState, accumulated_value_and_grad, apply_gradients, guard_nonfinite,
-                                      init_on_mesh)
+from diffusion_jax.train_state import (AutoencoderState, abstract_on_mesh, accumulated_value_and_grad,
+                                      apply_gradients, guard_nonfinite, init_on_mesh)
 
 SCALE_FILE = "latent_scale.json"
 
@@ -70,10 +70,16 @@ def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array],
 
 def create_autoencoder_state(model: AutoencoderKL, tx, key: jax.Array, image_shape: tuple[int, int, int], mesh,
                              partition_rules: Sequence[PartitionRule] = ()) -> tuple[AutoencoderState, Any]:
+  return init_on_mesh(autoencoder_state_init_fn(model, tx, image_shape), key, mesh, partition_rules)
+
+
+def autoencoder_state_init_fn(model: AutoencoderKL, tx, image_shape: tuple[int, int, int]
+                              ) -> Callable[[jax.Array], AutoencoderState]:
+  """init(key) -> a fresh AutoencoderState (run on the mesh by create_autoencoder_state; abstract for restores)."""
   def init(key):
     params = model.init(key, jnp.zeros((1, *image_shape)), jax.random.key(0))
     return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return init_on_mesh(init, key, mesh, partition_rules)
+  return init
 
 
 def make_encode_fn(model: AutoencoderKL, mesh):
@@ -94,13 +100,14 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                             "checkpoint (expected a checkpoints/ folder written by a latent run's stage 1)")
   optim = OptimSettings(**a.optim)
   tx, lr = build_optimizer(optim)
-  state, shardings = create_autoencoder_state(model, tx, keys.autoencoder_init, config_image_shape(config), mesh,
-                                              partition_rules_from_config(config.mesh))
+  init_fn = autoencoder_state_init_fn(model, tx, config_image_shape(config))
+  # As stage 2: a checkpoint restores into the abstract state; a fresh state only when there is none.
+  abstract, shardings = abstract_on_mesh(init_fn, keys.autoencoder_init, mesh, partition_rules_from_config(config.mesh))
   manager = checkpoint.make_manager(directory, max_to_keep=config.keep_checkpoints)
   scale_path = directory / SCALE_FILE
-  restored = checkpoint.restore_latest_good(manager, state)  # a damaged newest step falls back to an older one
-  if restored is not None:
-    state = restored
+  state = checkpoint.restore_latest_good(manager, abstract)  # a damaged newest step falls back to an older one
+  if state is None:
+    state = jax.jit(init_fn, out_shardings=shardings)(keys.autoencoder_init)
   if int(state.step) >= a.num_train_steps and scale_path.exists():
     logging.info("stage 1: reusing the finished autoencoder in %s (step %d)", directory, int(state.step))
     scale = float(json.loads(scale_path.read_text())["scale_factor"])

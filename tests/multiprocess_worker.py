@@ -3,7 +3,7 @@
 argv: port process_id num_processes data_dir workdir checkpoint_workdir. Prints the losses of 3 train steps
 FSDP-sharded across every process (FSDP_LOSSES), restores the checkpoint that the test wrote on one process
 (8 devices, fsdp=4) onto this job's FSDP mesh and checks every leaf against the test's copy (RESTORED), then
-(2 processes) runs the whole job, text-conditional, replicated.
+(2 processes) runs the whole job, latent and text-conditional (LATENT_SCALE).
 """
 
 import os
@@ -25,7 +25,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
-from helpers import tiny_config, tiny_text_config  # noqa: E402
+from helpers import tiny_config, tiny_latent_config  # noqa: E402
 from steps import run_steps  # noqa: E402
 
 from diffusion_jax import build, checkpoint, train  # noqa: E402
@@ -64,6 +64,23 @@ for i, x in enumerate(leaves):  # each process checks the shards it holds (no co
 print("RESTORED", len(leaves), "leaves equal,", sharded, "sharded over", devices, "devices", flush=True)
 print(f"at {time.time() - start:.1f}s", flush=True)
 
-if num_processes == 2:  # The whole job, text-conditional: captions and prompt embeddings replicated to both.
-  train.train_and_evaluate(tiny_text_config(data_dir), workdir)
+if num_processes == 2:
+  # The whole job, latent and text-conditional: captions and prompt embeddings go to both processes. The latent scale is computed once and broadcast from process 0: process 1's own estimate is made wrong
+  # here on purpose, and each process prints the scale its decoder uses (the test wants process 0's on both).
+  from diffusion_jax import latent
+  job = tiny_latent_config(data_dir)
+  job.text.encoder, job.model.context_dim, job.model.head_channels = "minilm", 384, 8
+  job.sample.guidance_scale = 3.0
+  if process_id == 1:
+    own_scale = latent.latent_scale
+    latent.latent_scale = lambda *args, **kwargs: 2.0 * own_scale(*args, **kwargs)
+  prepare = latent.prepare_autoencoder
+
+  def prepare_and_print(*args, **kwargs):
+    decoder = prepare(*args, **kwargs)
+    print("LATENT_SCALE", repr(decoder.scale), flush=True)
+    return decoder
+
+  latent.prepare_autoencoder = prepare_and_print
+  train.train_and_evaluate(job, workdir)
 print(f"DONE at {time.time() - start:.1f}s", flush=True)

@@ -2,6 +2,7 @@
 processes) like one process, restore a checkpoint one process wrote on another mesh, and (2 processes) checkpoint and
 sample (the whole job text-conditional)."""
 
+import json
 import os
 import re
 import signal
@@ -89,6 +90,10 @@ def test_two_processes_match_one_and_write_one_workdir(written, tmp_path):
   for out in outs:
     assert_restored(out)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  # The latent scale: computed once, broadcast from process 0 (process 1's own estimate was doubled on purpose).
+  scales = [printed(out, "LATENT_SCALE") for out in outs]
+  written_scale = json.load(open(os.path.join(workdir, "autoencoder", "latent_scale.json")))["scale_factor"]
+  assert scales[0] == scales[1] == [written_scale], (scales, written_scale)
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   assert samples["images"].shape == (10, 16, 16, 1)
   assert samples["prompts"][0] == "a photo of a t-shirt"
