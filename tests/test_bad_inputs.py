@@ -170,3 +170,23 @@ def test_a_process_whose_peers_never_come_ends_after_the_timeout(tmp_path, proce
   assert out.returncode == 1, out.stderr[-2000:]
   assert re.search(expected, out.stderr.strip().splitlines()[-1]), out.stderr[-2000:]
   assert not (tmp_path / "run").exists()
+
+
+def test_a_process_told_another_process_count_is_one_line(tmp_path):
+  """Process 1 says DJ_NUM_PROCESSES=3 to a coordinator that runs 2: JAX would run it as one of 2; it stops instead."""
+  from test_multiprocess import free_port
+  port, procs = free_port(), []
+  for process_id, count in ((0, 2), (1, 3)):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "DJ_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "DJ_NUM_PROCESSES": str(count), "DJ_PROCESS_ID": str(process_id), "DJ_INIT_TIMEOUT": "60"}
+    procs.append(subprocess.Popen([sys.executable, "-m", "diffusion_jax.main", f"--config={FASHION}",
+                                   f"--workdir={tmp_path / 'run'}"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  text=True, env=env, cwd=ROOT))
+  try:
+    err = procs[1].communicate(timeout=90)[1]
+  finally:
+    procs[0].kill()
+    procs[0].communicate()
+  assert procs[1].returncode == 1, err[-2000:]
+  assert re.search(r"^error: distributed start-up: DJ_NUM_PROCESSES=3 for process 1, but the job at DJ_COORDINATOR_ADDRESS="
+                   r"127\.0\.0\.1:\d+ has 2 processes", err.strip().splitlines()[-1]), err[-2000:]

@@ -74,6 +74,15 @@ def maybe_initialize_distributed(env: Environment) -> None:
                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}{hint}") from None
   finally:
     watchdog.cancel()
+  if env.num_processes is not None and jax.process_count() != env.num_processes:
+    # JAX takes the job's size from the coordinator (process 0): a process told otherwise would run on. It exits
+    # at once: a normal exit would wait in JAX's shutdown barrier for peers that are still working.
+    sys.stderr.write(f"error: distributed start-up: DJ_NUM_PROCESSES={env.num_processes} for process "
+                     f"{env.process_id}, but the job at DJ_COORDINATOR_ADDRESS={env.coordinator_address} has "
+                     f"{jax.process_count()} processes (process 0's DJ_NUM_PROCESSES): give every process the same "
+                     "DJ_NUM_PROCESSES\n")
+    sys.stderr.flush()
+    os._exit(1)
   use_coordination_barriers()
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
