@@ -65,8 +65,9 @@ print("RESTORED", len(leaves), "leaves equal,", sharded, "sharded over", devices
 print(f"at {time.time() - start:.1f}s", flush=True)
 
 if num_processes == 2:
-  # The whole job, latent and text-conditional: captions and prompt embeddings go to both processes. The latent scale is computed once and broadcast from process 0: process 1's own estimate is made wrong
-  # here on purpose, and each process prints the scale its decoder uses (the test wants process 0's on both).
+  # The whole job, latent and text-conditional: captions and prompt embeddings go to both processes. The latent
+  # scale is computed once and broadcast from process 0: process 1's own estimate is made wrong here on purpose,
+  # and each process prints the scale its decoder uses (the test wants process 0's on both).
   from diffusion_jax import latent
   job = tiny_latent_config(data_dir)
   job.text.encoder, job.model.context_dim, job.model.head_channels = "minilm", 384, 8

@@ -188,5 +188,5 @@ def test_a_process_told_another_process_count_is_one_line(tmp_path):
     procs[0].kill()
     procs[0].communicate()
   assert procs[1].returncode == 1, err[-2000:]
-  assert re.search(r"^error: distributed start-up: DJ_NUM_PROCESSES=3 for process 1, but the job at DJ_COORDINATOR_ADDRESS="
-                   r"127\.0\.0\.1:\d+ has 2 processes", err.strip().splitlines()[-1]), err[-2000:]
+  assert re.search(r"^error: distributed start-up: DJ_NUM_PROCESSES=3 for process 1, but the job at "
+                   r"DJ_COORDINATOR_ADDRESS=127\.0\.0\.1:\d+ has 2 processes", err.strip().splitlines()[-1]), err[-2000:]
