@@ -24,7 +24,7 @@ from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
 from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, global_to_host, host_to_global,
                                          partition_rules_from_config, replicated)
 from diffusion_jax.train_state import (AutoencoderState, abstract_on_mesh, accumulated_value_and_grad,
-                                      apply_gradients, guard_nonfinite, init_on_mesh)
+                                      apply_gradients, guard_nonfinite, init_into, init_on_mesh)
 
 SCALE_FILE = "latent_scale.json"
 
@@ -107,7 +107,7 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
   scale_path = directory / SCALE_FILE
   state = checkpoint.restore_latest_good(manager, abstract)  # a damaged newest step falls back to an older one
   if state is None:
-    state = jax.jit(init_fn, out_shardings=shardings)(keys.autoencoder_init)
+    state = init_into(init_fn, keys.autoencoder_init, shardings)
   if int(state.step) >= a.num_train_steps and scale_path.exists():
     logging.info("stage 1: reusing the finished autoencoder in %s (step %d)", directory, int(state.step))
     scale = float(json.loads(scale_path.read_text())["scale_factor"])

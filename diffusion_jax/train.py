@@ -31,7 +31,7 @@ from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, host_to_
                                          partition_rules_from_config, replicated)
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
 from diffusion_jax.train_state import (TrainState, abstract_on_mesh, accumulated_value_and_grad, apply_gradients,
-                                      ema_update, guard_nonfinite, init_on_mesh)
+                                      ema_update, guard_nonfinite, init_into, init_on_mesh)
 
 NonFiniteLossError = loop.NonFiniteLossError
 
@@ -178,8 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   init_fn = train_state_init_fn(parts.model, parts.tx, parts.input_shape, parts.schedule.num_timesteps)
   # Restores go into the abstract state (shapes + shardings): a fresh state is only made when there is none.
-  abstract, state_shardings = abstract_on_mesh(init_fn, keys.init, mesh,
-                                                   partition_rules_from_config(config.mesh))
+  abstract, state_shardings = abstract_on_mesh(init_fn, keys.init, mesh, partition_rules_from_config(config.mesh))
   logging.info("diffusion model: %.2fM parameters on %s inputs",
                sum(x.size for x in jax.tree.leaves(abstract.params)) / 1e6, "x".join(map(str, parts.input_shape)))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
@@ -190,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     if state is not None:
       logging.info("resumed from %s at step %d", manager.directory, int(state.step))
     else:
-      state = jax.jit(init_fn, out_shardings=state_shardings)(keys.init)
+      state = init_into(init_fn, keys.init, state_shardings)
   if training:
     try:
       state = _train(run, state, state_shardings, manager)

@@ -42,7 +42,12 @@ def init_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
   parallel.mesh.state_shardings), then run as one jit that writes each leaf straight into its sharding (no device
   ever holds the whole state when it is sharded)."""
   _, shardings = abstract_on_mesh(init_fn, key, mesh, partition_rules)
-  return jax.jit(init_fn, out_shardings=shardings)(key), shardings
+  return init_into(init_fn, key, shardings), shardings
+
+
+def init_into(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings: Any) -> Any:
+  """`init_fn(key)` as one jit that writes each leaf straight into its sharding (`abstract_on_mesh`'s)."""
+  return jax.jit(init_fn, out_shardings=shardings)(key)
 
 
 def abstract_on_mesh(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh,

@@ -90,15 +90,23 @@ class GroupNorm(nn.Module):
     return group_norm_affine(x, scale, bias, g, self.epsilon, self.silu).astype(self.dtype)
 
 
-def _group_stats(x32: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array, int]:
-  """(mean, 1/std) [B,G] of x32 [B,...,C] per example and group, and the elements per group."""
-  b, c = x32.shape[0], x32.shape[-1]
+def _group_sum(per_channel: jax.Array, num_groups: int) -> jax.Array:
+  """[B,C] -> [B,G]: the sum over each group's channels."""
+  return per_channel.reshape(per_channel.shape[0], num_groups, -1).sum(-1)
+
+
+def _elements_per_group(shape: tuple[int, ...], num_groups: int) -> int:
+  """Elements per (example, group) of an activation [B,...,C]: the spatial size times C/G."""
+  return math.prod(shape[1:-1]) * (shape[-1] // num_groups)
+
+
+def _group_stats(x32: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """(mean, 1/std) [B,G] of x32 [B,...,C] per example and group."""
   spatial = tuple(range(1, x32.ndim - 1))
-  count = math.prod(x32.shape[1:-1]) * (c // num_groups)
-  group_sum = lambda per_channel: per_channel.reshape(b, num_groups, -1).sum(-1)  # [B,C] -> [B,G]
-  mean = group_sum(jnp.sum(x32, spatial)) / count
-  var = jnp.maximum(group_sum(jnp.sum(x32 * x32, spatial)) / count - mean * mean, 0.0)  # E[x^2] - E[x]^2
-  return mean, jax.lax.rsqrt(var + epsilon), count
+  count = _elements_per_group(x32.shape, num_groups)
+  mean = _group_sum(jnp.sum(x32, spatial), num_groups) / count
+  var = jnp.maximum(_group_sum(jnp.sum(x32 * x32, spatial), num_groups) / count - mean * mean, 0.0)  # E[x^2]-E[x]^2
+  return mean, jax.lax.rsqrt(var + epsilon)
 
 
 def _per_channel(v: jax.Array, channels: int) -> jax.Array:
@@ -125,14 +133,12 @@ def group_norm_affine(x: jax.Array, scale: jax.Array, bias: jax.Array, num_group
                       silu: bool = False) -> jax.Array:
   """GroupNorm of x [B,...,C] with per-channel scale and bias [C] (then SiLU when `silu`), as float32
   [B,...,C]. Its backward (below) is written out rather than traced."""
-  x32 = x.astype(jnp.float32)
-  y = _normalize(x32, scale, bias, *_group_stats(x32, num_groups, epsilon)[:2])
-  return jax.nn.silu(y) if silu else y
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu):
   x32 = x.astype(jnp.float32)
-  mean, rstd, _ = _group_stats(x32, num_groups, epsilon)
+  mean, rstd = _group_stats(x32, num_groups, epsilon)
   y = _normalize(x32, scale, bias, mean, rstd)
   # Only the input and [B,G] statistics are kept: the backward recomputes the normalised values (one multiply-add)
   # instead of keeping a second activation-sized array.
@@ -154,14 +160,13 @@ def _group_norm_bwd(num_groups, epsilon, silu, residuals, dout):
     dy = dy * s * (1 + y * (1 - s))
   c, ndim = x.shape[-1], x.ndim
   spatial = tuple(range(1, ndim - 1))
-  count = math.prod(x.shape[1:-1]) * (c // num_groups)
+  count = _elements_per_group(x.shape, num_groups)
   sum_dy = jnp.sum(dy, spatial)  # [B,C]
   sum_dy_x = jnp.sum(dy * x32, spatial)  # [B,C]
   mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
   sum_dy_xhat = (sum_dy_x - mean_c * sum_dy) * rstd_c  # [B,C]: sum over space of dy * xhat
-  group_sum = lambda v: v.reshape(v.shape[0], num_groups, -1).sum(-1)  # [B,C] -> [B,G]
-  m1 = _per_channel(group_sum(sum_dy * scale) / count, c)  # mean_group(dxhat)
-  m2 = _per_channel(group_sum(sum_dy_xhat * scale) / count, c)  # mean_group(dxhat * xhat)
+  m1 = _per_channel(_group_sum(sum_dy * scale, num_groups) / count, c)  # mean_group(dxhat)
+  m2 = _per_channel(_group_sum(sum_dy_xhat * scale, num_groups) / count, c)  # mean_group(dxhat * xhat)
   p = rstd_c * scale
   q = -rstd_c * rstd_c * m2
   r = rstd_c * (rstd_c * m2 * mean_c - m1)

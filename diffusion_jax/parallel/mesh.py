@@ -49,8 +49,6 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
 
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 MAX_AUTO_HOST_DEVICES = 8
-
-
 MIN_AUTO_IMAGES_PER_DEVICE = 8
 
 

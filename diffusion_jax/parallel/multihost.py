@@ -45,6 +45,14 @@ def _start_failure(env: Environment) -> str:
           f"within DJ_INIT_TIMEOUT={env.init_timeout:g}s: start the missing ones")
 
 
+def _exit_at_start_up(reason: str) -> None:
+  """One `error:` line and an immediate exit: at start-up nothing has been written yet, and a normal exit would
+  wait (JAX's connect call holds the main thread; after it, JAX's shutdown barrier waits for every peer)."""
+  sys.stderr.write(f"error: distributed start-up: {reason}\n")
+  sys.stderr.flush()
+  os._exit(1)
+
+
 def maybe_initialize_distributed(env: Environment) -> None:
   """jax.distributed.initialize when a coordinator is configured (DJ_COORDINATOR_ADDRESS, DJ_NUM_PROCESSES,
   DJ_PROCESS_ID) or DJ_DISTRIBUTED=auto (TPU pods and SLURM jobs, detected by JAX). A process whose peers or
@@ -56,12 +64,7 @@ def maybe_initialize_distributed(env: Environment) -> None:
     kwargs.update(coordinator_address=env.coordinator_address, num_processes=env.num_processes,
                   process_id=env.process_id)
 
-  def give_up():
-    sys.stderr.write(f"error: distributed start-up: {_start_failure(env)}\n")
-    sys.stderr.flush()
-    os._exit(1)  # JAX's connect call holds the main thread; nothing has been written yet
-
-  watchdog = threading.Timer(env.init_timeout, give_up)
+  watchdog = threading.Timer(env.init_timeout, lambda: _exit_at_start_up(_start_failure(env)))
   watchdog.daemon = True
   watchdog.start()
   try:
@@ -75,14 +78,10 @@ def maybe_initialize_distributed(env: Environment) -> None:
   finally:
     watchdog.cancel()
   if env.num_processes is not None and jax.process_count() != env.num_processes:
-    # JAX takes the job's size from the coordinator (process 0): a process told otherwise would run on. It exits
-    # at once: a normal exit would wait in JAX's shutdown barrier for peers that are still working.
-    sys.stderr.write(f"error: distributed start-up: DJ_NUM_PROCESSES={env.num_processes} for process "
-                     f"{env.process_id}, but the job at DJ_COORDINATOR_ADDRESS={env.coordinator_address} has "
-                     f"{jax.process_count()} processes (process 0's DJ_NUM_PROCESSES): give every process the same "
-                     "DJ_NUM_PROCESSES\n")
-    sys.stderr.flush()
-    os._exit(1)
+    # JAX takes the job's size from the coordinator (process 0): a process told otherwise would run on.
+    _exit_at_start_up(f"DJ_NUM_PROCESSES={env.num_processes} for process {env.process_id}, but the job at "
+                      f"DJ_COORDINATOR_ADDRESS={env.coordinator_address} has {jax.process_count()} processes "
+                      "(process 0's DJ_NUM_PROCESSES): give every process the same DJ_NUM_PROCESSES")
   use_coordination_barriers()
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
