@@ -105,7 +105,8 @@ def release_freed_host_memory() -> None:
   Why: compiling a program (LLVM on XLA:CPU) allocates hundreds of MB that are freed afterwards but stay in
   glibc's heap, counted in the resident memory of the whole run, and the step's buffers then come on top. Called
   once, between compiling the train step and running it: on the fmnist_small step with 4 host devices the resident
-  memory after compiling fell from 1019 to 560 MB, and the peak during steps from 1659 to 1278 MB.
+  memory after compiling fell from 1019 to 560 MB, and the peak of bench/vs_peers.py's memory run (compile and 3
+  steps) from 1617 to 1209-1218 MB.
   """
   import ctypes
   import ctypes.util
