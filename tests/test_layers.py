@@ -128,22 +128,24 @@ def test_group_norm_is_flaxs_group_norm(shape, groups, dtype, silu):
 
 
 def test_attend_gives_cudnn_the_valid_key_counts_of_the_mask(monkeypatch):
-  """attention_impl='cudnn' passes cuDNN the number of valid keys per example instead of the boolean mask; on this
-  CPU the call is routed to XLA with those same arguments, and must equal the masked attention."""
+  """attention_impl='cudnn' passes cuDNN the number of valid keys per example instead of the boolean mask, and
+  even sequence lengths (odd ones padded; cuDNN refused a 77-token context on an H200); on this CPU the call is
+  routed to XLA with those same arguments, and must equal the masked attention."""
   real, seen = jax.nn.dot_product_attention, []
 
   def routed(*args, implementation=None, **kwargs):
-    seen.append((implementation, sorted(kwargs)))
+    seen.append((implementation, sorted(kwargs), [a.shape[1] for a in args]))
     return real(*args, implementation="xla", **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", routed)
   q, k, v = (jax.random.normal(jax.random.key(i), shape) for i, shape in
-             enumerate([(2, 6, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)]))
+             enumerate([(2, 5, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)]))
   mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # the valid tokens first, then padding (text encoders)
   np.testing.assert_allclose(attend(q, k, v, mask, "cudnn"), attend(q, k, v, mask, "xla"), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(attend(q, k, v, None, "cudnn"), attend(q, k, v, None, "xla"), rtol=1e-5, atol=1e-6)
   assert [s[0] for s in seen] == ["cudnn", "xla", "cudnn", "xla"]
   assert seen[0][1] == ["key_value_seq_lengths"] and seen[1][1] == ["mask"]
+  assert seen[0][2] == [6, 6, 6] and seen[1][2] == [5, 5, 5]  # cuDNN gets even lengths: 5 queries and keys padded
   unmasked = attend(q, k, v, None, "xla")
   assert not np.allclose(attend(q, k, v, mask, "xla")[0], unmasked[0])  # the mask matters for example 0
   with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):

@@ -1,0 +1,147 @@
+"""One-process A/B of train-step variants of one config: each variant compiled once, then timed in alternating
+rounds (so drift of the machine falls on every variant alike), median ms per step, images/s, MFU and the ratio to
+the first variant.
+
+python bench/levers.py --config cifar10_ddpm --batch 128 --set model.dtype=bfloat16 --peak-tflops 989 \
+  --variant base --variant "rbg=key:rbg" --variant "cudnn=model.attention_impl=cudnn" \
+  --variant "no_cmdbuf=xla:xla_gpu_enable_command_buffer=" [--rounds 5 --steps 4] [--profile DIR]
+
+A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
+  a.b=value            a config override (as --config.a.b on main)
+  xla:NAME=VALUE       an XLA debug option for this variant's compile only (jit's compiler_options)
+  key:IMPL             the train key's PRNG implementation (threefry2x32, rbg, unsafe_rbg): dropout and noise
+  gn:autodiff          GroupNorm's backward by autodiff of its forward (the written-out one is the default)
+--profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import jax
+import numpy as np
+from common import TrainStepSetup, load_config, print_table, summarize_trace
+
+from diffusion_jax.models import layers
+from diffusion_jax.parallel.mesh import make_mesh
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides': [...], 'xla': {...}, 'key': ..., 'gn': ...})."""
+  label, _, items = text.partition("=")
+  spec = {"overrides": [], "xla": {}, "key": None, "gn": None}
+  for item in filter(None, items.split(";")):
+    if item.startswith("xla:"):
+      name, _, value = item[4:].partition("=")
+      spec["xla"][name] = value
+    elif item.startswith("key:"):
+      spec["key"] = item[4:]
+    elif item.startswith("gn:"):
+      if item != "gn:autodiff":
+        raise SystemExit(f"unknown GroupNorm variant {item!r}; expected gn:autodiff")
+      spec["gn"] = "autodiff"
+    elif "=" in item:
+      spec["overrides"].append(item)
+    else:
+      raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff")
+  return label, spec
+
+
+def _autodiff_group_norm(x, scale, bias, num_groups, epsilon, silu=False):
+  """GroupNorm (+SiLU) as the written-out one's forward, differentiated by JAX (the 'before' of that lever)."""
+  return layers._group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
+
+
+@contextlib.contextmanager
+def group_norm_patched(kind: str | None):
+  original = layers.group_norm_affine
+  if kind == "autodiff":
+    layers.group_norm_affine = _autodiff_group_norm
+  try:
+    yield
+  finally:
+    layers.group_norm_affine = original
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="cifar10_ddpm")
+  parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--set", action="append", default=[], help="override for every variant, e.g. --set model.ch=16")
+  parser.add_argument("--variant", action="append", default=[], help="LABEL[=ITEM;ITEM...] (see the docstring)")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
+  parser.add_argument("--peak-tflops", type=float, default=0.0, help="MFU's denominator (0: no MFU column)")
+  parser.add_argument("--profile", default=None, help="trace 3 steps of each variant into DIR/LABEL")
+  parser.add_argument("--profile-only", default="", help="comma-separated labels to trace (default: every variant)")
+  args = parser.parse_args()
+  variants = [parse_variant(v) for v in (args.variant or ["base"])]
+  base = list(args.set) + ([f"batch_size={args.batch}"] if args.batch else [])
+  runs = {}
+  for label, spec in variants:
+    config = load_config(args.config, base + spec["overrides"])
+    t0 = time.perf_counter()
+    try:
+      with group_norm_patched(spec["gn"]):
+        setup = TrainStepSetup(config, make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp))
+        key = setup.key if spec["key"] is None else jax.random.key(1, impl=spec["key"])
+        lowered = setup.step.lower(setup.state, setup.batch, key, None)
+        cost = lowered.cost_analysis()  # FLOPs of the program as written (None where the backend has none)
+        compiled = lowered.compile(compiler_options=spec["xla"] or None)
+    except Exception as e:  # an XLA option this jaxlib does not know, a variant that does not build: say so, go on
+      print(f"variant {label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    state, metrics = compiled(setup.state, setup.batch, key, None)  # first call outside the timing
+    jax.block_until_ready(metrics)
+    runs[label] = dict(compiled=compiled, state=state, batch=setup.batch, key=key, times=[],
+                       compile_s=time.perf_counter() - t0, flops=float(cost.get("flops", 0.0)),
+                       batch_size=config.batch_size, loss=float(metrics["loss"]))
+    run = runs[label]
+    for _ in range(args.steps):  # a first reading now, so a run cut short still says something
+      t0 = time.perf_counter()
+      run["state"], metrics = compiled(run["state"], run["batch"], key, None)
+      jax.block_until_ready(metrics)
+      run["times"].append(time.perf_counter() - t0)
+    print(f"compiled {label} in {run['compile_s']:.1f} s (first loss {run['loss']:.4f}); "
+          f"{np.median(run['times']) * 1e3:.2f} ms per step", flush=True)
+  for _ in range(args.rounds):
+    for run in runs.values():
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
+        jax.block_until_ready(metrics)
+        run["times"].append(time.perf_counter() - t0)
+  rows, first = [], None
+  for label, run in runs.items():
+    med = float(np.median(run["times"]))
+    first = first or med
+    rows.append(dict(variant=label, compile_s=f"{run['compile_s']:.1f}", ms_per_step=f"{med * 1e3:.2f}",
+                     images_per_s=f"{run['batch_size'] / med:.0f}", vs_first=f"{first / med:.3f}x",
+                     mfu=f"{run['flops'] / med / (args.peak_tflops * 1e12) * 100:.1f}%" if args.peak_tflops and run["flops"] else "-",
+                     gflop=f"{run['flops'] / 1e9:.0f}"))
+  print(f"\nbackend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
+        f"{args.config} {' '.join(base)}; {args.rounds} rounds x {args.steps} steps, alternating\n")
+  print_table(rows)
+  if args.profile:
+    only = set(filter(None, args.profile_only.split(",")))
+    for label, run in runs.items():
+      if only and label not in only:
+        continue
+      trace_dir = f"{args.profile}/{label}"
+      jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+      for _ in range(3):
+        run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      categories, ops = summarize_trace(trace_dir, run["compiled"].as_text(), 3, top=15)
+      print(f"\nwhere the time goes: {label}\n")
+      print_table(categories)
+      print()
+      print_table(ops)
+
+
+if __name__ == "__main__":
+  main()
