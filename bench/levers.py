@@ -75,10 +75,16 @@ def main():
   parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="MFU's denominator (0: no MFU column)")
   parser.add_argument("--profile", default=None, help="trace 3 steps of each variant into DIR/LABEL")
+  parser.add_argument("--cpu-devices", type=int, default=0,
+                      help="XLA:CPU devices to split the host into (0: auto, as main does)")
   parser.add_argument("--profile-only", default="", help="comma-separated labels to trace (default: every variant)")
   args = parser.parse_args()
   variants = [parse_variant(v) for v in (args.variant or ["base"])]
   base = list(args.set) + ([f"batch_size={args.batch}"] if args.batch else [])
+  import os
+  from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
+  batch = load_config(args.config, base).batch_size
+  split_host_devices(args.cpu_devices or auto_host_devices(len(os.sched_getaffinity(0)), (batch,)))
   runs = {}
   for label, spec in variants:
     config = load_config(args.config, base + spec["overrides"])
