@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The README's GPU rows, in one command on a machine with one GPU and jax with CUDA (run from the repo root):
-#   bash bench/gpu.sh [OUT_DIR]
+#   bash bench/gpu.sh [OUT_DIR] [levers|peers|all]
+# levers (~6-7 min on an H200, mostly compiles) and peers (~5 min) each fit one device call; all runs both.
 # Wheels that machine lacks (ml_collections; diffusers for the peer rows) are installed from .device_wheels/
 # when that folder is there. Logs go to OUT_DIR (default /tmp/gpu_bench); traces to /tmp.
 set -u
 out=${1:-${OUT:-/tmp/gpu_bench}}
+part=${2:-all}
 mkdir -p "$out"
 nvidia-smi -L
 if ls .device_wheels/*.whl >/dev/null 2>&1; then
@@ -16,17 +18,18 @@ fi
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache PYTHONUNBUFFERED=1
 cd bench
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
-show() { grep -E "^\||^backend|^where|Error|error:" "$1" | grep -v "^| ynn" ; }
-# 1. MFU of DDPM's CIFAR-10 step at batch 128 against the H100's 989 TFLOP/s bf16 dense peak, and where the time goes.
-timeout 170 python3 train_step.py --configs cifar10_ddpm --batch 128 --steps 20 --set model.dtype=bfloat16 \
-  --peak-tflops 989 --profile /tmp/trace_bf16 > "$out/mfu_bf16.log" 2>&1; show "$out/mfu_bf16.log"
-timeout 110 python3 train_step.py --configs cifar10_ddpm --batch 128 --steps 20 --peak-tflops 989 \
-  > "$out/mfu_fp32.log" 2>&1; show "$out/mfu_fp32.log"
-# cuDNN's fused flash attention (model.attention_impl=cudnn; not yet run on a GPU), bf16, the same step.
-timeout 110 python3 train_step.py --configs cifar10_ddpm --batch 128 --steps 20 --set model.dtype=bfloat16 \
-  --set model.attention_impl=cudnn --peak-tflops 989 > "$out/mfu_bf16_cudnn.log" 2>&1; show "$out/mfu_bf16_cudnn.log"
+show() { grep -E "^\||^backend|^where|^compiled|^variant|Error|error:" "$1" | grep -v "^| ynn" ; }
+# 1. MFU of DDPM's CIFAR-10 step at batch 128 against the H100's 989 TFLOP/s bf16 dense peak, lever by lever in one
+#    process (bench/levers.py: each variant compiled once, ~60-90 s each on an H200, then timed in alternating
+#    rounds; each variant's first reading prints as soon as it is compiled), and where the base's time goes.
+if [ "$part" != peers ]; then
+timeout 540 python3 levers.py --config cifar10_ddpm --batch 128 --set model.dtype=bfloat16 --peak-tflops 989 \
+  --variant base --variant "cmdbuf_cudnn=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
+  --variant "b256=batch_size=256" --variant "fp32=model.dtype=float32" --variant "cudnn_attn=model.attention_impl=cudnn" \
+  --rounds 4 --steps 5 --profile /tmp/trace --profile-only base > "$out/levers.log" 2>&1; show "$out/levers.log"
+fi
 # 2. This project vs diffusers' UNet2DModel on the same GPU (peer in eager PyTorch; bf16 = torch.autocast).
-for dtype in bfloat16 float32; do
+[ "$part" = levers ] || for dtype in bfloat16 float32; do
   timeout 160 python3 vs_peers.py --cases ddpm_cifar10,fmnist_small --batch 128 --no-rss --peer-device cuda \
     --steps 10 --rounds 2 --set model.dtype=$dtype > "$out/vs_peers_$dtype.log" 2>&1; show "$out/vs_peers_$dtype.log"
 done
