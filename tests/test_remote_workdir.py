@@ -170,3 +170,38 @@ def test_fid_reference_statistics_are_read_from_a_gs_path(tmp_path):
   np.testing.assert_array_equal(got_mu, mu)
   np.testing.assert_array_equal(got_sigma, sigma)
   assert not os.path.exists("gs:")
+
+
+def test_edit_inputs_are_read_from_gs_paths(tmp_path, monkeypatch):
+  """mode=edit's inputs (a base run's samples .npz, image files, a mask PNG) under gs:// are read through epath, as
+  a cascade reading another run's samples from a bucket does, and equal the same files read locally."""
+  from PIL import Image
+
+  from diffusion_jax.editing.inputs import load_edit_images
+  from diffusion_jax.editing.masks import load_mask
+  monkeypatch.chdir(tmp_path)  # a relative `gs:` folder would appear here
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+  mask = np.zeros((16, 16), np.uint8)
+  mask[4:9, 2:7] = 255
+  bucket = tmp_path / "bucket"
+  (bucket / "base").mkdir(parents=True)
+  np.savez(bucket / "base" / "samples.npz", images=images, labels=np.arange(3, dtype=np.int32))
+  Image.fromarray(images[1, ..., 0]).save(bucket / "base" / "one.png")
+  Image.fromarray(mask).save(bucket / "mask.png")
+  config = tiny_config(str(tmp_path))
+  with fake_bucket(str(bucket)) as calls:
+    config.edit.images = BUCKET + "base/samples.npz:0,2"
+    got, labels = load_edit_images(config, 16)
+    config.edit.images = BUCKET + "base/one.png"
+    one, _ = load_edit_images(config, 16)
+    got_mask = load_mask(BUCKET + "mask.png", 16, 16)
+    config.edit.images = BUCKET + "base/none.npz"
+    with pytest.raises(ValueError, match="the .npz file does not exist"):
+      load_edit_images(config, 16)
+  assert calls["epath"] > 0
+  np.testing.assert_array_equal(got, images[[0, 2]])
+  np.testing.assert_array_equal(labels, [0, 2])
+  np.testing.assert_array_equal(one[0], images[1])
+  np.testing.assert_array_equal(got_mask[..., 0], mask == 255)
+  assert not os.path.exists("gs:")

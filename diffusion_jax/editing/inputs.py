@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from diffusion_jax import build
 from diffusion_jax.editing.masks import SIDES, load_mask, parse_box
@@ -47,16 +48,16 @@ def parse_images(text: str) -> tuple[str, str, list[int] | None]:
   if not text:
     raise ValueError("config.edit.images='' is invalid: give indices of the test split (test:0-7) or image paths")
   head, colon, tail = text.partition(":")
-  if colon and head in ("train", "test", "validation") and not os.path.exists(text):
+  if colon and head in ("train", "test", "validation") and not epath.Path(text).exists():
     return "split", head, parse_indices(tail)
   if ".npz" in text:  # path.npz or path.npz:indices
     path, _, tail = text.partition(".npz")
     path += ".npz"
-    _require(os.path.isfile(path), "edit.images", text, "the .npz file does not exist")
+    _require(epath.Path(path).is_file(), "edit.images", text, "the .npz file does not exist")
     _require(tail == "" or tail.startswith(":"), "edit.images", text, "expected PATH.npz or PATH.npz:0-15")
     return "npz", path, parse_indices(tail[1:]) if tail else None
   paths = [p.strip() for p in text.split(",") if p.strip()]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [p for p in paths if not epath.Path(p).is_file()]
   _require(not missing, "edit.images", text, f"{missing[0] if missing else ''} does not exist: expected image "
            "files (PNG/JPEG), comma-separated, or split indices such as test:0-7")
   return "files", ",".join(paths), None
@@ -151,7 +152,7 @@ def load_edit_images(config: ml_collections.ConfigDict, size: int) -> tuple[np.n
   elif kind == "files":
     return np.stack([load_image(p, size, channels) for p in where.split(",")]), None
   else:
-    with np.load(where) as f:
+    with epath.Path(where).open("rb") as file, np.load(io.BytesIO(file.read())) as f:  # local or gs://
       _require("images" in f.files, "edit.images", where, f"the .npz has {f.files}, expected an 'images' array")
       images = f["images"]
       labels = f["labels"] if "labels" in f.files else None

@@ -38,9 +38,10 @@ def load_mask(path: str, height: int, width: int, key: str = "edit.mask") -> np.
   """A PNG mask of the image's size, black (0) = keep, white (255) = regenerate (any channels, alpha dropped)
   -> [H,W,1]. ValueError naming `key` for a missing / undecodable file, another size, other values, or a mask
   with nothing to regenerate."""
+  from etils import epath
   from PIL import Image
   try:
-    with Image.open(path) as image:
+    with epath.Path(path).open("rb") as file, Image.open(file) as image:  # local or gs://
       pixels = np.asarray(image.convert("L"))
   except FileNotFoundError:
     raise ValueError(f"config.{key}={path!r} is invalid: the file does not exist") from None
