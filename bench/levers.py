@@ -35,7 +35,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
   for item in filter(None, items.split(";")):
     if item.startswith("xla:"):
       name, _, value = item[4:].partition("=")
-      spec["xla"][name] = value
+      spec["xla"][name] = {"true": True, "false": False}.get(value.lower(), value)  # XLA wants bools as bools
     elif item.startswith("key:"):
       spec["key"] = item[4:]
     elif item.startswith("gn:"):
