@@ -35,7 +35,7 @@ class TrainStepSetup:
   """A config's diffusion model ready to time: components, a fresh train state on the mesh, one random batch of
   images in [-1, 1] sharded over the data axis (labels too for conditional models), a key, and the jitted step."""
 
-  def __init__(self, config, mesh=None, *, donate: bool = True, seed: int = 0):
+  def __init__(self, config, mesh=None, *, donate: bool = True, seed: int = 0, parts=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -43,7 +43,7 @@ class TrainStepSetup:
     from diffusion_jax.parallel.mesh import batch_sharding, make_mesh, partition_rules_from_config
     self.config = config
     self.mesh = mesh if mesh is not None else make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
-    self.parts = parts = build.build_components(config)
+    self.parts = parts = parts if parts is not None else build.build_components(config)  # built once per caller
     self.state, self.shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape,
                                                           self.mesh, parts.schedule.num_timesteps,
                                                           partition_rules_from_config(config.mesh))

@@ -108,7 +108,7 @@ def bench_config(name: str, steps: int, batch: int | None, peak: float, override
       encode(ae_state.params, images, key, 1.0).block_until_ready()
     encode_s = (time.perf_counter() - t0) / steps
     label = f"{label} stage 2 (U-Net on {'x'.join(map(str, shape))} + encoder)"
-  setup = TrainStepSetup(config, mesh)
+  setup = TrainStepSetup(config, mesh, parts=parts)
   table = None
   if parts.condition.kind == "text":
     table = C.build_text_table(build.load_text_encoder(config), parts.condition.captions)
