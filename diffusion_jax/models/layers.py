@@ -261,8 +261,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, context_mask: jax.Array | N
   """softmax(QK^T/sqrt(d))V per head, q [B,N,heads,D], k and v [B,L,heads,D] -> [B,N,heads,D]; keys where
   context_mask [B,L] is 0 are left out. `impl` 'xla' masks with a boolean [B,1,1,L]; 'cudnn' gives cuDNN the
   number of valid keys per example instead (its padding mask type), which is the same thing for the masks text
-  encoders make: the valid tokens first, then padding. Checked on an H200 against 'xla' in bfloat16 (self-attention
-  over 256 positions and a masked 128-key context: outputs within 0.016, gradients within 0.063)."""
+  encoders make: the valid tokens first, then padding. Checked on an H200 against 'xla' in bfloat16: self-attention
+  over 256 positions (outputs within 0.004, gradients 0.008), masked 128- and 77-key contexts (0.016; 0.063 and
+  0.125)."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
   if impl == "cudnn":
