@@ -22,10 +22,13 @@ show() { grep -E "^\||^backend|^where|^compiled|^variant|Error|error:" "$1" | gr
 # 1. MFU of DDPM's CIFAR-10 step at batch 128 against the H100's 989 TFLOP/s bf16 dense peak, lever by lever in one
 #    process (bench/levers.py: each variant compiled once, ~60-90 s each on an H200, then timed in alternating
 #    rounds; each variant's first reading prints as soon as it is compiled), and where the base's time goes.
+#    Command buffers (CUDA graphs) halved this step on an H200 (off: 53.7 vs 26.6 ms): the variants graph more of it
+#    (cuDNN convolutions, and runs of fewer than XLA's default 5 kernels). Both option values parse in jax 0.10.2.
 if [ "$part" != peers ]; then
 timeout 540 python3 levers.py --config cifar10_ddpm --batch 128 --set model.dtype=bfloat16 --peak-tflops 989 \
   --variant base --variant "cmdbuf_cudnn=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
-  --variant "b256=batch_size=256" --variant "fp32=model.dtype=float32" --variant "cudnn_attn=model.attention_impl=cudnn" \
+  --variant "graphs_all=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN;xla:xla_gpu_graph_min_graph_size=1" \
+  --variant "b256=batch_size=256" --variant "fp32=model.dtype=float32" \
   --rounds 4 --steps 5 --profile /tmp/trace --profile-only base > "$out/levers.log" 2>&1; show "$out/levers.log"
 fi
 # 2. This project vs diffusers' UNet2DModel on the same GPU (peer in eager PyTorch; bf16 = torch.autocast).
