@@ -29,7 +29,7 @@ timeout 540 python3 levers.py --config cifar10_ddpm --batch 128 --set model.dtyp
   --variant base --variant "cmdbuf_cudnn=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
   --variant "graphs_all=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN;xla:xla_gpu_graph_min_graph_size=1" \
   --variant "b256=batch_size=256" --variant "fp32=model.dtype=float32" \
-  --rounds 4 --steps 5 --profile /tmp/trace --profile-only base > "$out/levers.log" 2>&1; show "$out/levers.log"
+  --rounds 4 --steps 5 --budget-s 400 --profile /tmp/trace --profile-only base > "$out/levers.log" 2>&1; show "$out/levers.log"
 fi
 # 2. This project vs diffusers' UNet2DModel on the same GPU (peer in eager PyTorch; bf16 = torch.autocast).
 [ "$part" = levers ] || for dtype in bfloat16 float32; do

@@ -11,7 +11,8 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
   xla:NAME=VALUE       an XLA debug option for this variant's compile only (jit's compiler_options)
   key:IMPL             the train key's PRNG implementation (threefry2x32, rbg, unsafe_rbg): dropout and noise
   gn:autodiff          GroupNorm's backward by autodiff of its forward (the written-out one is the default)
---profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace).
+--profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace);
+--budget-s stops compiling further variants after that many seconds (under a device's time limit).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="MFU's denominator (0: no MFU column)")
+  parser.add_argument("--budget-s", type=float, default=0.0,
+                      help="compile no further variant after this many seconds (0: no limit), so a run under a time "
+                           "limit still times the variants it has in alternating rounds and prints its table")
   parser.add_argument("--profile", default=None, help="trace 3 steps of each variant into DIR/LABEL")
   parser.add_argument("--cpu-devices", type=int, default=0,
                       help="XLA:CPU devices to split the host into (0: auto, as main does)")
@@ -85,8 +89,11 @@ def main():
   from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
   batch = load_config(args.config, base).batch_size
   split_host_devices(args.cpu_devices or auto_host_devices(len(os.sched_getaffinity(0)), (batch,)))
-  runs = {}
+  runs, started = {}, time.perf_counter()
   for label, spec in variants:
+    if args.budget_s and time.perf_counter() - started > args.budget_s:
+      print(f"variant {label}: not compiled, past --budget-s {args.budget_s:.0f}")
+      continue
     config = load_config(args.config, base + spec["overrides"])
     t0 = time.perf_counter()
     try:

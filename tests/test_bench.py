@@ -89,3 +89,17 @@ def test_levers_times_each_variant_and_reports_one_that_does_not_build():
           if re.match(r"\| (base|ad) \|", line)}
   assert sorted(rows) == ["ad", "base"] and rows["base"][4] == "1.000x"
   assert all(float(r[2]) > 0 for r in rows.values())
+
+
+def test_levers_stops_compiling_past_its_budget_and_still_prints_the_table():
+  """--budget-s: no variant is compiled once the budget is spent (a run under a device's time limit); the ones
+  compiled are still timed and tabled."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "bench/levers.py", "--config", "cifar10_ddpm", "--batch", "2", "--cpu-devices",
+                        "1", "--set", "model.ch=8", "--set", "model.ch_mult=(1,2)", "--set", "model.num_res_blocks=1",
+                        "--set", "model.attn_resolutions=(16,)", "--variant", "base", "--variant", "late=model.dropout=0.0",
+                        "--budget-s", "0.001", "--rounds", "1", "--steps", "1"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "variant late: not compiled, past --budget-s 0" in out.stdout
+  assert re.search(r"^\| base \| [\d.]+ \| [\d.]+ \|", out.stdout, re.M) and "| late |" not in out.stdout
