@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 
 import jax
@@ -66,6 +67,15 @@ def group_norm_patched(kind: str | None):
     layers.group_norm_affine = original
 
 
+def time_steps(run: dict, steps: int) -> None:
+  """`steps` calls of a variant's compiled step on its own (donated) state, each timed to the result."""
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
+    jax.block_until_ready(metrics)
+    run["times"].append(time.perf_counter() - t0)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", default="cifar10_ddpm")
@@ -85,14 +95,13 @@ def main():
   args = parser.parse_args()
   variants = [parse_variant(v) for v in (args.variant or ["base"])]
   base = list(args.set) + ([f"batch_size={args.batch}"] if args.batch else [])
-  import os
   from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
   batch = load_config(args.config, base).batch_size
   split_host_devices(args.cpu_devices or auto_host_devices(len(os.sched_getaffinity(0)), (batch,)))
   runs, started = {}, time.perf_counter()
   for label, spec in variants:
     if args.budget_s and time.perf_counter() - started > args.budget_s:
-      print(f"variant {label}: not compiled, past --budget-s {args.budget_s:.0f}")
+      print(f"variant {label}: not compiled, past --budget-s {args.budget_s:g}")
       continue
     config = load_config(args.config, base + spec["overrides"])
     t0 = time.perf_counter()
@@ -113,27 +122,20 @@ def main():
                        compile_s=time.perf_counter() - t0, flops=float(cost.get("flops", 0.0)),
                        batch_size=config.batch_size, loss=float(metrics["loss"]))
     run = runs[label]
-    for _ in range(args.steps):  # a first reading now, so a run cut short still says something
-      t0 = time.perf_counter()
-      run["state"], metrics = compiled(run["state"], run["batch"], key, None)
-      jax.block_until_ready(metrics)
-      run["times"].append(time.perf_counter() - t0)
+    time_steps(run, args.steps)  # a first reading now, so a run cut short still says something
     print(f"compiled {label} in {run['compile_s']:.1f} s (first loss {run['loss']:.4f}); "
           f"{np.median(run['times']) * 1e3:.2f} ms per step", flush=True)
   for _ in range(args.rounds):
     for run in runs.values():
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
-        jax.block_until_ready(metrics)
-        run["times"].append(time.perf_counter() - t0)
+      time_steps(run, args.steps)
   rows, first = [], None
   for label, run in runs.items():
     med = float(np.median(run["times"]))
     first = first or med
     rows.append(dict(variant=label, compile_s=f"{run['compile_s']:.1f}", ms_per_step=f"{med * 1e3:.2f}",
                      images_per_s=f"{run['batch_size'] / med:.0f}", vs_first=f"{first / med:.3f}x",
-                     mfu=f"{run['flops'] / med / (args.peak_tflops * 1e12) * 100:.1f}%" if args.peak_tflops and run["flops"] else "-",
+                     mfu=(f"{run['flops'] / med / (args.peak_tflops * 1e12) * 100:.1f}%"
+                          if args.peak_tflops and run["flops"] else "-"),
                      gflop=f"{run['flops'] / 1e9:.0f}"))
   print(f"\nbackend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
         f"{args.config} {' '.join(base)}; {args.rounds} rounds x {args.steps} steps, alternating\n")

@@ -80,7 +80,8 @@ def test_levers_times_each_variant_and_reports_one_that_does_not_build():
                         "1", "--set", "model.ch=16", "--set", "model.ch_mult=(1,2)", "--set", "model.num_res_blocks=1",
                         "--set", "model.attn_resolutions=(16,)", "--set", "model.dropout=0.0", "--variant", "base",
                         "--variant", "ad=gn:autodiff;model.dropout=0.0", "--variant", "bad=xla:xla_no_such_option=1",
-                        "--rounds", "1", "--steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        "--rounds", "1", "--steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert re.search(r"variant bad: \w+: .*xla_no_such_option", out.stdout)
   losses = dict(re.findall(r"compiled (\w+) in [\d.]+ s \(first loss ([\d.]+)\)", out.stdout))
@@ -97,9 +98,10 @@ def test_levers_stops_compiling_past_its_budget_and_still_prints_the_table():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, "bench/levers.py", "--config", "cifar10_ddpm", "--batch", "2", "--cpu-devices",
                         "1", "--set", "model.ch=8", "--set", "model.ch_mult=(1,2)", "--set", "model.num_res_blocks=1",
-                        "--set", "model.attn_resolutions=(16,)", "--variant", "base", "--variant", "late=model.dropout=0.0",
+                        "--set", "model.attn_resolutions=(16,)", "--variant", "base",
+                        "--variant", "late=model.dropout=0.0",
                         "--budget-s", "0.001", "--rounds", "1", "--steps", "1"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "variant late: not compiled, past --budget-s 0" in out.stdout
+  assert "variant late: not compiled, past --budget-s 0.001" in out.stdout
   assert re.search(r"^\| base \| [\d.]+ \| [\d.]+ \|", out.stdout, re.M) and "| late |" not in out.stdout
