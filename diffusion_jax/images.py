@@ -1,12 +1,21 @@
-"""Image grids and a dependency-free PNG writer."""
+"""Image grids, a dependency-free PNG writer, and opening image files that may be remote."""
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
 import numpy as np
 from etils import epath
+
+
+def open_file(path: str | os.PathLike, mode: str = "rb"):
+  """A file object for `path`: remote ones (gs://, any scheme) through etils.epath, local ones through the builtin
+  open, since the image-folder pipeline opens one file per image and epath's local open took 7-13% more per image
+  (a 96x96 JPEG fitted to 64x64: 331-339 vs 299-308 us)."""
+  text = os.fspath(path)
+  return epath.Path(text).open(mode) if "://" in text else open(text, mode)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from diffusion_jax.images import open_file
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 METADATA_FILE = "metadata.jsonl"
 
@@ -128,10 +130,9 @@ def fit_image(image: "np.ndarray | Image.Image", image_size: int, channels: int)
 
 def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
   """An image file as fit_image's uint8 [S,S,C]; ImageFolderError naming the file when it does not decode."""
-  from etils import epath
   from PIL import Image
   try:
-    with epath.Path(path).open("rb") as file, Image.open(file) as image:  # local or gs://
+    with open_file(path) as file, Image.open(file) as image:  # local or gs://
       return fit_image(image, image_size, channels)
   except OSError as e:
     raise ImageFolderError(f"image file {path} does not decode ({e}): remove or replace it") from None

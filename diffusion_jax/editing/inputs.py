@@ -12,6 +12,7 @@ from etils import epath
 
 from diffusion_jax import build
 from diffusion_jax.editing.masks import SIDES, load_mask, parse_box
+from diffusion_jax.images import open_file
 
 TASKS = ("inpaint", "outpaint", "img2img", "upscale")
 # Which image condition (config.image_condition.kind, '' = none) each task can run on.
@@ -152,7 +153,7 @@ def load_edit_images(config: ml_collections.ConfigDict, size: int) -> tuple[np.n
   elif kind == "files":
     return np.stack([load_image(p, size, channels) for p in where.split(",")]), None
   else:
-    with epath.Path(where).open("rb") as file, np.load(io.BytesIO(file.read())) as f:  # local or gs://
+    with open_file(where) as file, np.load(io.BytesIO(file.read())) as f:  # local or gs://
       _require("images" in f.files, "edit.images", where, f"the .npz has {f.files}, expected an 'images' array")
       images = f["images"]
       labels = f["labels"] if "labels" in f.files else None

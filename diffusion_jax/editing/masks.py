@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_jax.image_condition import centre_box
+from diffusion_jax.images import open_file
 
 SIDES = ("left", "right", "top", "bottom", "all")
 
@@ -38,10 +39,9 @@ def load_mask(path: str, height: int, width: int, key: str = "edit.mask") -> np.
   """A PNG mask of the image's size, black (0) = keep, white (255) = regenerate (any channels, alpha dropped)
   -> [H,W,1]. ValueError naming `key` for a missing / undecodable file, another size, other values, or a mask
   with nothing to regenerate."""
-  from etils import epath
   from PIL import Image
   try:
-    with epath.Path(path).open("rb") as file, Image.open(file) as image:  # local or gs://
+    with open_file(path) as file, Image.open(file) as image:  # local or gs://
       pixels = np.asarray(image.convert("L"))
   except FileNotFoundError:
     raise ValueError(f"config.{key}={path!r} is invalid: the file does not exist") from None
