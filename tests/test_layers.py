@@ -134,7 +134,7 @@ def test_attend_gives_cudnn_the_valid_key_counts_of_the_mask(monkeypatch):
   real, seen = jax.nn.dot_product_attention, []
 
   def routed(*args, implementation=None, **kwargs):
-    seen.append((implementation, sorted(kwargs), [a.shape[1] for a in args]))
+    seen.append((implementation, sorted(k for k, v in kwargs.items() if v is not None), [a.shape[1] for a in args]))
     return real(*args, implementation="xla", **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", routed)
@@ -148,5 +148,9 @@ def test_attend_gives_cudnn_the_valid_key_counts_of_the_mask(monkeypatch):
   assert seen[0][2] == [6, 6, 6] and seen[1][2] == [5, 5, 5]  # cuDNN gets even lengths: 5 queries and keys padded
   unmasked = attend(q, k, v, None, "xla")
   assert not np.allclose(attend(q, k, v, mask, "xla")[0], unmasked[0])  # the mask matters for example 0
+  seen.clear()
+  np.testing.assert_allclose(attend(q[:, :4], k[:, :4], v[:, :4], None, "cudnn"),
+                             attend(q[:, :4], k[:, :4], v[:, :4], None, "xla"), rtol=1e-5, atol=1e-6)
+  assert seen[0][1] == [] and seen[0][2] == [4, 4, 4]  # even and unmasked: cuDNN's plain call, nothing padded
   with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
     attend(q, k, v, None, "flash")

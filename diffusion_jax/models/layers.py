@@ -268,11 +268,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, context_mask: jax.Array | N
     raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
   if impl == "cudnn":
     b, n, num_keys = q.shape[0], q.shape[1], k.shape[1]
-    lengths = (jnp.full((b,), num_keys, jnp.int32) if context_mask is None
-               else jnp.sum(context_mask != 0, axis=-1).astype(jnp.int32))  # [B]
     # cuDNN refuses odd sequence lengths (on an H200, jax 0.11.2: "Unsupported sequence length Q 256, KV 77" for
     # a 77-token text context): pad queries and keys to even lengths; the padded keys lie past every example's
-    # valid count, so they are masked, and the padded queries' rows are cropped.
+    # valid count, so they are masked, and the padded queries' rows are cropped. Unmasked even-length attention
+    # (the U-Net's self-attention) keeps cuDNN's unmasked call.
+    lengths = None
+    if context_mask is not None:
+      lengths = jnp.sum(context_mask != 0, axis=-1).astype(jnp.int32)  # [B]
+    elif num_keys % 2:
+      lengths = jnp.full((b,), num_keys, jnp.int32)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, a.shape[1] % 2), (0, 0), (0, 0)))
     out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), key_value_seq_lengths=lengths,
                                        implementation="cudnn")
