@@ -8,7 +8,7 @@ import pytest
 
 import layer_refs as R
 from diffusion_jax.models import UNet
-from diffusion_jax.models.layers import AttentionBlock, ResBlock, conv_im2col
+from diffusion_jax.models.layers import AttentionBlock, Conv, ResBlock, conv_im2col, conv_winograd
 
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 
@@ -32,6 +32,33 @@ def test_im2col_conv_equals_lax_conv(stride, size):
   ref = jax.lax.conv_general_dilated(x, k, (stride, stride), [(1, 1), (1, 1)],
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_allclose(conv_im2col(x, k, stride, 1), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (3, 4, 4, 16), (1, 32, 32, 8)])
+def test_winograd_conv_and_its_gradients_equal_lax_conv(shape):
+  """F(2x2,3x3) forward, input gradient and filter gradient (written out, not autodiff) against XLA's conv."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  k = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 7))
+  dy = jax.random.normal(jax.random.key(2), shape[:3] + (7,))
+  lax_conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), [(1, 1), (1, 1)],
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  (y_ref, vjp_ref), (y, vjp) = jax.vjp(lax_conv, x, k), jax.vjp(conv_winograd, x, k)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-5 * float(jnp.abs(y_ref).max()))
+  for got, want, name in zip(vjp(dy), vjp_ref(dy), ("dx", "dkernel")):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(jnp.abs(want).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("size,stride,kernel_size", [(8, 1, 3), (7, 1, 3), (8, 2, 3), (8, 1, 1)])
+def test_winograd_conv_impl_matches_xla_and_falls_back_where_it_does_not_apply(size, stride, kernel_size):
+  """conv_impl='winograd' computes what 'xla' does with the same parameters; odd sizes, strides and 1x1 kernels
+  take XLA's conv (Winograd's 2x2 tiles need 3x3, stride 1, even sizes)."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
+  conv = lambda impl: Conv(6, kernel_size, stride=stride, conv_impl=impl)
+  params = conv("xla").init(jax.random.key(1), x)
+  ref = conv("xla").apply(params, x)
+  np.testing.assert_allclose(conv("winograd").apply(params, x), ref, rtol=1e-5, atol=1e-5)
+  winograd_ran = "custom_vjp_call" in str(jax.make_jaxpr(conv("winograd").apply)(params, x))
+  assert winograd_ran == (size % 2 == 0 and stride == 1 and kernel_size == 3)
 
 
 @pytest.mark.parametrize("size,ch_mult,kw", [
@@ -94,6 +121,7 @@ def test_unet_bfloat16_compute_and_xla_conv_agree():
   apply = lambda **kw: jax.jit(UNet(**SMALL, **kw).apply)(params, x, t)  # compiled: op by op is slower
   ref = apply(conv_impl="xla")
   np.testing.assert_allclose(apply(conv_impl="im2col"), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(apply(conv_impl="winograd"), ref, rtol=1e-4, atol=1e-4)
   low = apply(dtype=jnp.bfloat16)
   assert low.dtype == jnp.float32 and float(jnp.abs(low - ref).mean()) < 0.05 * float(jnp.abs(ref).mean()) + 1e-3
 

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("xla", "im2col")
+CONV_IMPLS = ("xla", "im2col", "winograd")
 # jax.nn.dot_product_attention's implementations: XLA's (any backend), or cuDNN's fused flash attention (NVIDIA GPUs,
 # bfloat16 / float16 compute, head width <= 128).
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -27,6 +27,117 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
              for i in range(kh) for j in range(kw)]
   cols = jnp.concatenate(patches, axis=-1)  # [B,Ho,Wo,kh*kw*cin], (i, j, c) order as the kernel
   return cols @ kernel.reshape(kh * kw * cin, cout)
+
+
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
+# Networks", sec. 4, eq. 8: Y = A^T [(G g G^T) * (B^T d B)] A), each transform written as the additions it applies
+# along one axis (as einsums with the small matrices, XLA:CPU ran the filter transforms as slow [N,4] matmuls).
+
+def _winograd_filter_1d(g: list) -> list:
+  """G g along one axis of a 3-tap filter: G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]."""
+  return [g[0], (g[0] + g[1] + g[2]) * 0.5, (g[0] - g[1] + g[2]) * 0.5, g[2]]
+
+
+def _winograd_filter_1d_transpose(u: list) -> list:
+  """G^T u along one axis (4 -> 3 taps): the filter gradient's way back."""
+  half = (u[1] + u[2]) * 0.5
+  return [u[0] + half, (u[1] - u[2]) * 0.5, half + u[3]]
+
+
+def _winograd_input_1d(d: list) -> list:
+  """B^T d along one axis of a 4-tap tile: B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]."""
+  return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _winograd_output_1d(m: list) -> list:
+  """A^T m along one axis: A^T = [[1,1,1,0],[0,1,-1,-1]] (4 products -> 2 outputs)."""
+  return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd_eligible(x_shape: tuple[int, ...], kernel_size: int, stride: int) -> bool:
+  """Whether conv_winograd computes this conv: 3x3, stride 1, even height and width (2x2 output tiles)."""
+  return kernel_size == 3 and stride == 1 and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0
+
+
+def _winograd_tiles(x: jax.Array, channels_first: bool = False) -> tuple[list, tuple[int, int, int]]:
+  """v[i][j] = (B^T d B)[i, j] [T,Cin] for every 4x4 input tile d of x [B,H,W,Cin] (T = B*H/2*W/2 tiles in
+  (b, row, col) order; 'same' padding of 1); [Cin,T] each with `channels_first` (the filter gradient's operand,
+  so its matmul contracts the last axis of one and the first of the other, the form XLA:CPU hands to YNNPACK).
+  Input tile (i, j) is rows 2i..2i+3, cols 2j..2j+3 of the padded input: seen with each spatial axis split as
+  [size/2+1, 2] (row = 2*r + parity), every tap is a contiguous slice."""
+  b, h, w, cin = x.shape
+  h2, w2 = h // 2, w // 2
+  if channels_first:
+    x = x.transpose(3, 0, 1, 2)  # [Cin,B,H,W]
+    xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).reshape(cin, b, h2 + 1, 2, w2 + 1, 2)
+    tap = lambda a, c: xp[:, :, a // 2:a // 2 + h2, a % 2, c // 2:c // 2 + w2, c % 2].reshape(cin, b * h2 * w2)
+  else:
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, h2 + 1, 2, w2 + 1, 2, cin)
+    tap = lambda a, c: xp[:, a // 2:a // 2 + h2, a % 2, c // 2:c // 2 + w2, c % 2].reshape(b * h2 * w2, cin)
+  taps = [[tap(a, c) for c in range(4)] for a in range(4)]
+  rows = [_winograd_input_1d([taps[a][c] for a in range(4)]) for c in range(4)]  # rows[c][i]
+  return [_winograd_input_1d([rows[c][i] for c in range(4)]) for i in range(4)], (b, h2, w2)
+
+
+def _winograd_filter(kernel: jax.Array) -> list:
+  """G g G^T: [3,3,Cin,Cout] -> u[i][j] [Cin,Cout] for i, j < 4."""
+  rows = [_winograd_filter_1d([kernel[a, c] for a in range(3)]) for c in range(3)]  # rows[c][i]: [Cin,Cout]
+  # Kept as 16 separate [Cin,Cout] arrays: stacked, XLA:CPU's concatenation of them was slow.
+  return [_winograd_filter_1d([rows[c][i] for c in range(3)]) for i in range(4)]
+
+
+def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  v, (b, h2, w2) = _winograd_tiles(x)
+  u = _winograd_filter(kernel)
+  # 16 separate matmuls rather than one batched one: XLA:CPU then needs no stacked copy of the transformed input.
+  m = [[v[i][j] @ u[i][j] for j in range(4)] for i in range(4)]  # [T,Cout] each
+  cols = [_winograd_output_1d([m[a][c] for a in range(4)]) for c in range(4)]  # cols[c][p]
+  y = [_winograd_output_1d([cols[c][p] for c in range(4)]) for p in range(2)]  # y[p][q] [T,Cout]
+  # Output row 2i+p, col 2j+q of tile (i, j): stacked straight into [B, h2, 2(p), w2, 2(q), Cout].
+  y = jnp.stack([jnp.stack([yq.reshape(b, h2, w2, -1) for yq in y[p]], 3) for p in range(2)], 2)
+  return y.reshape(b, 2 * h2, 2 * w2, -1)
+
+
+@jax.custom_vjp
+def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 3x3, stride-1, 'same' conv of x [B,H,W,Cin] (H, W even) with kernel [3,3,Cin,Cout] by Winograd's
+  F(2x2, 3x3): each 2x2 output tile from a 4x4 input tile with 16 products per channel pair instead of 36, so
+  its 16 matmuls [B*H/2*W/2, Cin] x [Cin, Cout] do 2.25x fewer multiply-adds than the direct conv; the input and
+  output transforms are additions. Why: XLA:CPU's convolutions already run at about one core's matmul peak, so
+  fewer multiply-adds is the way left to a faster CPU step (bench/levers.py; README's lever table). The backward
+  is written out (below) in the same domain: the input gradient is this conv of dy with the flipped kernel, the
+  filter gradient 16 matmuls [Cin, T] x [T, Cout]. Float32 results agree with XLA's conv to ~1e-6 relative
+  (tests/test_layers.py)."""
+  return _winograd_conv(x, kernel)
+
+
+def _conv_winograd_fwd(x, kernel):
+  return _winograd_conv(x, kernel), (x, kernel)
+
+
+def _conv_winograd_bwd(residuals, dy):
+  """dx: the 'same' conv of dy [B,H,W,Cout] with the kernel flipped in space and transposed in channels.
+  dkernel = G^T [sum over tiles of v^T dm] G, with dm = A dy_tile A^T the transpose of the output transform
+  (Lavin & Gray 2016 sec. 4: the gradients of a Winograd layer are Winograd-domain products too)."""
+  x, kernel = residuals
+  dx = _winograd_conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  v_t, (b, h2, w2) = _winograd_tiles(x, channels_first=True)  # [Cin,T] each
+  cout = dy.shape[-1]
+  tiles = dy.reshape(b, h2, 2, w2, 2, cout)
+  d = [[tiles[:, :, p, :, q].reshape(b * h2 * w2, cout) for q in range(2)] for p in range(2)]  # dy[p][q] [T,Cout]
+
+  def a_1d(t: list) -> list:  # A t along one axis: the transpose of _winograd_output_1d
+    return [t[0], t[0] + t[1], t[0] - t[1], -t[1]]
+
+  rows = [a_1d([d[p][q] for p in range(2)]) for q in range(2)]  # rows[q][a]
+  dm = [[a_1d([rows[q][a] for q in range(2)])[c] for c in range(4)] for a in range(4)]  # dm[a][c] [T,Cout]
+  du = [[v_t[i][j] @ dm[i][j] for j in range(4)] for i in range(4)]  # [Cin,Cout] each
+  rows = [_winograd_filter_1d_transpose([du[i][j] for i in range(4)]) for j in range(4)]  # rows[j][a]
+  dkernel = jnp.stack([jnp.stack(_winograd_filter_1d_transpose([rows[j][a] for j in range(4)])) for a in range(3)])
+  return dx, dkernel
+
+
+conv_winograd.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
 
 
 class Conv(nn.Module):
@@ -55,6 +166,8 @@ class Conv(nn.Module):
       y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
     elif impl == "im2col":
       y = conv_im2col(x, kernel, self.stride, k // 2)
+    elif impl == "winograd" and winograd_eligible(x.shape, k, self.stride):
+      y = conv_winograd(x, kernel)
     else:
       y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), [(k // 2, k // 2)] * 2,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
