@@ -95,9 +95,9 @@ def main():
   args = parser.parse_args()
   variants = [parse_variant(v) for v in (args.variant or ["base"])]
   base = list(args.set) + ([f"batch_size={args.batch}"] if args.batch else [])
-  from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
-  batch = load_config(args.config, base).batch_size
-  split_host_devices(args.cpu_devices or auto_host_devices(len(os.sched_getaffinity(0)), (batch,)))
+  from diffusion_jax.parallel.mesh import auto_host_devices_for_config, split_host_devices
+  config = load_config(args.config, base)
+  split_host_devices(args.cpu_devices or auto_host_devices_for_config(config, len(os.sched_getaffinity(0))))
   runs, started = {}, time.perf_counter()
   for label, spec in variants:
     if args.budget_s and time.perf_counter() - started > args.budget_s:

@@ -226,6 +226,11 @@ def median_ms(times: list[float]) -> float:
   return float(np.median(times)) * 1e3
 
 
+def case_overrides(name: str, args) -> list[str]:
+  """This project's config overrides for a case, as Ours builds it (the case's, --set, the batch)."""
+  return CASES[name]["overrides"] + list(args.set) + [f"batch_size={args.batch or CASES[name]['batch']}"]
+
+
 def runner_args(name: str, args) -> tuple:
   return CASES[name], args.set, args.sample_steps, args.batch or CASES[name]["batch"]
 
@@ -301,9 +306,18 @@ def main(argv=None):
   unknown = [n for n in names if n not in CASES]
   if unknown:
     parser.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
-  from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
-  batches = tuple(args.batch or CASES[n]["batch"] for n in names)
-  split_host_devices(args.cpu_devices or auto_host_devices(len(os.sched_getaffinity(0)), batches))
+  from diffusion_jax.config import load_config
+  from diffusion_jax.parallel.mesh import auto_host_devices_for_config, split_host_devices
+  cores = len(os.sched_getaffinity(0))
+  auto = {n: auto_host_devices_for_config(load_config("cifar10_ddpm", case_overrides(n, args)), cores) for n in names}
+  if not args.cpu_devices and len(set(auto.values())) > 1:
+    # One process has one host split: cases that main would split differently each run in their own process.
+    print(f"automatic host devices differ per case ({auto}): each case runs in its own process")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for n in names:
+      subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--cases", n], check=True)
+    return
+  split_host_devices(args.cpu_devices or auto[names[0]])
   if args.rss_child:
     return rss_child(args.rss_child, names[0], args)
   if not args.no_peer:

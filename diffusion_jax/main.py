@@ -45,17 +45,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _split_host_devices(env, config) -> None:
   """XLA:CPU devices for this host (DJ_CPU_DEVICES, or auto for a single-process run) before JAX starts: a
   data-parallel split keeps more cores busy (parallel.mesh.auto_host_devices). Accelerators are unaffected."""
-  from diffusion_jax.parallel.mesh import auto_host_devices, split_host_devices
+  from diffusion_jax.parallel.mesh import auto_host_devices_for_config, split_host_devices
   count = env.cpu_devices
   if count is None:
     if env.coordinator_address or env.auto_distributed:
       return  # each process of a multi-process job keeps XLA's default unless DJ_CPU_DEVICES says otherwise
-    batches = [config.batch_size] + ([config.autoencoder.batch_size] if config.get("autoencoder") else [])
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    data, fsdp = (config.mesh.data, config.mesh.fsdp) if all(map(is_int, (config.mesh.data, config.mesh.fsdp))) \
-        else (-1, 1)  # a bad mesh is reported by check_config, on the default split
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    count = auto_host_devices(cores, tuple(b for b in batches if is_int(b) and b > 0), data, fsdp)
+    count = auto_host_devices_for_config(config, cores)
   split_host_devices(count)
 
 

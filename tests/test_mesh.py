@@ -151,3 +151,17 @@ def test_auto_host_devices_splits_up_to_two_per_core_dividing_every_batch_and_th
   env = {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}
   assert split_host_devices(4, env) and env["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=4")
   assert not split_host_devices(2, env) and env["XLA_FLAGS"].count("device_count") == 1  # the user's flag wins
+
+
+def test_wide_models_stay_on_one_host_device_unless_the_mesh_says_otherwise():
+  """Convolutions of >= 128 channels spread over the cores themselves: DDPM's CIFAR-10 U-Net (ch 128) gets one
+  device, fmnist-sized models keep the split, an explicit or fsdp mesh still wins."""
+  from diffusion_jax.config import load_config
+  from diffusion_jax.parallel.mesh import auto_host_devices, auto_host_devices_for_config
+  assert auto_host_devices(2, (16,), min_channels=128) == 1 and auto_host_devices(2, (64,), min_channels=64) == 4
+  assert auto_host_devices(2, (16,), fsdp=2, min_channels=256) == 2
+  assert auto_host_devices(2, (16,), data=2, fsdp=1, min_channels=128) == 2
+  assert auto_host_devices_for_config(load_config("cifar10_ddpm", ["batch_size=16"]), 2) == 1
+  assert auto_host_devices_for_config(load_config("cifar10_ddpm", ["batch_size=16", "model.ch=32"]), 2) == 2
+  # latent runs train two models: the narrower (the autoencoder, ch 16) decides
+  assert auto_host_devices_for_config(load_config("latent", ["model.ch=128"]), 2) == 4

@@ -61,6 +61,20 @@ def test_winograd_conv_impl_matches_xla_and_falls_back_where_it_does_not_apply(s
   assert winograd_ran == (size % 2 == 0 and stride == 1 and kernel_size == 3)
 
 
+def test_auto_conv_impl_takes_winograd_on_cpu_only_for_wide_eligible_convs(monkeypatch):
+  from diffusion_jax.models import layers
+  wide, narrow = (2, 8, 8, 128), (2, 8, 8, 64)
+  assert layers.resolve_conv_impl("auto", wide, 3, 1, 128) == "winograd"
+  assert layers.resolve_conv_impl("auto", narrow, 3, 1, 128) == "xla"  # input too narrow
+  assert layers.resolve_conv_impl("auto", wide, 3, 1, 64) == "xla"  # output too narrow
+  assert layers.resolve_conv_impl("auto", wide, 3, 2, 128) == "xla"  # strided: no 2x2 tiles
+  assert layers.resolve_conv_impl("winograd", narrow, 3, 1, 8) == "winograd"  # explicit: wherever it applies
+  with pytest.raises(ValueError, match="unknown conv_impl 'fft'"):
+    layers.resolve_conv_impl("fft", wide, 3, 1, 128)
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  assert layers.resolve_conv_impl("auto", wide, 3, 1, 128) == "xla"  # accelerators keep their own convolutions
+
+
 @pytest.mark.parametrize("size,ch_mult,kw", [
     (16, (1, 2), {}),
     (28, (1, 2, 2), dict(attn_resolutions=(7,))),  # 28 = 4 * 7 divides evenly

@@ -39,7 +39,7 @@ class _Coder(nn.Module):
   num_res_blocks: int
   attn_resolutions: Sequence[int]
   mid_attention: bool = True
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
 
@@ -107,7 +107,7 @@ class AutoencoderKL(nn.Module):
   z_channels: int = 4
   out_channels: int = 1
   mid_attention: bool = True
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @property

@@ -29,7 +29,7 @@ class UNet(nn.Module):
   out_channels: int | None = None
   resblock_updown: bool = False
   scale_shift_norm: bool = False
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   attention_impl: str = "xla"  # or "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16 dtype)
   num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
   context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context

@@ -52,25 +52,48 @@ MAX_AUTO_HOST_DEVICES = 8
 MIN_AUTO_IMAGES_PER_DEVICE = 8
 
 
-def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, fsdp: int = 1) -> int:
+WIDE_MODEL_CHANNELS = 128
+
+
+def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, fsdp: int = 1,
+                      min_channels: int = 0) -> int:
   """How many XLA:CPU devices to split this host into: the most, up to 2 per core (at most 8), that divide
   every global batch into at least MIN_AUTO_IMAGES_PER_DEVICE images per device and fit config.mesh (exactly
-  data * fsdp when data is set).
+  data * fsdp when data is set); one (or the fsdp size) when every model's base width, `min_channels`, is at
+  least WIDE_MODEL_CHANNELS.
 
-  Why: XLA:CPU runs one device's ops mostly one at a time and leaves cores idle between them (1.2 of 2 cores
-  busy on bench/vs_peers.py's fmnist_small step); devices run concurrently, so a data-parallel split over
-  host devices keeps the cores busy: that step (batch 64) took 1577 / 1110 / 965 / 1020 ms with 1 / 2 / 4 / 8
-  devices on 2 cores. Fewer than 8 images per device cost more than the split gains, and each device holds its
-  own copy of the state: DDPM's CIFAR-10 U-Net at batch 16 took 4020 / 3808 / 4504 ms with 1 / 2 / 4 devices
-  (peak RSS 2412 / 3073 / 4427 MB).
+  Why: XLA:CPU runs one device's ops mostly one at a time, and its convolutions of 32-64 channels on one thread
+  each, so on narrow models it leaves cores idle (1.2 of 2 cores busy on bench/vs_peers.py's fmnist_small step);
+  devices run concurrently, so a data-parallel split over host devices keeps the cores busy: that step (batch
+  64) took 1577 / 1110 / 965 / 1020 ms with 1 / 2 / 4 / 8 devices on 2 cores. Fewer than 8 images per device
+  cost more than the split gains, and each device holds its own copy of the state. Wide models are the other
+  way round: convolutions of 128 channels and more (XLA's, and the Winograd matmuls that conv_impl 'auto' gives
+  them on CPU) already spread over the cores, and a split only adds contention and copies of the state: DDPM's
+  CIFAR-10 U-Net at batch 16 (ch 128, Winograd) took 3647 ms on 1 device and 4024 on 2 (peak RSS 2404 / 3052 MB).
   """
   if data > 0 and fsdp > 0:
     return data * fsdp
   step = fsdp if fsdp > 0 else 1
+  if min_channels >= WIDE_MODEL_CHANNELS:
+    return step
   target = max(1, min(2 * cores, MAX_AUTO_HOST_DEVICES))
   fits = [n for n in range(step, target + 1, step)
           if all(b % n == 0 and b // n >= MIN_AUTO_IMAGES_PER_DEVICE for b in batch_sizes)]
   return max(fits) if fits else step
+
+
+def auto_host_devices_for_config(config, cores: int) -> int:
+  """auto_host_devices for a run of `config` (main's choice, and the benches'): its batches (the autoencoder's
+  too), its mesh, and the narrowest base width of the models it trains. Values a config check would refuse
+  are left out here (check_config reports them)."""
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  models = [config.model] + ([config.autoencoder.model] if config.get("autoencoder") else [])
+  batches = [config.batch_size] + ([config.autoencoder.batch_size] if config.get("autoencoder") else [])
+  data, fsdp = (config.mesh.data, config.mesh.fsdp) if all(map(is_int, (config.mesh.data, config.mesh.fsdp))) \
+      else (-1, 1)
+  widths = [m.get("ch") for m in models]
+  min_channels = min(widths) if all(map(is_int, widths)) else 0
+  return auto_host_devices(cores, tuple(b for b in batches if is_int(b) and b > 0), data, fsdp, min_channels)
 
 
 def split_host_devices(count: int, environ=None) -> bool:
