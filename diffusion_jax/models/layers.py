@@ -42,12 +42,6 @@ def _winograd_filter_1d(g: list) -> list:
   return [g[0], (g[0] + g[1] + g[2]) * 0.5, (g[0] - g[1] + g[2]) * 0.5, g[2]]
 
 
-def _winograd_filter_1d_transpose(u: list) -> list:
-  """G^T u along one axis (4 -> 3 taps): the filter gradient's way back."""
-  half = (u[1] + u[2]) * 0.5
-  return [u[0] + half, (u[1] - u[2]) * 0.5, half + u[3]]
-
-
 def _winograd_input_1d(d: list) -> list:
   """B^T d along one axis of a 4-tap tile: B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]."""
   return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
@@ -77,21 +71,17 @@ def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, str
   return impl
 
 
-def _winograd_tiles(x: jax.Array, channels_first: bool = False) -> tuple[list, tuple[int, int, int]]:
+def _winograd_tiles(x: jax.Array) -> tuple[list, tuple[int, int, int]]:
   """v[i][j] = (B^T d B)[i, j] [T,Cin] for every 4x4 input tile d of x [B,H,W,Cin] (T = B*H/2*W/2 tiles in
-  (b, row, col) order; 'same' padding of 1); [Cin,T] each with `channels_first` (the filter gradient's operand,
-  so its matmul contracts the last axis of one and the first of the other, the form XLA:CPU hands to YNNPACK).
-  Input tile (i, j) is rows 2i..2i+3, cols 2j..2j+3 of the padded input: seen with each spatial axis split as
-  [size/2+1, 2] (row = 2*r + parity), every tap is a contiguous slice."""
+  (b, row, col) order; 'same' padding of 1). Input tile (i, j) is rows 2i..2i+3, cols 2j..2j+3 of the padded
+  input: seen as [B, H/2+1, 2, W/2+1, 2, Cin] (row = 2*r + parity), every tap is a contiguous slice."""
   b, h, w, cin = x.shape
   h2, w2 = h // 2, w // 2
-  if channels_first:
-    x = x.transpose(3, 0, 1, 2)  # [Cin,B,H,W]
-    xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).reshape(cin, b, h2 + 1, 2, w2 + 1, 2)
-    tap = lambda a, c: xp[:, :, a // 2:a // 2 + h2, a % 2, c // 2:c // 2 + w2, c % 2].reshape(cin, b * h2 * w2)
-  else:
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, h2 + 1, 2, w2 + 1, 2, cin)
-    tap = lambda a, c: xp[:, a // 2:a // 2 + h2, a % 2, c // 2:c // 2 + w2, c % 2].reshape(b * h2 * w2, cin)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, h2 + 1, 2, w2 + 1, 2, cin)
+
+  def tap(a: int, c: int) -> jax.Array:  # [T,Cin]: tap (a, c) of every tile
+    return xp[:, a // 2:a // 2 + h2, a % 2, c // 2:c // 2 + w2, c % 2].reshape(b * h2 * w2, cin)
+
   taps = [[tap(a, c) for c in range(4)] for a in range(4)]
   rows = [_winograd_input_1d([taps[a][c] for a in range(4)]) for c in range(4)]  # rows[c][i]
   return [_winograd_input_1d([rows[c][i] for c in range(4)]) for i in range(4)], (b, h2, w2)
@@ -123,9 +113,8 @@ def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   its 16 matmuls [B*H/2*W/2, Cin] x [Cin, Cout] do 2.25x fewer multiply-adds than the direct conv; the input and
   output transforms are additions. Why: XLA:CPU's convolutions already run at about one core's matmul peak, so
   fewer multiply-adds is the way left to a faster CPU step (bench/levers.py; README's lever table). The backward
-  is written out (below) in the same domain: the input gradient is this conv of dy with the flipped kernel, the
-  filter gradient 16 matmuls [Cin, T] x [T, Cout]. Float32 results agree with XLA's conv to ~1e-6 relative
-  (tests/test_layers.py)."""
+  is written out (below): the input gradient is this conv of dy with the flipped kernel, the filter gradient
+  XLA's. Float32 results agree with XLA's conv to ~1e-6 relative (tests/test_unet.py)."""
   return _winograd_conv(x, kernel)
 
 
@@ -134,25 +123,15 @@ def _conv_winograd_fwd(x, kernel):
 
 
 def _conv_winograd_bwd(residuals, dy):
-  """dx: the 'same' conv of dy [B,H,W,Cout] with the kernel flipped in space and transposed in channels.
-  dkernel = G^T [sum over tiles of v^T dm] G, with dm = A dy_tile A^T the transpose of the output transform
-  (Lavin & Gray 2016 sec. 4: the gradients of a Winograd layer are Winograd-domain products too)."""
+  """dx: the 'same' conv of dy [B,H,W,Cout] with the kernel flipped in space and transposed in channels, by
+  Winograd again; dkernel: XLA's filter gradient. A Winograd filter gradient (16 matmuls [Cin,T] x [T,Cout] on
+  the tiles of x and of dy) was 10% faster per conv but raised the ddpm_cifar10 step's temporaries from 1304 to
+  1934 MB (XLA kept more tile buffers alive at once), so the memory floor against the peer decided."""
   x, kernel = residuals
   dx = _winograd_conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-  v_t, (b, h2, w2) = _winograd_tiles(x, channels_first=True)  # [Cin,T] each
-  cout = dy.shape[-1]
-  tiles = dy.reshape(b, h2, 2, w2, 2, cout)
-  d = [[tiles[:, :, p, :, q].reshape(b * h2 * w2, cout) for q in range(2)] for p in range(2)]  # dy[p][q] [T,Cout]
-
-  def a_1d(t: list) -> list:  # A t along one axis: the transpose of _winograd_output_1d
-    return [t[0], t[0] + t[1], t[0] - t[1], -t[1]]
-
-  rows = [a_1d([d[p][q] for p in range(2)]) for q in range(2)]  # rows[q][a]
-  dm = [[a_1d([rows[q][a] for q in range(2)])[c] for c in range(4)] for a in range(4)]  # dm[a][c] [T,Cout]
-  du = [[v_t[i][j] @ dm[i][j] for j in range(4)] for i in range(4)]  # [Cin,Cout] each
-  rows = [_winograd_filter_1d_transpose([du[i][j] for i in range(4)]) for j in range(4)]  # rows[j][a]
-  dkernel = jnp.stack([jnp.stack(_winograd_filter_1d_transpose([rows[j][a] for j in range(4)])) for a in range(3)])
-  return dx, dkernel
+  _, filter_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
+  return dx, filter_vjp(dy)[0]
 
 
 conv_winograd.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
