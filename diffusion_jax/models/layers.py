@@ -113,8 +113,8 @@ def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   its 16 matmuls [B*H/2*W/2, Cin] x [Cin, Cout] do 2.25x fewer multiply-adds than the direct conv; the input and
   output transforms are additions. Why: XLA:CPU's convolutions already run at about one core's matmul peak, so
   fewer multiply-adds is the way left to a faster CPU step (bench/levers.py; README's lever table). The backward
-  is written out (below): the input gradient is this conv of dy with the flipped kernel, the filter gradient
-  XLA's. Float32 results agree with XLA's conv to ~1e-6 relative (tests/test_unet.py)."""
+  is XLA's (see _conv_winograd_bwd). Float32 results agree with XLA's conv to ~1e-6 relative (tests/test_unet.py).
+  """
   return _winograd_conv(x, kernel)
 
 
@@ -123,15 +123,14 @@ def _conv_winograd_fwd(x, kernel):
 
 
 def _conv_winograd_bwd(residuals, dy):
-  """dx: the 'same' conv of dy [B,H,W,Cout] with the kernel flipped in space and transposed in channels, by
-  Winograd again; dkernel: XLA's filter gradient. A Winograd filter gradient (16 matmuls [Cin,T] x [T,Cout] on
-  the tiles of x and of dy) was 10% faster per conv but raised the ddpm_cifar10 step's temporaries from 1304 to
-  1934 MB (XLA kept more tile buffers alive at once), so the memory floor against the peer decided."""
+  """XLA's convolution gradients (input and filter). Written out in the Winograd domain they measured no faster
+  on the whole ddpm_cifar10 step within this machine's noise (medians 4560 / 4617 / 4609 ms for XLA's / both
+  gradients Winograd / the input gradient Winograd, 6 alternating rounds) and held more temporaries (1192 / 1934
+  / 1304 MB): the training step keeps XLA's memory, the forward (all of sampling) gets Winograd's speed."""
   x, kernel = residuals
-  dx = _winograd_conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-  _, filter_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
-  return dx, filter_vjp(dy)[0]
+  _, conv_vjp = jax.vjp(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), x, kernel)
+  return conv_vjp(dy)
 
 
 conv_winograd.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
