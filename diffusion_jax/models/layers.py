@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 # 'auto' takes Winograd (conv_winograd) on CPU for 3x3 convs with at least this many input and output channels and
-# XLA's conv elsewhere: per conv on XLA:CPU, Winograd's forward + backward was 1.2-1.7x faster at 128-384 channels
-# and slower at 32-64 (README's lever table); GPUs and TPUs keep their own convolutions.
+# XLA's conv elsewhere: per conv on XLA:CPU, Winograd's forward was 1.4-1.9x XLA's at 128-256 channels and it lost
+# at 32-64 (README's lever table); GPUs and TPUs keep their own convolutions.
 WINOGRAD_MIN_CHANNELS = 128
 # jax.nn.dot_product_attention's implementations: XLA's (any backend), or cuDNN's fused flash attention (NVIDIA GPUs,
 # bfloat16 / float16 compute, head width <= 128).
@@ -95,6 +95,7 @@ def _winograd_filter(kernel: jax.Array) -> list:
 
 
 def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Y = A^T [(G g G^T) * (B^T d B)] A for every tile: x [B,H,W,Cin], kernel [3,3,Cin,Cout] -> [B,H,W,Cout]."""
   v, (b, h2, w2) = _winograd_tiles(x)
   u = _winograd_filter(kernel)
   # 16 separate matmuls rather than one batched one: XLA:CPU then needs no stacked copy of the transformed input.
