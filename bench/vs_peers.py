@@ -67,7 +67,7 @@ class Ours:
     from diffusion_jax.config import load_config
     from diffusion_jax.sampling import SampleSettings, make_sample_fn
     self.jax = jax
-    config = load_config("cifar10_ddpm", case["overrides"] + list(extra_overrides) + [f"batch_size={batch}"])
+    config = load_config("cifar10_ddpm", case_overrides(case, extra_overrides, batch))
     self.batch_size = config.batch_size
     setup = TrainStepSetup(config)
     mesh, parts, self.state, self.params = setup.mesh, setup.parts, setup.state, setup.params
@@ -226,9 +226,9 @@ def median_ms(times: list[float]) -> float:
   return float(np.median(times)) * 1e3
 
 
-def case_overrides(name: str, args) -> list[str]:
-  """This project's config overrides for a case, as Ours builds it (the case's, --set, the batch)."""
-  return CASES[name]["overrides"] + list(args.set) + [f"batch_size={args.batch or CASES[name]['batch']}"]
+def case_overrides(case: dict, extra_overrides: list[str], batch: int) -> list[str]:
+  """This project's config overrides for a case on configs/cifar10_ddpm.py: the case's, --set, the batch."""
+  return case["overrides"] + list(extra_overrides) + [f"batch_size={batch}"]
 
 
 def runner_args(name: str, args) -> tuple:
@@ -309,7 +309,9 @@ def main(argv=None):
   from diffusion_jax.config import load_config
   from diffusion_jax.parallel.mesh import auto_host_devices_for_config, split_host_devices
   cores = len(os.sched_getaffinity(0))
-  auto = {n: auto_host_devices_for_config(load_config("cifar10_ddpm", case_overrides(n, args)), cores) for n in names}
+  configs = {n: load_config("cifar10_ddpm", case_overrides(CASES[n], args.set, args.batch or CASES[n]["batch"]))
+             for n in names}
+  auto = {n: auto_host_devices_for_config(config, cores) for n, config in configs.items()}
   if not args.cpu_devices and len(set(auto.values())) > 1:
     # One process has one host split: cases that main would split differently each run in their own process.
     print(f"automatic host devices differ per case ({auto}): each case runs in its own process")
