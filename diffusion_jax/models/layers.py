@@ -12,8 +12,10 @@ import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 # 'auto' takes Winograd (conv_winograd) on CPU for 3x3 convs with at least this many input and output channels and
-# XLA's conv elsewhere: per conv on XLA:CPU, Winograd's forward was 1.4-1.9x XLA's at 128-256 channels and it lost
-# at 32-64 (README's lever table); GPUs and TPUs keep their own convolutions.
+# XLA's conv elsewhere: per conv on XLA:CPU (one thread), Winograd's forward was 1.4-1.9x XLA's at 128-256
+# channels; the minimum was set while the gradients were Winograd's too, where 32-64 channels lost (fmnist_small's
+# step 0.74x); with the forward alone narrower convs are untried on a whole step (README's lever table). GPUs and
+# TPUs keep their own convolutions.
 WINOGRAD_MIN_CHANNELS = 128
 # jax.nn.dot_product_attention's implementations: XLA's (any backend), or cuDNN's fused flash attention (NVIDIA GPUs,
 # bfloat16 / float16 compute, head width <= 128).

@@ -69,7 +69,8 @@ def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, 
   cost more than the split gains, and each device holds its own copy of the state. Wide models are the other
   way round: convolutions of 128 channels and more (XLA's, and the Winograd matmuls that conv_impl 'auto' gives
   them on CPU) already spread over the cores, and a split only adds contention and copies of the state: DDPM's
-  CIFAR-10 U-Net at batch 16 (ch 128, Winograd) took 3647 ms on 1 device and 4024 on 2 (peak RSS 2404 / 3052 MB).
+  CIFAR-10 U-Net at batch 16 (ch 128) trained at 0.83x diffusers' speed on 1 device with Winograd's forward and
+  0.82x on 2 devices with XLA's convs (same-evening runs of bench/vs_peers.py), at a peak RSS of 2582 vs 3052 MB.
   """
   if data > 0 and fsdp > 0:
     return data * fsdp
