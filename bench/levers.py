@@ -118,7 +118,9 @@ def main():
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     state, metrics = compiled(setup.state, setup.batch, key, None)  # first call outside the timing
     jax.block_until_ready(metrics)
+    memory = compiled.memory_analysis()  # XLA's temporaries per device (None where the backend has no analysis)
     runs[label] = dict(compiled=compiled, state=state, batch=setup.batch, key=key, times=[],
+                       temp_mb=getattr(memory, "temp_size_in_bytes", 0) / 2 ** 20 if memory else float("nan"),
                        compile_s=time.perf_counter() - t0, flops=float(cost.get("flops", 0.0)),
                        batch_size=config.batch_size, loss=float(metrics["loss"]))
     run = runs[label]
@@ -136,7 +138,7 @@ def main():
                      images_per_s=f"{run['batch_size'] / med:.0f}", vs_first=f"{first / med:.3f}x",
                      mfu=(f"{run['flops'] / med / (args.peak_tflops * 1e12) * 100:.1f}%"
                           if args.peak_tflops and run["flops"] else "-"),
-                     gflop=f"{run['flops'] / 1e9:.0f}"))
+                     gflop=f"{run['flops'] / 1e9:.0f}", temp_mb=f"{run['temp_mb']:.0f}"))
   print(f"\nbackend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
         f"{args.config} {' '.join(base)}; {args.rounds} rounds x {args.steps} steps, alternating\n")
   print_table(rows)

@@ -8,7 +8,8 @@ import pytest
 
 import layer_refs as R
 from diffusion_jax.models import UNet
-from diffusion_jax.models.layers import AttentionBlock, Conv, ResBlock, conv_im2col, conv_winograd
+from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, conv_im2col, conv_winograd,
+                                         conv_winograd_wgrad)
 
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 
@@ -34,30 +35,33 @@ def test_im2col_conv_equals_lax_conv(stride, size):
   np.testing.assert_allclose(conv_im2col(x, k, stride, 1), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv", [conv_winograd, conv_winograd_wgrad], ids=["winograd", "winograd_wgrad"])
 @pytest.mark.parametrize("shape", [(2, 8, 6, 5), (3, 4, 4, 16), (1, 32, 32, 8)])
-def test_winograd_conv_and_its_gradients_equal_lax_conv(shape):
-  """F(2x2,3x3)'s forward against XLA's conv, and its gradients (XLA's, through the custom_vjp) as autodiff's."""
+def test_winograd_conv_and_its_gradients_equal_lax_conv(shape, conv):
+  """F(2x2,3x3)'s forward against XLA's conv, and its gradients (XLA's, or the filter gradient in Winograd's
+  domain for conv_winograd_wgrad) as autodiff's of XLA's conv."""
   x = jax.random.normal(jax.random.key(0), shape)
   k = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 7))
   dy = jax.random.normal(jax.random.key(2), shape[:3] + (7,))
   lax_conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), [(1, 1), (1, 1)],
                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  (y_ref, vjp_ref), (y, vjp) = jax.vjp(lax_conv, x, k), jax.vjp(conv_winograd, x, k)
+  (y_ref, vjp_ref), (y, vjp) = jax.vjp(lax_conv, x, k), jax.vjp(conv, x, k)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-5 * float(jnp.abs(y_ref).max()))
   for got, want, name in zip(vjp(dy), vjp_ref(dy), ("dx", "dkernel")):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(jnp.abs(want).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("impl", ["winograd", "winograd_wgrad"])
 @pytest.mark.parametrize("size,stride,kernel_size", [(8, 1, 3), (7, 1, 3), (8, 2, 3), (8, 1, 1)])
-def test_winograd_conv_impl_matches_xla_and_falls_back_where_it_does_not_apply(size, stride, kernel_size):
-  """conv_impl='winograd' computes what 'xla' does with the same parameters; odd sizes, strides and 1x1 kernels
-  take XLA's conv (Winograd's 2x2 tiles need 3x3, stride 1, even sizes)."""
+def test_winograd_conv_impl_matches_xla_and_falls_back_where_it_does_not_apply(size, stride, kernel_size, impl):
+  """conv_impl='winograd' (and 'winograd_wgrad') computes what 'xla' does with the same parameters; odd sizes,
+  strides and 1x1 kernels take XLA's conv (Winograd's 2x2 tiles need 3x3, stride 1, even sizes)."""
   x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
   conv = lambda impl: Conv(6, kernel_size, stride=stride, conv_impl=impl)
   params = conv("xla").init(jax.random.key(1), x)
   ref = conv("xla").apply(params, x)
-  np.testing.assert_allclose(conv("winograd").apply(params, x), ref, rtol=1e-5, atol=1e-5)
-  winograd_ran = "custom_vjp_call" in str(jax.make_jaxpr(conv("winograd").apply)(params, x))
+  np.testing.assert_allclose(conv(impl).apply(params, x), ref, rtol=1e-5, atol=1e-5)
+  winograd_ran = "custom_vjp_call" in str(jax.make_jaxpr(conv(impl).apply)(params, x))
   assert winograd_ran == (size % 2 == 0 and stride == 1 and kernel_size == 3)
 
 
@@ -69,6 +73,8 @@ def test_auto_conv_impl_takes_winograd_on_cpu_only_for_wide_eligible_convs(monke
   assert layers.resolve_conv_impl("auto", wide, 3, 1, 64) == "xla"  # output too narrow
   assert layers.resolve_conv_impl("auto", wide, 3, 2, 128) == "xla"  # strided: no 2x2 tiles
   assert layers.resolve_conv_impl("winograd", narrow, 3, 1, 8) == "winograd"  # explicit: wherever it applies
+  assert layers.resolve_conv_impl("winograd_wgrad", narrow, 3, 1, 8) == "winograd_wgrad"
+  assert layers.resolve_conv_impl("winograd_wgrad", wide, 3, 2, 128) == "xla"
   with pytest.raises(ValueError, match="unknown conv_impl 'fft'"):
     layers.resolve_conv_impl("fft", wide, 3, 1, 128)
   monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
