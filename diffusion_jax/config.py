@@ -98,7 +98,7 @@ def _model() -> ml_collections.ConfigDict:
   m.context_dim = 0  # > 0: cross-attention to a text context of this width (the text encoder's: minilm 384)
   m.pooled_context = True  # text models: the mean token also joins the timestep embedding (Imagen)
   m.concat_channels = 0  # > 0: extra input channels for spatially aligned conditions
-  m.conv_impl = "auto"  # auto (winograd on CPU for 3x3 convs of >= 128 channels, else xla) | xla | im2col (slower) | winograd (F(2x2,3x3) wherever it applies) | winograd_wgrad (and its filter gradient: faster, more memory); README lever table
+  m.conv_impl = "auto"  # auto (winograd_wgrad on CPU for 3x3 convs of >= 128 channels, else xla) | xla | im2col (slower) | winograd (F(2x2,3x3) forward wherever it applies, XLA's gradients: least memory) | winograd_wgrad (its filter gradient too: faster); README lever table
   m.attention_impl = "xla"  # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, with model.dtype=bfloat16)
   m.remat = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
   return m

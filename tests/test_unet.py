@@ -51,6 +51,22 @@ def test_winograd_conv_and_its_gradients_equal_lax_conv(shape, conv):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(jnp.abs(want).max()), err_msg=name)
 
 
+def test_winograd_filter_gradient_in_batch_chunks_equals_the_whole_batch():
+  """winograd_filter_grad sums its batch chunks' products in a scan (bounding the tiles' memory): the same
+  gradient as the whole batch at once, and as XLA's."""
+  from diffusion_jax.models import layers
+  x, dy = jax.random.normal(jax.random.key(0), (8, 8, 6, 5)), jax.random.normal(jax.random.key(1), (8, 8, 6, 7))
+  whole = layers.winograd_filter_grad(x, dy, max_tile_bytes=1 << 30)
+  chunked = jax.jit(lambda x, dy: layers.winograd_filter_grad(x, dy, max_tile_bytes=8 * 6 * 12 * 4 * 4))
+  whole_jaxpr = jax.make_jaxpr(lambda x, dy: layers.winograd_filter_grad(x, dy, max_tile_bytes=1 << 30))(x, dy)
+  assert "scan" in str(jax.make_jaxpr(chunked)(x, dy)) and "scan" not in str(whole_jaxpr)
+  _, conv_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), jnp.zeros((3, 3, 5, 7)))
+  scale = float(jnp.abs(whole).max())
+  np.testing.assert_allclose(chunked(x, dy), whole, rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(whole, conv_vjp(dy)[0], rtol=1e-5, atol=2e-5 * scale)
+
+
 @pytest.mark.parametrize("impl", ["winograd", "winograd_wgrad"])
 @pytest.mark.parametrize("size,stride,kernel_size", [(8, 1, 3), (7, 1, 3), (8, 2, 3), (8, 1, 1)])
 def test_winograd_conv_impl_matches_xla_and_falls_back_where_it_does_not_apply(size, stride, kernel_size, impl):
@@ -68,7 +84,7 @@ def test_winograd_conv_impl_matches_xla_and_falls_back_where_it_does_not_apply(s
 def test_auto_conv_impl_takes_winograd_on_cpu_only_for_wide_eligible_convs(monkeypatch):
   from diffusion_jax.models import layers
   wide, narrow = (2, 8, 8, 128), (2, 8, 8, 64)
-  assert layers.resolve_conv_impl("auto", wide, 3, 1, 128) == "winograd"
+  assert layers.resolve_conv_impl("auto", wide, 3, 1, 128) == "winograd_wgrad"
   assert layers.resolve_conv_impl("auto", narrow, 3, 1, 128) == "xla"  # input too narrow
   assert layers.resolve_conv_impl("auto", wide, 3, 1, 64) == "xla"  # output too narrow
   assert layers.resolve_conv_impl("auto", wide, 3, 2, 128) == "xla"  # strided: no 2x2 tiles

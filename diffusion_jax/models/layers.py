@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "winograd_wgrad")
-# 'auto' takes Winograd (conv_winograd) on CPU for 3x3 convs with at least this many input and output channels and
-# XLA's conv elsewhere: per conv on XLA:CPU (one thread), Winograd's forward was 1.4-1.9x XLA's at 128-256
-# channels; the minimum was set while the gradients were Winograd's too, where 32-64 channels lost (fmnist_small's
-# step 0.74x); with the forward alone narrower convs are untried on a whole step (README's lever table). GPUs and
-# TPUs keep their own convolutions. 'winograd_wgrad' (opt-in) also takes the filter gradient in Winograd's domain:
-# 1.5x the ddpm_cifar10 step on an Intel Xeon host, for ~600 MB more of XLA's temporaries (README).
+# 'auto' takes Winograd's forward and filter gradient (conv_winograd_wgrad) on CPU for 3x3 convs with at least this
+# many input and output channels, XLA's conv elsewhere: on an Intel Xeon host the ddpm_cifar10 b16 step took 1.51x
+# less time than with XLA's convs (XLA:CPU's filter gradient ran at a fifth of its forward's rate there) for ~100 MB
+# more of XLA's temporaries (README). The minimum: on fmnist_small (32-64 channels, 4 host devices) the Winograd
+# forward alone lost (1038 vs 878 ms per step), and with Winograd gradients too (1088; 0.74x on an AMD host).
+# 'winograd' is the forward alone (XLA's gradients: the least memory). GPUs and TPUs keep their own convolutions.
 WINOGRAD_MIN_CHANNELS = 128
 # jax.nn.dot_product_attention's implementations: XLA's (any backend), or cuDNN's fused flash attention (NVIDIA GPUs,
 # bfloat16 / float16 compute, head width <= 128).
@@ -61,14 +61,14 @@ def winograd_eligible(x_shape: tuple[int, ...], kernel_size: int, stride: int) -
 
 
 def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, stride: int, features: int) -> str:
-  """The lowering one conv gets: 'auto' is 'winograd' on CPU where the conv is eligible and at least
+  """The lowering one conv gets: 'auto' is 'winograd_wgrad' on CPU where the conv is eligible and at least
   WINOGRAD_MIN_CHANNELS wide on both sides, else 'xla'; an explicit 'winograd' falls back to 'xla' where it
   does not apply (see winograd_eligible), as does 'winograd_wgrad'; 'xla' and 'im2col' as given."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
   if impl == "auto":
     wide = min(x_shape[-1], features) >= WINOGRAD_MIN_CHANNELS
-    impl = "winograd" if wide and jax.default_backend() == "cpu" else "xla"
+    impl = "winograd_wgrad" if wide and jax.default_backend() == "cpu" else "xla"
   if impl.startswith("winograd") and not winograd_eligible(x_shape, kernel_size, stride):
     return "xla"
   return impl
@@ -151,13 +151,13 @@ def _winograd_filter_1d_transpose(du: list) -> list:
   return [du[0] + half, (du[1] - du[2]) * 0.5, half + du[3]]
 
 
-def winograd_filter_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+def _winograd_filter_grad_tiles(x: jax.Array, dy: jax.Array) -> jax.Array:
   """dkernel [3,3,Cin,Cout] of the 'same' 3x3 conv of x [B,H,W,Cin] (H, W even) given dy [B,H,W,Cout]:
   G^T [sum over tiles of v^T dm] G, with v = B^T d B the input tiles and dm = A dy_tile A^T the transpose of the
   output transform (Lavin & Gray 2016 sec. 4: a Winograd layer's gradients are Winograd-domain products too).
   16 matmuls [T,Cin]^T x [T,Cout] contracting the T tiles: 2.25x fewer multiply-adds than the direct filter
   gradient, which XLA:CPU computes far below its forward's rate (at [16,32,32,128] on an Intel Xeon host: 93 ms
-  against the forward's 19; this: 34)."""
+  against the forward's 19; this: 34). The whole batch at once: see winograd_filter_grad."""
   v, (b, h2, w2) = _winograd_tiles(x)
   cout = dy.shape[-1]
   tiles = dy.reshape(b, h2, 2, w2, 2, cout)
@@ -171,11 +171,38 @@ def winograd_filter_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
   return jnp.stack([jnp.stack([taps[c][a] for c in range(3)]) for a in range(3)])
 
 
+# The Winograd filter gradient's tiles (v: 4x the input, dm: 4x dy) are built per batch chunk of at most this
+# many bytes, the chunks' [Cin,Cout] products summed in a scan: over the whole batch XLA:CPU held several convs'
+# tiles at once (the ddpm_cifar10 b16 step's temporaries 1758 MB against XLA's convs' 1151; 16 MB chunks: 1253).
+WINOGRAD_WGRAD_CHUNK_BYTES = 16 * 2 ** 20
+
+
+def winograd_filter_grad(x: jax.Array, dy: jax.Array,
+                         max_tile_bytes: int = WINOGRAD_WGRAD_CHUNK_BYTES) -> jax.Array:
+  """dkernel [3,3,Cin,Cout] of the 'same' 3x3 conv of x [B,H,W,Cin] (H, W even) given dy [B,H,W,Cout], in
+  Winograd's domain (_winograd_filter_grad_tiles), over batch chunks (halving B while it divides) whose tiles
+  take at most max_tile_bytes."""
+  b = x.shape[0]
+  tile_bytes = 4 * (x.size * x.dtype.itemsize + dy.size * dy.dtype.itemsize)
+  chunks = 1
+  while tile_bytes / chunks > max_tile_bytes and b % (2 * chunks) == 0:
+    chunks *= 2
+  if chunks == 1:
+    return _winograd_filter_grad_tiles(x, dy)
+  split = lambda a: a.reshape(chunks, b // chunks, *a.shape[1:])  # [chunks, B/chunks, H, W, C]
+
+  def add_chunk(total, chunk):
+    return total + _winograd_filter_grad_tiles(*chunk), None
+
+  zeros = jnp.zeros((3, 3, x.shape[-1], dy.shape[-1]), jnp.result_type(x, dy))
+  return jax.lax.scan(add_chunk, zeros, (split(x), split(dy)))[0]
+
+
 @jax.custom_vjp
 def conv_winograd_wgrad(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """conv_winograd whose filter gradient is Winograd's too (winograd_filter_grad); the input gradient stays
   XLA's (as fast as the Winograd one per conv, with less memory: 1758 vs 1844 MB of the ddpm_cifar10 step's
-  temporaries)."""
+  temporaries before the filter gradient's batch chunks)."""
   return _winograd_conv(x, kernel)
 
 

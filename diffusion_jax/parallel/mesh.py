@@ -70,7 +70,9 @@ def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, 
   way round: convolutions of 128 channels and more (XLA's, and the Winograd matmuls that conv_impl 'auto' gives
   them on CPU) already spread over the cores, and a split only adds contention and copies of the state: DDPM's
   CIFAR-10 U-Net at batch 16 (ch 128) trained at 0.83x diffusers' speed on 1 device with Winograd's forward and
-  0.82x on 2 devices with XLA's convs (same-evening runs of bench/vs_peers.py), at a peak RSS of 2582 vs 3052 MB.
+  0.82x on 2 devices with XLA's convs (same-evening runs of bench/vs_peers.py), at a peak RSS of 2582 vs 3052 MB;
+  with the Winograd filter gradient too (an Intel Xeon host) 2 devices took 3514 ms per step against 1 device's
+  ~2950.
   """
   if data > 0 and fsdp > 0:
     return data * fsdp
