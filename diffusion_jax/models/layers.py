@@ -24,6 +24,13 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 Dtype = Any
 
 
+def xla_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """XLA's conv of x [B,H,W,Cin] with kernel [k,k,Cin,Cout], padding k//2 on each side ('same' at stride 1)."""
+  k = kernel.shape[0]
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(k // 2, k // 2)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """A kxk conv as k*k shifted slices and one matmul (an alternative lowering; see bench/train_step.py)."""
   kh, kw, cin, cout = kernel.shape
@@ -127,13 +134,13 @@ def _conv_winograd_fwd(x, kernel):
 
 
 def _conv_winograd_bwd(residuals, dy):
-  """XLA's convolution gradients (input and filter). Written out in the Winograd domain they measured no faster
-  on the whole ddpm_cifar10 step within this machine's noise (medians 4560 / 4617 / 4609 ms for XLA's / both
-  gradients Winograd / the input gradient Winograd, 6 alternating rounds) and held more temporaries (1192 / 1934
-  / 1304 MB): the training step keeps XLA's memory, the forward (all of sampling) gets Winograd's speed."""
+  """XLA's convolution gradients (input and filter): the least memory. On an AMD host an earlier Winograd-domain
+  version of both (filter tiles channels-first, unchunked) measured no faster on the whole ddpm_cifar10 step
+  (medians 4560 / 4617 / 4609 ms for XLA's / both Winograd / the input gradient Winograd) and held more
+  temporaries (1192 / 1934 / 1304 MB); on an Intel host the filter gradient in Winograd's domain paid
+  (conv_winograd_wgrad, what 'auto' takes)."""
   x, kernel = residuals
-  _, conv_vjp = jax.vjp(lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), x, kernel)
+  _, conv_vjp = jax.vjp(xla_conv, x, kernel)
   return conv_vjp(dy)
 
 
@@ -208,8 +215,7 @@ def conv_winograd_wgrad(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _conv_winograd_wgrad_bwd(residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), x)
+  _, input_vjp = jax.vjp(lambda x: xla_conv(x, kernel), x)
   dx, = input_vjp(dy)
   return dx, winograd_filter_grad(x, dy).astype(kernel.dtype)
 
@@ -246,8 +252,7 @@ class Conv(nn.Module):
     elif impl == "winograd_wgrad":
       y = conv_winograd_wgrad(x, kernel)
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), [(k // 2, k // 2)] * 2,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = xla_conv(x, kernel, self.stride)
     return y + bias
 
 
