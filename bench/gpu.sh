@@ -25,7 +25,7 @@ show() { grep -E "^\||^backend|^where|^compiled|^variant|Error|error:" "$1" | gr
 #    Command buffers (CUDA graphs) halved this step on an H200 (off: 53.7 vs 26.6 ms): the variants graph more of it
 #    (cuDNN convolutions, and runs of fewer than XLA's default 5 kernels). Both option values parse in jax 0.10.2.
 if [ "$part" != peers ]; then
-timeout 540 python3 levers.py --config cifar10_ddpm --batch 128 --set model.dtype=bfloat16 --peak-tflops 989 \
+timeout 540 python3 levers.py --config cifar10_ddpm --batch 128 --set model.dtype=bfloat16 --peak-tflops 989 --gflop-per-image 35.03 \
   --variant base --variant "cmdbuf_cudnn=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
   --variant "graphs_all=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN;xla:xla_gpu_graph_min_graph_size=1" \
   --variant "b256=batch_size=256" --variant "fp32=model.dtype=float32" \

@@ -85,6 +85,9 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="MFU's denominator (0: no MFU column)")
+  parser.add_argument("--gflop-per-image", type=float, default=0.0,
+                      help="FLOPs per image where the backend's lowering gives no cost analysis (seen on a GPU with "
+                           "jax 0.11.2); take it from a CPU run's gflop / batch with the same conv_impl")
   parser.add_argument("--budget-s", type=float, default=0.0,
                       help="compile no further variant after this many seconds (0: no limit), so a run under a time "
                            "limit still times the variants it has in alternating rounds and prints its table")
@@ -116,6 +119,10 @@ def main():
       print(f"variant {label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
       continue
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    if not cost.get("flops") and args.gflop_per_image:
+      cost = {"flops": args.gflop_per_image * 1e9 * config.batch_size}
+    elif not cost.get("flops") and args.peak_tflops:
+      print(f"variant {label}: no cost analysis on {jax.default_backend()}; MFU needs --gflop-per-image")
     state, metrics = compiled(setup.state, setup.batch, key, None)  # first call outside the timing
     jax.block_until_ready(metrics)
     memory = compiled.memory_analysis()  # XLA's temporaries per device (None where the backend has no analysis)
