@@ -11,6 +11,7 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
   xla:NAME=VALUE       an XLA debug option for this variant's compile only (jit's compiler_options)
   key:IMPL             the train key's PRNG implementation (threefry2x32, rbg, unsafe_rbg): dropout and noise
   gn:autodiff          GroupNorm's backward by autodiff of its forward (the written-out one is the default)
+  wtile:M              Winograd's output tile F(M x M, 3x3) for the convs that conv_impl gives Winograd (2 or 4)
 --profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace);
 --budget-s stops compiling further variants after that many seconds (under a device's time limit).
 """
@@ -33,13 +34,17 @@ from diffusion_jax.parallel.mesh import make_mesh
 def parse_variant(text: str) -> tuple[str, dict]:
   """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides': [...], 'xla': {...}, 'key': ..., 'gn': ...})."""
   label, _, items = text.partition("=")
-  spec = {"overrides": [], "xla": {}, "key": None, "gn": None}
+  spec = {"overrides": [], "xla": {}, "key": None, "gn": None, "wtile": None}
   for item in filter(None, items.split(";")):
     if item.startswith("xla:"):
       name, _, value = item[4:].partition("=")
       spec["xla"][name] = {"true": True, "false": False}.get(value.lower(), value)  # XLA wants bools as bools
     elif item.startswith("key:"):
       spec["key"] = item[4:]
+    elif item.startswith("wtile:"):
+      if not item[6:].isdigit():
+        raise SystemExit(f"Winograd tile {item[6:]!r}: expected an integer, e.g. wtile:4")
+      spec["wtile"] = int(item[6:])
     elif item.startswith("gn:"):
       if item != "gn:autodiff":
         raise SystemExit(f"unknown GroupNorm variant {item!r}; expected gn:autodiff")
@@ -47,13 +52,25 @@ def parse_variant(text: str) -> tuple[str, dict]:
     elif "=" in item:
       spec["overrides"].append(item)
     else:
-      raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff")
+      raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff, wtile:M")
   return label, spec
 
 
 def _autodiff_group_norm(x, scale, bias, num_groups, epsilon, silu=False):
   """GroupNorm (+SiLU) as the written-out one's forward, differentiated by JAX (the 'before' of that lever)."""
   return layers._group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
+
+
+@contextlib.contextmanager
+def winograd_tile_patched(tile: int | None):
+  """layers.WINOGRAD_TILE set to `tile` while a variant is traced (None: the default)."""
+  default = layers.WINOGRAD_TILE
+  layers.WINOGRAD_TILE = tile or default
+  try:
+    layers.winograd_tile((1, 4, 4, 1))  # a tile that has no matrices: say so before tracing
+    yield
+  finally:
+    layers.WINOGRAD_TILE = default
 
 
 @contextlib.contextmanager
@@ -109,7 +126,7 @@ def main():
     config = load_config(args.config, base + spec["overrides"])
     t0 = time.perf_counter()
     try:
-      with group_norm_patched(spec["gn"]):
+      with group_norm_patched(spec["gn"]), winograd_tile_patched(spec["wtile"]):
         setup = TrainStepSetup(config, make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp))
         key = setup.key if spec["key"] is None else jax.random.key(1, impl=spec["key"])
         lowered = setup.step.lower(setup.state, setup.batch, key, None)

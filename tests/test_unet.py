@@ -1,5 +1,7 @@
 """diffusion_jax.models.unet: shapes, parameter count, options wired into every block, im2col conv against lax.conv."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,11 +37,36 @@ def test_im2col_conv_equals_lax_conv(stride, size):
   np.testing.assert_allclose(conv_im2col(x, k, stride, 1), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_matrices_compute_1d_correlation_in_float64(m):
+  """A^T [(G g) * (B^T d)] is the correlation of an (m+2)-tap input with a 3-tap filter (Lavin & Gray 2016 eq. 6),
+  exactly up to float64 rounding; and _combine applies a matrix as the additions it names."""
+  from diffusion_jax.models import layers
+  mats = {k: np.array(v, np.float64) for k, v in layers.WINOGRAD_MATRICES[m].items()}
+  rng = np.random.default_rng(m)
+  for _ in range(5):
+    d, g = rng.normal(size=m + 2), rng.normal(size=3)
+    want = np.array([d[i:i + 3] @ g for i in range(m)])
+    np.testing.assert_allclose(mats["AT"] @ ((mats["G"] @ g) * (mats["BT"] @ d)), want, rtol=1e-12, atol=1e-12)
+    combined = layers._combine(layers.WINOGRAD_MATRICES[m]["BT"], list(d))
+    np.testing.assert_allclose(combined, mats["BT"] @ d, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_tile_falls_back_to_2_and_names_a_bad_tile():
+  from diffusion_jax.models import layers
+  assert layers.winograd_tile((1, 8, 8, 3), 4) == 4
+  assert layers.winograd_tile((1, 8, 6, 3), 4) == 2  # 6 is even but not a multiple of 4
+  with pytest.raises(ValueError, match="Winograd output tile 3"):
+    layers.winograd_tile((1, 6, 6, 3), 3)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("conv", [conv_winograd, conv_winograd_wgrad], ids=["winograd", "winograd_wgrad"])
 @pytest.mark.parametrize("shape", [(2, 8, 6, 5), (3, 4, 4, 16), (1, 32, 32, 8)])
-def test_winograd_conv_and_its_gradients_equal_lax_conv(shape, conv):
-  """F(2x2,3x3)'s forward against XLA's conv, and its gradients (XLA's, or the filter gradient in Winograd's
-  domain for conv_winograd_wgrad) as autodiff's of XLA's conv."""
+def test_winograd_conv_and_its_gradients_equal_lax_conv(shape, conv, tile):
+  """F(2x2,3x3)'s and F(4x4,3x3)'s forward against XLA's conv, and its gradients (XLA's, or the filter gradient in
+  Winograd's domain for conv_winograd_wgrad) as autodiff's of XLA's conv."""
+  conv = functools.partial(conv, tile=tile)
   x = jax.random.normal(jax.random.key(0), shape)
   k = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 7))
   dy = jax.random.normal(jax.random.key(2), shape[:3] + (7,))
@@ -65,6 +92,11 @@ def test_winograd_filter_gradient_in_batch_chunks_equals_the_whole_batch():
   scale = float(jnp.abs(whole).max())
   np.testing.assert_allclose(chunked(x, dy), whole, rtol=1e-5, atol=1e-5 * scale)
   np.testing.assert_allclose(whole, conv_vjp(dy)[0], rtol=1e-5, atol=2e-5 * scale)
+  x8, dy8 = x[:, :, :4], dy[:, :, :4]  # 8x4: F(4x4,3x3)'s tiles, chunked likewise
+  _, conv_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+      x8, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), jnp.zeros((3, 3, 5, 7)))
+  chunked4 = layers.winograd_filter_grad(x8, dy8, max_tile_bytes=8 * 4 * 12 * 4 * 2, tile=4)
+  np.testing.assert_allclose(chunked4, conv_vjp(dy8)[0], rtol=1e-5, atol=2e-5 * float(jnp.abs(chunked4).max()))
 
 
 @pytest.mark.parametrize("impl", ["winograd", "winograd_wgrad"])

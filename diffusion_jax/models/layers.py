@@ -43,23 +43,56 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
   return cols @ kernel.reshape(kh * kw * cin, cout)
 
 
-# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
-# Networks", sec. 4, eq. 8: Y = A^T [(G g G^T) * (B^T d B)] A), each transform written as the additions it applies
-# along one axis (as einsums with the small matrices, XLA:CPU ran the filter transforms as slow [N,4] matmuls).
+# Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
+# Networks", sec. 4, eq. 8: Y = A^T [(G g G^T) * (B^T d B)] A): each m x m output tile from an (m+2) x (m+2) input
+# tile with (m+2)^2 products per channel pair instead of 9 m^2. m = 2 (their eq. 7) and m = 4 (sec. 4.2; the
+# interpolation points 0, +-1, +-2 and infinity). Each transform is applied along one axis at a time as the
+# additions its small matrix asks for (_combine; as einsums with the matrices, XLA:CPU ran the filter transforms as
+# slow [N,4] matmuls). Checked against 1-D correlation in float64 (tests/test_unet.py).
+WINOGRAD_MATRICES = {
+    2: dict(BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+            G=((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)),
+            AT=((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: dict(BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+                (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+            G=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+               (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+            AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+# The output tile 'winograd' and 'winograd_wgrad' use where height and width divide by it (else 2). 2: on an Intel
+# Xeon host F(4x4, 3x3) was 1.1-1.2x faster per conv at 256 channels ([16,32,32,256]: forward 57.8 -> 48.5 ms, filter
+# gradient 62.6 -> 52.4) but the ddpm_cifar10 b16 step took the same time (3028 vs 3024 ms), compiled 2.3x longer and
+# raised its peak RSS (README lever table).
+WINOGRAD_TILE = 2
 
-def _winograd_filter_1d(g: list) -> list:
-  """G g along one axis of a 3-tap filter: G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]."""
-  return [g[0], (g[0] + g[1] + g[2]) * 0.5, (g[0] - g[1] + g[2]) * 0.5, g[2]]
+
+def _transposed(matrix: tuple) -> tuple:
+  return tuple(zip(*matrix))
 
 
-def _winograd_input_1d(d: list) -> list:
-  """B^T d along one axis of a 4-tap tile: B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]."""
-  return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+def _combine(matrix: tuple, items: list) -> list:
+  """[sum_j matrix[i][j] * items[j] for each row i] of equally shaped arrays: zeros skipped, +-1 as additions."""
+  out = []
+  for row in matrix:
+    acc = None
+    for coef, item in zip(row, items):
+      if coef == 0:
+        continue
+      if acc is None:
+        acc = item if coef == 1 else -item if coef == -1 else item * coef
+      else:
+        acc = acc + item if coef == 1 else acc - item if coef == -1 else acc + item * coef
+    out.append(acc)
+  return out
 
 
-def _winograd_output_1d(m: list) -> list:
-  """A^T m along one axis: A^T = [[1,1,1,0],[0,1,-1,-1]] (4 products -> 2 outputs)."""
-  return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+def winograd_tile(x_shape: tuple[int, ...], tile: int | None = None) -> int:
+  """The output tile m of F(m x m, 3x3) for x [B,H,W,C]: `tile` (default WINOGRAD_TILE) where H and W divide by
+  it, else 2."""
+  tile = tile or WINOGRAD_TILE
+  if tile not in WINOGRAD_MATRICES:
+    raise ValueError(f"Winograd output tile {tile}: expected one of {tuple(WINOGRAD_MATRICES)}")
+  return tile if x_shape[1] % tile == 0 and x_shape[2] % tile == 0 else 2
 
 
 def winograd_eligible(x_shape: tuple[int, ...], kernel_size: int, stride: int) -> bool:
@@ -81,146 +114,151 @@ def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, str
   return impl
 
 
-def _winograd_tiles(x: jax.Array) -> tuple[list, tuple[int, int, int]]:
-  """v[i][j] = (B^T d B)[i, j] [T,Cin] for every 4x4 input tile d of x [B,H,W,Cin] (T = B*H/2*W/2 tiles in
-  (b, row, col) order; 'same' padding of 1). Input tile (i, j) is rows 2i..2i+3, cols 2j..2j+3 of the padded
-  input: seen as [B, H/2+1, 2, W/2+1, 2, Cin] (row = 2*r + parity), every tap is a contiguous slice."""
+def _winograd_tiles(x: jax.Array, m: int) -> tuple[list, tuple[int, int, int]]:
+  """v[i][j] = (B^T d B)[i, j] [T,Cin] for every (m+2)x(m+2) input tile d of x [B,H,W,Cin] (T = B*H/m*W/m tiles
+  in (b, row, col) order; 'same' padding of 1). Input tile (i, j) is rows m*i..m*i+m+1, cols likewise, of the padded
+  input: padded to H+m rows (the last m-1 never read) and seen as [B, H/m+1, m, W/m+1, m, Cin] (row = m*r + phase),
+  every tap is a contiguous slice."""
   b, h, w, cin = x.shape
-  h2, w2 = h // 2, w // 2
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, h2 + 1, 2, w2 + 1, 2, cin)
+  hm, wm, n = h // m, w // m, m + 2
+  xp = jnp.pad(x, ((0, 0), (1, m - 1), (1, m - 1), (0, 0))).reshape(b, hm + 1, m, wm + 1, m, cin)
 
   def tap(a: int, c: int) -> jax.Array:  # [T,Cin]: tap (a, c) of every tile
-    return xp[:, a // 2:a // 2 + h2, a % 2, c // 2:c // 2 + w2, c % 2].reshape(b * h2 * w2, cin)
+    return xp[:, a // m:a // m + hm, a % m, c // m:c // m + wm, c % m].reshape(b * hm * wm, cin)
 
-  taps = [[tap(a, c) for c in range(4)] for a in range(4)]
-  rows = [_winograd_input_1d([taps[a][c] for a in range(4)]) for c in range(4)]  # rows[c][i]
-  return [_winograd_input_1d([rows[c][i] for c in range(4)]) for i in range(4)], (b, h2, w2)
-
-
-def _winograd_filter(kernel: jax.Array) -> list:
-  """G g G^T: [3,3,Cin,Cout] -> u[i][j] [Cin,Cout] for i, j < 4."""
-  rows = [_winograd_filter_1d([kernel[a, c] for a in range(3)]) for c in range(3)]  # rows[c][i]: [Cin,Cout]
-  # Kept as 16 separate [Cin,Cout] arrays: stacked, XLA:CPU's concatenation of them was slow.
-  return [_winograd_filter_1d([rows[c][i] for c in range(3)]) for i in range(4)]
+  bt = WINOGRAD_MATRICES[m]["BT"]
+  rows = [_combine(bt, [tap(a, c) for a in range(n)]) for c in range(n)]  # rows[c][i]
+  return [_combine(bt, [rows[c][i] for c in range(n)]) for i in range(n)], (b, hm, wm)
 
 
-def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _winograd_filter(kernel: jax.Array, m: int) -> list:
+  """G g G^T: [3,3,Cin,Cout] -> u[i][j] [Cin,Cout] for i, j < m+2."""
+  g = WINOGRAD_MATRICES[m]["G"]
+  rows = [_combine(g, [kernel[a, c] for a in range(3)]) for c in range(3)]  # rows[c][i]: [Cin,Cout]
+  # Kept as separate [Cin,Cout] arrays: stacked, XLA:CPU's concatenation of them was slow.
+  return [_combine(g, [rows[c][i] for c in range(3)]) for i in range(m + 2)]
+
+
+def _winograd_conv(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
   """Y = A^T [(G g G^T) * (B^T d B)] A for every tile: x [B,H,W,Cin], kernel [3,3,Cin,Cout] -> [B,H,W,Cout]."""
-  v, (b, h2, w2) = _winograd_tiles(x)
-  u = _winograd_filter(kernel)
-  # 16 separate matmuls rather than one batched one: XLA:CPU then needs no stacked copy of the transformed input.
-  m = [[v[i][j] @ u[i][j] for j in range(4)] for i in range(4)]  # [T,Cout] each
-  cols = [_winograd_output_1d([m[a][c] for a in range(4)]) for c in range(4)]  # cols[c][p]
-  y = [_winograd_output_1d([cols[c][p] for c in range(4)]) for p in range(2)]  # y[p][q] [T,Cout]
-  # Output row 2i+p, col 2j+q of tile (i, j): stacked straight into [B, h2, 2(p), w2, 2(q), Cout].
-  y = jnp.stack([jnp.stack([yq.reshape(b, h2, w2, -1) for yq in y[p]], 3) for p in range(2)], 2)
-  return y.reshape(b, 2 * h2, 2 * w2, -1)
+  v, (b, hm, wm) = _winograd_tiles(x, m)
+  u = _winograd_filter(kernel, m)
+  n, at = m + 2, WINOGRAD_MATRICES[m]["AT"]
+  # (m+2)^2 separate matmuls rather than one batched one: XLA:CPU then needs no stacked copy of the input tiles.
+  prods = [[v[i][j] @ u[i][j] for j in range(n)] for i in range(n)]  # [T,Cout] each
+  cols = [_combine(at, [prods[a][c] for a in range(n)]) for c in range(n)]  # cols[c][p]
+  y = [_combine(at, [cols[c][p] for c in range(n)]) for p in range(m)]  # y[p][q] [T,Cout]
+  # Output row m*i+p, col m*j+q of tile (i, j): stacked straight into [B, H/m, m(p), W/m, m(q), Cout].
+  y = jnp.stack([jnp.stack([yq.reshape(b, hm, wm, -1) for yq in y[p]], 3) for p in range(m)], 2)
+  return y.reshape(b, m * hm, m * wm, -1)
 
 
-@jax.custom_vjp
-def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv_winograd(x: jax.Array, kernel: jax.Array, tile: int | None = None) -> jax.Array:
   """A 3x3, stride-1, 'same' conv of x [B,H,W,Cin] (H, W even) with kernel [3,3,Cin,Cout] by Winograd's
-  F(2x2, 3x3): each 2x2 output tile from a 4x4 input tile with 16 products per channel pair instead of 36, so
-  its 16 matmuls [B*H/2*W/2, Cin] x [Cin, Cout] do 2.25x fewer multiply-adds than the direct conv; the input and
-  output transforms are additions. Why: XLA:CPU's convolutions already run at about one core's matmul peak, so
-  fewer multiply-adds is the way left to a faster CPU step (bench/levers.py; README's lever table). The backward
-  is XLA's (see _conv_winograd_bwd). Float32 results agree with XLA's conv to ~1e-6 relative (tests/test_unet.py).
-  """
-  return _winograd_conv(x, kernel)
+  F(m x m, 3x3), m = winograd_tile(x.shape, tile): each m x m output tile from an (m+2)^2 input tile, so its
+  (m+2)^2 matmuls [B*H/m*W/m, Cin] x [Cin, Cout] do 2.25x (m = 2) or 4x (m = 4) fewer multiply-adds than the
+  direct conv; the input and output transforms are additions. Why: XLA:CPU's convolutions already run at about
+  one core's matmul peak, so fewer multiply-adds is the way left to a faster CPU step (bench/levers.py; README's
+  lever table). The backward is XLA's (see _conv_winograd_bwd). Float32 results agree with XLA's conv to ~1e-6
+  relative for m = 2 and ~1e-5 for m = 4 (its transforms' larger coefficients; tests/test_unet.py)."""
+  return _conv_winograd(x, kernel, winograd_tile(x.shape, tile))
 
 
-def _conv_winograd_fwd(x, kernel):
-  return _winograd_conv(x, kernel), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
+  return _winograd_conv(x, kernel, m)
 
 
-def _conv_winograd_bwd(residuals, dy):
+def _conv_winograd_fwd(x, kernel, m):
+  return _winograd_conv(x, kernel, m), (x, kernel)
+
+
+def _conv_winograd_bwd(m, residuals, dy):
   """XLA's convolution gradients (input and filter): the least memory. On an AMD host an earlier Winograd-domain
   version of both (filter tiles channels-first, unchunked) measured no faster on the whole ddpm_cifar10 step
   (medians 4560 / 4617 / 4609 ms for XLA's / both Winograd / the input gradient Winograd) and held more
   temporaries (1192 / 1934 / 1304 MB); on an Intel host the filter gradient in Winograd's domain paid
   (conv_winograd_wgrad, what 'auto' takes)."""
+  del m
   x, kernel = residuals
   _, conv_vjp = jax.vjp(xla_conv, x, kernel)
   return conv_vjp(dy)
 
 
-conv_winograd.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
+_conv_winograd.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
 
 
-def _winograd_output_1d_transpose(dy: list) -> list:
-  """The transpose of _winograd_output_1d (A along one axis): output gradients [2] -> product gradients [4]."""
-  return [dy[0], dy[0] + dy[1], dy[0] - dy[1], -dy[1]]
-
-
-def _winograd_filter_1d_transpose(du: list) -> list:
-  """The transpose of _winograd_filter_1d (G^T along one axis): transformed-filter gradients [4] -> taps [3]."""
-  half = (du[1] + du[2]) * 0.5
-  return [du[0] + half, (du[1] - du[2]) * 0.5, half + du[3]]
-
-
-def _winograd_filter_grad_tiles(x: jax.Array, dy: jax.Array) -> jax.Array:
-  """dkernel [3,3,Cin,Cout] of the 'same' 3x3 conv of x [B,H,W,Cin] (H, W even) given dy [B,H,W,Cout]:
+def _winograd_filter_grad_tiles(x: jax.Array, dy: jax.Array, m: int) -> jax.Array:
+  """dkernel [3,3,Cin,Cout] of the 'same' 3x3 conv of x [B,H,W,Cin] (H, W divisible by m) given dy [B,H,W,Cout]:
   G^T [sum over tiles of v^T dm] G, with v = B^T d B the input tiles and dm = A dy_tile A^T the transpose of the
   output transform (Lavin & Gray 2016 sec. 4: a Winograd layer's gradients are Winograd-domain products too).
-  16 matmuls [T,Cin]^T x [T,Cout] contracting the T tiles: 2.25x fewer multiply-adds than the direct filter
-  gradient, which XLA:CPU computes far below its forward's rate (at [16,32,32,128] on an Intel Xeon host: 93 ms
-  against the forward's 19; this: 34). The whole batch at once: see winograd_filter_grad."""
-  v, (b, h2, w2) = _winograd_tiles(x)
-  cout = dy.shape[-1]
-  tiles = dy.reshape(b, h2, 2, w2, 2, cout)
-  d = [[tiles[:, :, p, :, q].reshape(b * h2 * w2, cout) for q in range(2)] for p in range(2)]  # d[p][q] [T,Cout]
-  rows = [_winograd_output_1d_transpose(d[p]) for p in range(2)]  # rows[p][j]
-  dm = [_winograd_output_1d_transpose([rows[p][j] for p in range(2)]) for j in range(4)]  # dm[j][i] [T,Cout]
+  (m+2)^2 matmuls [T,Cin]^T x [T,Cout] contracting the T tiles: 2.25x (m = 2) or 4x (m = 4) fewer multiply-adds
+  than the direct filter gradient, which XLA:CPU computes far below its forward's rate (at [16,32,32,128] on an
+  Intel Xeon host: 93 ms against the forward's 19; this with m = 2: 34). The whole batch at once: see
+  winograd_filter_grad."""
+  v, (b, hm, wm) = _winograd_tiles(x, m)
+  n, cout = m + 2, dy.shape[-1]
+  a, gt = _transposed(WINOGRAD_MATRICES[m]["AT"]), _transposed(WINOGRAD_MATRICES[m]["G"])
+  tiles = dy.reshape(b, hm, m, wm, m, cout)
+  d = [[tiles[:, :, p, :, q].reshape(b * hm * wm, cout) for q in range(m)] for p in range(m)]  # d[p][q] [T,Cout]
+  rows = [_combine(a, d[p]) for p in range(m)]  # rows[p][j]
+  dm = [_combine(a, [rows[p][j] for p in range(m)]) for j in range(n)]  # dm[j][i] [T,Cout]
   contract_tiles = (((0,), (0,)), ((), ()))
-  du = [[jax.lax.dot_general(v[i][j], dm[j][i], contract_tiles) for j in range(4)] for i in range(4)]  # [Cin,Cout]
-  rows = [_winograd_filter_1d_transpose(du[i]) for i in range(4)]  # rows[i][c]
-  taps = [_winograd_filter_1d_transpose([rows[i][c] for i in range(4)]) for c in range(3)]  # taps[c][a]
+  du = [[jax.lax.dot_general(v[i][j], dm[j][i], contract_tiles) for j in range(n)] for i in range(n)]  # [Cin,Cout]
+  rows = [_combine(gt, du[i]) for i in range(n)]  # rows[i][c]
+  taps = [_combine(gt, [rows[i][c] for i in range(n)]) for c in range(3)]  # taps[c][a]
   return jnp.stack([jnp.stack([taps[c][a] for c in range(3)]) for a in range(3)])
 
 
-# The Winograd filter gradient's tiles (v: 4x the input, dm: 4x dy) are built per batch chunk of at most this
-# many bytes, the chunks' [Cin,Cout] products summed in a scan: over the whole batch XLA:CPU held several convs'
-# tiles at once (the ddpm_cifar10 b16 step's temporaries 1758 MB against XLA's convs' 1151; 16 MB chunks: 1253).
+# The Winograd filter gradient's tiles (v: (m+2)^2/m^2 times the input, dm: as many times dy) are built per batch
+# chunk of at most this many bytes, the chunks' [Cin,Cout] products summed in a scan: over the whole batch XLA:CPU
+# held several convs' tiles at once (the ddpm_cifar10 b16 step's temporaries 1758 MB against XLA's convs' 1151;
+# 16 MB chunks: 1253).
 WINOGRAD_WGRAD_CHUNK_BYTES = 16 * 2 ** 20
 
 
-def winograd_filter_grad(x: jax.Array, dy: jax.Array,
-                         max_tile_bytes: int = WINOGRAD_WGRAD_CHUNK_BYTES) -> jax.Array:
+def winograd_filter_grad(x: jax.Array, dy: jax.Array, max_tile_bytes: int = WINOGRAD_WGRAD_CHUNK_BYTES,
+                         tile: int | None = None) -> jax.Array:
   """dkernel [3,3,Cin,Cout] of the 'same' 3x3 conv of x [B,H,W,Cin] (H, W even) given dy [B,H,W,Cout], in
-  Winograd's domain (_winograd_filter_grad_tiles), over batch chunks (halving B while it divides) whose tiles
-  take at most max_tile_bytes."""
+  Winograd's domain (_winograd_filter_grad_tiles, m = winograd_tile(x.shape, tile)), over batch chunks (halving B
+  while it divides) whose tiles take at most max_tile_bytes."""
+  m = winograd_tile(x.shape, tile)
   b = x.shape[0]
-  tile_bytes = 4 * (x.size * x.dtype.itemsize + dy.size * dy.dtype.itemsize)
+  tile_bytes = ((m + 2) / m) ** 2 * (x.size * x.dtype.itemsize + dy.size * dy.dtype.itemsize)
   chunks = 1
   while tile_bytes / chunks > max_tile_bytes and b % (2 * chunks) == 0:
     chunks *= 2
   if chunks == 1:
-    return _winograd_filter_grad_tiles(x, dy)
+    return _winograd_filter_grad_tiles(x, dy, m)
   split = lambda a: a.reshape(chunks, b // chunks, *a.shape[1:])  # [chunks, B/chunks, H, W, C]
 
   def add_chunk(total, chunk):
-    return total + _winograd_filter_grad_tiles(*chunk), None
+    return total + _winograd_filter_grad_tiles(*chunk, m), None
 
   zeros = jnp.zeros((3, 3, x.shape[-1], dy.shape[-1]), jnp.result_type(x, dy))
   return jax.lax.scan(add_chunk, zeros, (split(x), split(dy)))[0]
 
 
-@jax.custom_vjp
-def conv_winograd_wgrad(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv_winograd_wgrad(x: jax.Array, kernel: jax.Array, tile: int | None = None) -> jax.Array:
   """conv_winograd whose filter gradient is Winograd's too (winograd_filter_grad); the input gradient stays
   XLA's (as fast as the Winograd one per conv, with less memory: 1758 vs 1844 MB of the ddpm_cifar10 step's
   temporaries before the filter gradient's batch chunks)."""
-  return _winograd_conv(x, kernel)
+  return _conv_winograd_wgrad(x, kernel, winograd_tile(x.shape, tile))
 
 
-def _conv_winograd_wgrad_bwd(residuals, dy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_winograd_wgrad(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
+  return _winograd_conv(x, kernel, m)
+
+
+def _conv_winograd_wgrad_bwd(m, residuals, dy):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: xla_conv(x, kernel), x)
   dx, = input_vjp(dy)
-  return dx, winograd_filter_grad(x, dy).astype(kernel.dtype)
+  return dx, winograd_filter_grad(x, dy, tile=m).astype(kernel.dtype)
 
 
-conv_winograd_wgrad.defvjp(_conv_winograd_fwd, _conv_winograd_wgrad_bwd)
+_conv_winograd_wgrad.defvjp(_conv_winograd_fwd, _conv_winograd_wgrad_bwd)
 
 
 class Conv(nn.Module):
