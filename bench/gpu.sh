@@ -20,16 +20,17 @@ cd bench
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
 show() { grep -E "^\||^backend|^where|^compiled|^variant|Error|error:" "$1" | grep -v "^| ynn" ; }
 # 1. MFU of DDPM's CIFAR-10 step at batch 128 against the H100's 989 TFLOP/s bf16 dense peak, lever by lever in one
-#    process (bench/levers.py: each variant compiled once, ~60-90 s each on an H200, then timed in alternating
+#    process (bench/levers.py: each variant compiled once, ~35-95 s each on an H200, then timed in alternating
 #    rounds; each variant's first reading prints as soon as it is compiled), and where the base's time goes.
-#    Command buffers (CUDA graphs) halved this step on an H200 (off: 53.7 vs 26.6 ms): the variants graph more of it
-#    (cuDNN convolutions, and runs of fewer than XLA's default 5 kernels). Both option values parse in jax 0.10.2.
+#    --pipelined: each round's steps also dispatched back to back (as the training loop runs), since on 2026-11-28
+#    the device kernels filled only 19.4 of the 27 ms synced step. Graphing cuDNN convolutions and short kernel runs
+#    gained nothing that day (26.97 -> 26.83 / 26.52 ms); batch 256 took 41.4 ms (21.9% MFU). jax 0.11.2's GPU
+#    lowering gave no cost analysis there: --gflop-per-image carries DDPM's count (4,484 GFLOP at batch 128, from
+#    the CPU lowering with model.conv_impl=xla).
 if [ "$part" != peers ]; then
 timeout 540 python3 levers.py --config cifar10_ddpm --batch 128 --set model.dtype=bfloat16 --peak-tflops 989 --gflop-per-image 35.03 \
-  --variant base --variant "cmdbuf_cudnn=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
-  --variant "graphs_all=xla:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN;xla:xla_gpu_graph_min_graph_size=1" \
-  --variant "b256=batch_size=256" --variant "fp32=model.dtype=float32" \
-  --rounds 4 --steps 5 --budget-s 400 --profile /tmp/trace --profile-only base > "$out/levers.log" 2>&1; show "$out/levers.log"
+  --variant base --variant "no_triton_gemm=xla:xla_gpu_enable_triton_gemm=false" --variant "b256=batch_size=256" \
+  --rounds 4 --steps 5 --pipelined --budget-s 400 --profile /tmp/trace --profile-only base > "$out/levers.log" 2>&1; show "$out/levers.log"
 fi
 # 2. This project vs diffusers' UNet2DModel on the same GPU (peer in eager PyTorch; bf16 = torch.autocast).
 [ "$part" = levers ] || for dtype in bfloat16 float32; do

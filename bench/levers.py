@@ -13,6 +13,7 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
   gn:autodiff          GroupNorm's backward by autodiff of its forward (the written-out one is the default)
   wtile:M              Winograd's output tile F(M x M, 3x3) for the convs that conv_impl gives Winograd (2 or 4)
 --profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace);
+--pipelined adds each round's steps dispatched back to back and waited on once (as the training loop runs);
 --budget-s stops compiling further variants after that many seconds (under a device's time limit).
 """
 
@@ -93,6 +94,16 @@ def time_steps(run: dict, steps: int) -> None:
     run["times"].append(time.perf_counter() - t0)
 
 
+def time_pipelined(run: dict, steps: int) -> None:
+  """`steps` calls dispatched back to back, waited on once (as the training loop runs: it pulls metrics every
+  log_every_steps): the host's dispatch of one step overlaps the device's work on the one before."""
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
+  jax.block_until_ready(metrics)
+  run["pipelined"].append((time.perf_counter() - t0) / steps)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", default="cifar10_ddpm")
@@ -105,6 +116,8 @@ def main():
   parser.add_argument("--gflop-per-image", type=float, default=0.0,
                       help="FLOPs per image where the backend's lowering gives no cost analysis (seen on a GPU with "
                            "jax 0.11.2); take it from a CPU run's gflop / batch with the same conv_impl")
+  parser.add_argument("--pipelined", action="store_true",
+                      help="also time each round's steps dispatched back to back (column ms_pipelined)")
   parser.add_argument("--budget-s", type=float, default=0.0,
                       help="compile no further variant after this many seconds (0: no limit), so a run under a time "
                            "limit still times the variants it has in alternating rounds and prints its table")
@@ -143,7 +156,7 @@ def main():
     state, metrics = compiled(setup.state, setup.batch, key, None)  # first call outside the timing
     jax.block_until_ready(metrics)
     memory = compiled.memory_analysis()  # XLA's temporaries per device (None where the backend has no analysis)
-    runs[label] = dict(compiled=compiled, state=state, batch=setup.batch, key=key, times=[],
+    runs[label] = dict(compiled=compiled, state=state, batch=setup.batch, key=key, times=[], pipelined=[],
                        temp_mb=getattr(memory, "temp_size_in_bytes", 0) / 2 ** 20 if memory else float("nan"),
                        compile_s=time.perf_counter() - t0, flops=float(cost.get("flops", 0.0)),
                        batch_size=config.batch_size, loss=float(metrics["loss"]))
@@ -154,6 +167,8 @@ def main():
   for _ in range(args.rounds):
     for run in runs.values():
       time_steps(run, args.steps)
+      if args.pipelined:
+        time_pipelined(run, args.steps)
   rows, first = [], None
   for label, run in runs.items():
     med = float(np.median(run["times"]))
@@ -163,6 +178,10 @@ def main():
                      mfu=(f"{run['flops'] / med / (args.peak_tflops * 1e12) * 100:.1f}%"
                           if args.peak_tflops and run["flops"] else "-"),
                      gflop=f"{run['flops'] / 1e9:.0f}", temp_mb=f"{run['temp_mb']:.0f}"))
+    if args.pipelined:
+      piped = float(np.median(run["pipelined"]))
+      rows[-1].update(ms_pipelined=f"{piped * 1e3:.2f}", mfu_pipelined=(
+          f"{run['flops'] / piped / (args.peak_tflops * 1e12) * 100:.1f}%" if args.peak_tflops and run["flops"] else "-"))
   print(f"\nbackend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
         f"{args.config} {' '.join(base)}; {args.rounds} rounds x {args.steps} steps, alternating\n")
   print_table(rows)

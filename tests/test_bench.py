@@ -80,16 +80,17 @@ def test_levers_times_each_variant_and_reports_one_that_does_not_build():
                         "1", "--set", "model.ch=16", "--set", "model.ch_mult=(1,2)", "--set", "model.num_res_blocks=1",
                         "--set", "model.attn_resolutions=(16,)", "--set", "model.dropout=0.0", "--variant", "base",
                         "--variant", "ad=gn:autodiff;model.dropout=0.0", "--variant", "bad=xla:xla_no_such_option=1",
-                        "--rounds", "1", "--steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+                        "--variant", "w4=wtile:4;model.conv_impl=winograd", "--rounds", "1", "--steps", "1",
+                        "--pipelined"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert re.search(r"variant bad: \w+: .*xla_no_such_option", out.stdout)
   losses = dict(re.findall(r"compiled (\w+) in [\d.]+ s \(first loss ([\d.]+)\)", out.stdout))
-  assert sorted(losses) == ["ad", "base"] and losses["ad"] == losses["base"]
+  assert sorted(losses) == ["ad", "base", "w4"] and losses["ad"] == losses["base"]
+  assert abs(float(losses["w4"]) - float(losses["base"])) < 1e-3  # F(4x4) Winograd: the same model, other rounding
   rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.stdout.splitlines()
-          if re.match(r"\| (base|ad) \|", line)}
-  assert sorted(rows) == ["ad", "base"] and rows["base"][4] == "1.000x"
-  assert all(float(r[2]) > 0 for r in rows.values())
+          if re.match(r"\| (base|ad|w4) \|", line)}
+  assert sorted(rows) == ["ad", "base", "w4"] and rows["base"][4] == "1.000x"
+  assert all(float(r[2]) > 0 and float(r[8]) > 0 for r in rows.values())  # ms_per_step, ms_pipelined
 
 
 def test_levers_stops_compiling_past_its_budget_and_still_prints_the_table():
