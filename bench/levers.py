@@ -169,19 +169,20 @@ def main():
       time_steps(run, args.steps)
       if args.pipelined:
         time_pipelined(run, args.steps)
+  def mfu(run: dict, seconds: float) -> str:
+    return f"{run['flops'] / seconds / (args.peak_tflops * 1e12) * 100:.1f}%" if args.peak_tflops and run["flops"] else "-"
+
   rows, first = [], None
   for label, run in runs.items():
     med = float(np.median(run["times"]))
     first = first or med
     rows.append(dict(variant=label, compile_s=f"{run['compile_s']:.1f}", ms_per_step=f"{med * 1e3:.2f}",
                      images_per_s=f"{run['batch_size'] / med:.0f}", vs_first=f"{first / med:.3f}x",
-                     mfu=(f"{run['flops'] / med / (args.peak_tflops * 1e12) * 100:.1f}%"
-                          if args.peak_tflops and run["flops"] else "-"),
+                     mfu=mfu(run, med),
                      gflop=f"{run['flops'] / 1e9:.0f}", temp_mb=f"{run['temp_mb']:.0f}"))
     if args.pipelined:
       piped = float(np.median(run["pipelined"]))
-      rows[-1].update(ms_pipelined=f"{piped * 1e3:.2f}", mfu_pipelined=(
-          f"{run['flops'] / piped / (args.peak_tflops * 1e12) * 100:.1f}%" if args.peak_tflops and run["flops"] else "-"))
+      rows[-1].update(ms_pipelined=f"{piped * 1e3:.2f}", mfu_pipelined=mfu(run, piped))
   print(f"\nbackend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
         f"{args.config} {' '.join(base)}; {args.rounds} rounds x {args.steps} steps, alternating\n")
   print_table(rows)
