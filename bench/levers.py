@@ -170,7 +170,9 @@ def main():
       if args.pipelined:
         time_pipelined(run, args.steps)
   def mfu(run: dict, seconds: float) -> str:
-    return f"{run['flops'] / seconds / (args.peak_tflops * 1e12) * 100:.1f}%" if args.peak_tflops and run["flops"] else "-"
+    if not (args.peak_tflops and run["flops"]):
+      return "-"
+    return f"{run['flops'] / seconds / (args.peak_tflops * 1e12) * 100:.1f}%"
 
   rows, first = [], None
   for label, run in runs.items():

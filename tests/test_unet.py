@@ -39,7 +39,7 @@ def test_im2col_conv_equals_lax_conv(stride, size):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_winograd_matrices_compute_1d_correlation_in_float64(m):
-  """A^T [(G g) * (B^T d)] is the correlation of an (m+2)-tap input with a 3-tap filter (Lavin & Gray 2016 eq. 6),
+  """A^T [(G g) * (B^T d)] is the correlation of an (m+2)-tap input with a 3-tap filter (Lavin & Gray 2016 sec. 4),
   exactly up to float64 rounding; and _combine applies a matrix as the additions it names."""
   from diffusion_jax.models import layers
   mats = {k: np.array(v, np.float64) for k, v in layers.WINOGRAD_MATRICES[m].items()}

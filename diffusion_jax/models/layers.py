@@ -45,7 +45,7 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
 
 # Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
 # Networks", sec. 4, eq. 8: Y = A^T [(G g G^T) * (B^T d B)] A): each m x m output tile from an (m+2) x (m+2) input
-# tile with (m+2)^2 products per channel pair instead of 9 m^2. m = 2 (their eq. 7) and m = 4 (sec. 4.2; the
+# tile with (m+2)^2 products per channel pair instead of 9 m^2. m = 2 and m = 4 (both in their sec. 4; for m = 4 the
 # interpolation points 0, +-1, +-2 and infinity). Each transform is applied along one axis at a time as the
 # additions its small matrix asks for (_combine; as einsums with the matrices, XLA:CPU ran the filter transforms as
 # slow [N,4] matmuls). Checked against 1-D correlation in float64 (tests/test_unet.py).
