@@ -33,7 +33,7 @@ from diffusion_jax.parallel.mesh import make_mesh
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-  """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides': [...], 'xla': {...}, 'key': ..., 'gn': ...})."""
+  """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides', 'xla', 'key', 'gn', 'wtile'}) (see the docstring)."""
   label, _, items = text.partition("=")
   spec = {"overrides": [], "xla": {}, "key": None, "gn": None, "wtile": None}
   for item in filter(None, items.split(";")):
@@ -43,8 +43,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     elif item.startswith("key:"):
       spec["key"] = item[4:]
     elif item.startswith("wtile:"):
-      if not item[6:].isdigit():
-        raise SystemExit(f"Winograd tile {item[6:]!r}: expected an integer, e.g. wtile:4")
+      if not item[6:].isdigit() or int(item[6:]) not in layers.WINOGRAD_MATRICES:
+        raise SystemExit(f"Winograd tile {item[6:]!r}: expected one of {tuple(layers.WINOGRAD_MATRICES)}, e.g. wtile:4")
       spec["wtile"] = int(item[6:])
     elif item.startswith("gn:"):
       if item != "gn:autodiff":
@@ -66,9 +66,8 @@ def _autodiff_group_norm(x, scale, bias, num_groups, epsilon, silu=False):
 def winograd_tile_patched(tile: int | None):
   """layers.WINOGRAD_TILE set to `tile` while a variant is traced (None: the default)."""
   default = layers.WINOGRAD_TILE
-  layers.WINOGRAD_TILE = tile or default
+  layers.WINOGRAD_TILE = default if tile is None else tile
   try:
-    layers.winograd_tile((1, 4, 4, 1))  # a tile that has no matrices: say so before tracing
     yield
   finally:
     layers.WINOGRAD_TILE = default
@@ -83,6 +82,13 @@ def group_norm_patched(kind: str | None):
     yield
   finally:
     layers.group_norm_affine = original
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float) -> str:
+  """Model FLOPs utilization as a table cell ('-' without a peak or a FLOP count)."""
+  if not (peak_tflops and flops):
+    return "-"
+  return f"{flops / seconds / (peak_tflops * 1e12) * 100:.1f}%"
 
 
 def time_steps(run: dict, steps: int) -> None:
@@ -126,6 +132,9 @@ def main():
                       help="XLA:CPU devices to split the host into (0: auto, as main does)")
   parser.add_argument("--profile-only", default="", help="comma-separated labels to trace (default: every variant)")
   args = parser.parse_args()
+  if args.steps < 1 or args.rounds < (1 if args.pipelined else 0):
+    parser.error(f"--steps {args.steps} --rounds {args.rounds}: expected --steps >= 1 and --rounds >= 0 "
+                 "(>= 1 with --pipelined)")
   variants = [parse_variant(v) for v in (args.variant or ["base"])]
   base = list(args.set) + ([f"batch_size={args.batch}"] if args.batch else [])
   from diffusion_jax.parallel.mesh import auto_host_devices_for_config, split_host_devices
@@ -169,22 +178,17 @@ def main():
       time_steps(run, args.steps)
       if args.pipelined:
         time_pipelined(run, args.steps)
-  def mfu(run: dict, seconds: float) -> str:
-    if not (args.peak_tflops and run["flops"]):
-      return "-"
-    return f"{run['flops'] / seconds / (args.peak_tflops * 1e12) * 100:.1f}%"
-
   rows, first = [], None
   for label, run in runs.items():
     med = float(np.median(run["times"]))
     first = first or med
     rows.append(dict(variant=label, compile_s=f"{run['compile_s']:.1f}", ms_per_step=f"{med * 1e3:.2f}",
                      images_per_s=f"{run['batch_size'] / med:.0f}", vs_first=f"{first / med:.3f}x",
-                     mfu=mfu(run, med),
+                     mfu=mfu(run['flops'], med, args.peak_tflops),
                      gflop=f"{run['flops'] / 1e9:.0f}", temp_mb=f"{run['temp_mb']:.0f}"))
     if args.pipelined:
       piped = float(np.median(run["pipelined"]))
-      rows[-1].update(ms_pipelined=f"{piped * 1e3:.2f}", mfu_pipelined=mfu(run, piped))
+      rows[-1].update(ms_pipelined=f"{piped * 1e3:.2f}", mfu_pipelined=mfu(run['flops'], piped, args.peak_tflops))
   print(f"\nbackend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
         f"{args.config} {' '.join(base)}; {args.rounds} rounds x {args.steps} steps, alternating\n")
   print_table(rows)

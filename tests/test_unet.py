@@ -58,11 +58,15 @@ def test_winograd_tile_falls_back_to_2_and_names_a_bad_tile():
   assert layers.winograd_tile((1, 8, 6, 3), 4) == 2  # 6 is even but not a multiple of 4
   with pytest.raises(ValueError, match="Winograd output tile 3"):
     layers.winograd_tile((1, 6, 6, 3), 3)
+  with pytest.raises(ValueError, match="Winograd output tile 0"):
+    layers.winograd_tile((1, 8, 8, 3), 0)
+  with pytest.raises(ValueError, match="height x width 7x8: expected both even"):
+    conv_winograd(jnp.zeros((1, 7, 8, 3)), jnp.zeros((3, 3, 3, 4)))
 
 
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("conv", [conv_winograd, conv_winograd_wgrad], ids=["winograd", "winograd_wgrad"])
-@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (3, 4, 4, 16), (1, 32, 32, 8)])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (3, 4, 4, 16), (1, 32, 32, 8)])  # 8x6 under tile 4: 2 (fallback)
 def test_winograd_conv_and_its_gradients_equal_lax_conv(shape, conv, tile):
   """F(2x2,3x3)'s and F(4x4,3x3)'s forward against XLA's conv, and its gradients (XLA's, or the filter gradient in
   Winograd's domain for conv_winograd_wgrad) as autodiff's of XLA's conv."""
@@ -92,11 +96,14 @@ def test_winograd_filter_gradient_in_batch_chunks_equals_the_whole_batch():
   scale = float(jnp.abs(whole).max())
   np.testing.assert_allclose(chunked(x, dy), whole, rtol=1e-5, atol=1e-5 * scale)
   np.testing.assert_allclose(whole, conv_vjp(dy)[0], rtol=1e-5, atol=2e-5 * scale)
-  x8, dy8 = x[:, :, :4], dy[:, :, :4]  # 8x4: F(4x4,3x3)'s tiles, chunked likewise
+  # 8x4: F(4x4,3x3)'s tiles, 2.25x the input and dy (27,648 bytes over the batch of 8): 3,072 bytes a chunk makes 8
+  x8, dy8 = x[:, :, :4], dy[:, :, :4]
   _, conv_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
       x8, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), jnp.zeros((3, 3, 5, 7)))
-  chunked4 = layers.winograd_filter_grad(x8, dy8, max_tile_bytes=8 * 4 * 12 * 4 * 2, tile=4)
-  np.testing.assert_allclose(chunked4, conv_vjp(dy8)[0], rtol=1e-5, atol=2e-5 * float(jnp.abs(chunked4).max()))
+  chunked4 = lambda x, dy: layers.winograd_filter_grad(x, dy, max_tile_bytes=3072, tile=4)
+  assert "scan" in str(jax.make_jaxpr(chunked4)(x8, dy8))
+  got = chunked4(x8, dy8)
+  np.testing.assert_allclose(got, conv_vjp(dy8)[0], rtol=1e-5, atol=2e-5 * float(jnp.abs(got).max()))
 
 
 @pytest.mark.parametrize("impl", ["winograd", "winograd_wgrad"])

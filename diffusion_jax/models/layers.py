@@ -67,6 +67,7 @@ WINOGRAD_TILE = 2
 
 
 def _transposed(matrix: tuple) -> tuple:
+  """The transpose of a matrix given as a tuple of rows (for the backward's transforms)."""
   return tuple(zip(*matrix))
 
 
@@ -89,9 +90,12 @@ def _combine(matrix: tuple, items: list) -> list:
 def winograd_tile(x_shape: tuple[int, ...], tile: int | None = None) -> int:
   """The output tile m of F(m x m, 3x3) for x [B,H,W,C]: `tile` (default WINOGRAD_TILE) where H and W divide by
   it, else 2."""
-  tile = tile or WINOGRAD_TILE
+  tile = WINOGRAD_TILE if tile is None else tile
   if tile not in WINOGRAD_MATRICES:
     raise ValueError(f"Winograd output tile {tile}: expected one of {tuple(WINOGRAD_MATRICES)}")
+  if x_shape[1] % 2 or x_shape[2] % 2:
+    raise ValueError(f"Winograd convolution of an input of height x width {x_shape[1]}x{x_shape[2]}: expected both "
+                     "even (conv_impl 'auto', 'winograd' and 'winograd_wgrad' fall back to XLA's conv there)")
   return tile if x_shape[1] % tile == 0 and x_shape[2] % tile == 0 else 2
 
 
@@ -117,7 +121,7 @@ def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, str
 def _winograd_tiles(x: jax.Array, m: int) -> tuple[list, tuple[int, int, int]]:
   """v[i][j] = (B^T d B)[i, j] [T,Cin] for every (m+2)x(m+2) input tile d of x [B,H,W,Cin] (T = B*H/m*W/m tiles
   in (b, row, col) order; 'same' padding of 1). Input tile (i, j) is rows m*i..m*i+m+1, cols likewise, of the padded
-  input: padded to H+m rows (the last m-1 never read) and seen as [B, H/m+1, m, W/m+1, m, Cin] (row = m*r + phase),
+  input: padded to H+m rows (the last m-2 never read) and seen as [B, H/m+1, m, W/m+1, m, Cin] (row = m*r + phase),
   every tap is a contiguous slice."""
   b, h, w, cin = x.shape
   hm, wm, n = h // m, w // m, m + 2
@@ -198,15 +202,15 @@ def _winograd_filter_grad_tiles(x: jax.Array, dy: jax.Array, m: int) -> jax.Arra
   winograd_filter_grad."""
   v, (b, hm, wm) = _winograd_tiles(x, m)
   n, cout = m + 2, dy.shape[-1]
-  a, gt = _transposed(WINOGRAD_MATRICES[m]["AT"]), _transposed(WINOGRAD_MATRICES[m]["G"])
+  a_matrix, g_transposed = _transposed(WINOGRAD_MATRICES[m]["AT"]), _transposed(WINOGRAD_MATRICES[m]["G"])
   tiles = dy.reshape(b, hm, m, wm, m, cout)
   d = [[tiles[:, :, p, :, q].reshape(b * hm * wm, cout) for q in range(m)] for p in range(m)]  # d[p][q] [T,Cout]
-  rows = [_combine(a, d[p]) for p in range(m)]  # rows[p][j]
-  dm = [_combine(a, [rows[p][j] for p in range(m)]) for j in range(n)]  # dm[j][i] [T,Cout]
+  rows = [_combine(a_matrix, d[p]) for p in range(m)]  # rows[p][j]
+  dm = [_combine(a_matrix, [rows[p][j] for p in range(m)]) for j in range(n)]  # dm[j][i] [T,Cout]
   contract_tiles = (((0,), (0,)), ((), ()))
   du = [[jax.lax.dot_general(v[i][j], dm[j][i], contract_tiles) for j in range(n)] for i in range(n)]  # [Cin,Cout]
-  rows = [_combine(gt, du[i]) for i in range(n)]  # rows[i][c]
-  taps = [_combine(gt, [rows[i][c] for i in range(n)]) for c in range(3)]  # taps[c][a]
+  rows = [_combine(g_transposed, du[i]) for i in range(n)]  # rows[i][c]
+  taps = [_combine(g_transposed, [rows[i][c] for i in range(n)]) for c in range(3)]  # taps[c][a]
   return jnp.stack([jnp.stack([taps[c][a] for c in range(3)]) for a in range(3)])
 
 
