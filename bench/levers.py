@@ -63,25 +63,15 @@ def _autodiff_group_norm(x, scale, bias, num_groups, epsilon, silu=False):
 
 
 @contextlib.contextmanager
-def winograd_tile_patched(tile: int | None):
-  """layers.WINOGRAD_TILE set to `tile` while a variant is traced (None: the default)."""
-  default = layers.WINOGRAD_TILE
-  layers.WINOGRAD_TILE = default if tile is None else tile
+def layers_patched(name: str, value):
+  """diffusion_jax.models.layers.<name> set to `value` while a variant is traced (None: left as it is)."""
+  original = getattr(layers, name)
+  if value is not None:
+    setattr(layers, name, value)
   try:
     yield
   finally:
-    layers.WINOGRAD_TILE = default
-
-
-@contextlib.contextmanager
-def group_norm_patched(kind: str | None):
-  original = layers.group_norm_affine
-  if kind == "autodiff":
-    layers.group_norm_affine = _autodiff_group_norm
-  try:
-    yield
-  finally:
-    layers.group_norm_affine = original
+    setattr(layers, name, original)
 
 
 def mfu(flops: float, seconds: float, peak_tflops: float) -> str:
@@ -148,7 +138,8 @@ def main():
     config = load_config(args.config, base + spec["overrides"])
     t0 = time.perf_counter()
     try:
-      with group_norm_patched(spec["gn"]), winograd_tile_patched(spec["wtile"]):
+      gn = _autodiff_group_norm if spec["gn"] == "autodiff" else None
+      with layers_patched("group_norm_affine", gn), layers_patched("WINOGRAD_TILE", spec["wtile"]):
         setup = TrainStepSetup(config, make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp))
         key = setup.key if spec["key"] is None else jax.random.key(1, impl=spec["key"])
         lowered = setup.step.lower(setup.state, setup.batch, key, None)

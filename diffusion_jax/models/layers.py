@@ -93,7 +93,7 @@ def winograd_tile(x_shape: tuple[int, ...], tile: int | None = None) -> int:
   tile = WINOGRAD_TILE if tile is None else tile
   if tile not in WINOGRAD_MATRICES:
     raise ValueError(f"Winograd output tile {tile}: expected one of {tuple(WINOGRAD_MATRICES)}")
-  if x_shape[1] % 2 or x_shape[2] % 2:
+  if not winograd_eligible(x_shape, 3, 1):
     raise ValueError(f"Winograd convolution of an input of height x width {x_shape[1]}x{x_shape[2]}: expected both "
                      "even (conv_impl 'auto', 'winograd' and 'winograd_wgrad' fall back to XLA's conv there)")
   return tile if x_shape[1] % tile == 0 and x_shape[2] % tile == 0 else 2
