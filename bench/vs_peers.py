@@ -7,7 +7,9 @@ With `model.dtype=bfloat16` the peer runs under `torch.autocast(bfloat16)` (mixe
 training scripts do), so both sides compute in bfloat16 with float32 weights.
 
 Per case: (a) a training step (t and noise drawn, q_sample, MSE on eps, backward, Adam; this project's is its
-real `train.compile_train_step`, which also updates the EMA and clips gradients as configured) and (b) one
+real `train.compile_train_step`, which also updates the EMA and clips gradients as configured; with the default
+`--peer-step same` the peer does that work too, as diffusers' train_unconditional.py does: clip_grad_norm_ and
+EMAModel.step; `--peer-step adam` leaves the peer at Adam alone, the issue's first table) and (b) one
 no-grad network evaluation inside an ancestral DDPM sampling loop (this project: `sampling.make_sample_fn`, one
 compiled lax.scan over the steps; the peer: a Python loop of `model(x, t)` and the DDPM update, eval mode).
 Runs alternate (ours, peer, ours, ...) in `--rounds` rounds of `--steps` calls each, after warm-up; the
@@ -121,16 +123,22 @@ def peer_available() -> str:
 class Peer:
   """diffusers' UNet2DModel, the same train step in eager PyTorch (what a diffusers training script does)."""
 
-  def __init__(self, case: dict, sample_steps: int, threads: int, batch: int, device: str, bfloat16: bool):
+  def __init__(self, case: dict, sample_steps: int, threads: int, batch: int, device: str, bfloat16: bool,
+               grad_clip: float = 0.0, ema_decay: float = 0.0):
     import contextlib
     import torch
     from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     self.torch, self.device = torch, device
     self.model = UNet2DModel(**case["peer"], **PEER_COMMON).to(device)
     self.params = sum(p.numel() for p in self.model.parameters())
     self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4)
+    # What diffusers' train_unconditional.py adds to Adam, when this project's config does the same work:
+    # clip_grad_norm_ and an EMAModel (foreach, its fastest update; the same min(decay, (1+n)/(10+n)) warm-up).
+    self.grad_clip = grad_clip
+    self.ema = EMAModel(self.model.parameters(), decay=ema_decay, foreach=True) if ema_decay > 0 else None
     self.autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bfloat16 else contextlib.nullcontext
     c = case["peer"]["in_channels"]
     size = case["peer"]["sample_size"]
@@ -165,7 +173,11 @@ class Peer:
       loss = torch.nn.functional.mse_loss(eps.float(), noise)
       self.opt.zero_grad(set_to_none=True)
       loss.backward()
+      if self.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
       self.opt.step()
+      if self.ema is not None:
+        self.ema.step(self.model.parameters())
       self.sync()
       times.append(time.perf_counter() - t0)
     return times
@@ -198,7 +210,7 @@ def peak_rss_mb(side: str, case_name: str, args) -> float:
   """Peak resident memory (MB) of a fresh process that runs only `side`'s train step 3 times."""
   cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", side, "--cases", case_name, "--steps", "3",
          "--threads", str(args.threads), "--peer-device", args.peer_device,
-         "--cpu-devices", str(args.cpu_devices)] + (
+         "--cpu-devices", str(args.cpu_devices), "--peer-step", args.peer_step] + (
              ["--batch", str(args.batch)] if args.batch else []) + [a for o in args.set for a in ("--set", o)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
   return json.loads(out.strip().splitlines()[-1])["rss_mb"]
@@ -236,8 +248,26 @@ def runner_args(name: str, args) -> tuple:
 
 
 def peer_args(name: str, args) -> tuple:
+  """The Peer's arguments; with --peer-step same, the gradient clipping and EMA of this project's config too."""
   bfloat16 = any(o.replace(" ", "") in ("model.dtype=bfloat16", "model.dtype='bfloat16'") for o in args.set)
-  return CASES[name], args.sample_steps, args.threads, args.batch or CASES[name]["batch"], args.peer_device, bfloat16
+  grad_clip, ema_decay = peer_step_extras(name, args)
+  return (CASES[name], args.sample_steps, args.threads, args.batch or CASES[name]["batch"], args.peer_device, bfloat16,
+          grad_clip, ema_decay)
+
+
+def peer_step_extras(name: str, args) -> tuple[float, float]:
+  """(grad_clip, ema_decay) the peer's step applies: this project's config's with --peer-step same, none with adam."""
+  if args.peer_step == "adam":
+    return 0.0, 0.0
+  from diffusion_jax.config import load_config
+  optim = load_config("cifar10_ddpm", case_overrides(CASES[name], args.set, args.batch or CASES[name]["batch"])).optim
+  return float(optim.grad_clip), float(optim.ema_decay)
+
+
+def peer_step_text(grad_clip: float, ema_decay: float) -> str:
+  """'Adam + clip_grad_norm_(1) + EMAModel(0.9999)': what the peer's train step does, for the table's header."""
+  return "Adam" + (f" + clip_grad_norm_({grad_clip:g})" if grad_clip > 0 else "") + (
+      f" + EMAModel({ema_decay:g})" if ema_decay > 0 else "")
 
 
 def bench_case(name: str, args) -> list[dict]:
@@ -296,6 +326,9 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=0, help="global batch of both sides (0: the case's)")
   parser.add_argument("--no-peer", action="store_true")
   parser.add_argument("--peer-device", default="cpu", choices=("cpu", "cuda"))
+  parser.add_argument("--peer-step", default="same", choices=("same", "adam"),
+                      help="same: the peer also clips gradients and keeps an EMA where this project's config does "
+                           "(as diffusers' train_unconditional.py does); adam: Adam alone (the issue's first table)")
   parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--set", action="append", default=[], help="override of this project's config")
   parser.add_argument("--cpu-devices", type=int, default=0,
@@ -331,7 +364,8 @@ def main(argv=None):
   from common import print_table
   rows = [r for n in names for r in bench_case(n, args)]
   peer_note = "" if args.no_peer else (f", peer torch eager on {args.peer_device}" + (
-      f" with {args.threads} threads" if args.peer_device == "cpu" else ""))
+      f" with {args.threads} threads" if args.peer_device == "cpu" else "") + "; the peer's train step: " + "; ".join(
+          f"{n} {peer_step_text(*peer_step_extras(n, args))}" for n in names))
   print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices{peer_note}; median of "
         f"{args.rounds * args.steps} train steps and {args.rounds * max(1, args.steps // 5)} sampling loops of "
         f"{args.sample_steps} evaluations, alternating\n")

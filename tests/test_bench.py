@@ -50,6 +50,40 @@ def test_vs_peers_builds_the_same_unet_as_diffusers():
     assert ours == peer, (case["peer"]["block_out_channels"], ours, peer)
 
 
+def test_vs_peers_peer_step_does_the_work_of_this_projects_config():
+  """--peer-step same gives the peer the config's gradient clipping and EMA (DDPM's 1.0 and 0.9999), an override
+  of them too; --peer-step adam leaves it Adam alone; the table's header says which."""
+  import argparse
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  from vs_peers import peer_step_extras, peer_step_text
+  args = argparse.Namespace(peer_step="same", set=[], batch=0)
+  assert peer_step_extras("ddpm_cifar10", args) == (1.0, 0.9999)
+  assert peer_step_text(1.0, 0.9999) == "Adam + clip_grad_norm_(1) + EMAModel(0.9999)"
+  args.set = ["optim.grad_clip=0.0", "optim.ema_decay=0.999"]
+  assert peer_step_extras("fmnist_small", args) == (0.0, 0.999)
+  assert peer_step_text(0.0, 0.999) == "Adam + EMAModel(0.999)"
+  assert peer_step_extras("ddpm_cifar10", argparse.Namespace(peer_step="adam", set=[], batch=0)) == (0.0, 0.0)
+  assert peer_step_text(0.0, 0.0) == "Adam"
+
+
+@pytest.mark.slow
+def test_vs_peers_peer_clips_and_keeps_an_ema():
+  """The peer's step with clipping and an EMA (needs torch and diffusers: the slow tier): after one step the
+  EMA has moved from its start by (1 - decay) of the parameters' change, the warm-up decay min(d, 2/11)."""
+  pytest.importorskip("diffusers")
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import torch
+  from vs_peers import CASES, Peer
+  peer = Peer(CASES["fmnist_small"], 2, 1, 2, "cpu", False, grad_clip=1.0, ema_decay=0.9999)  # one step in __init__
+  start = [p.detach().clone() for p in peer.model.parameters()]
+  ema_start = [s.clone() for s in peer.ema.shadow_params]
+  peer.train_steps(1)
+  decay = min(0.9999, (1 + 1) / (10 + 1))  # EMAModel's warm-up (1+n)/(10+n), n = 1 at its second step
+  for p0, p1, e0, e1 in zip(start, peer.model.parameters(), ema_start, peer.ema.shadow_params):
+    torch.testing.assert_close(e1, decay * e0 + (1 - decay) * p1.detach(), rtol=1e-5, atol=1e-6)
+  assert any(not torch.equal(p0, p1) for p0, p1 in zip(start, peer.model.parameters()))
+
+
 def test_scaling_prints_the_memory_table_and_fsdp_shards_the_state():
   """bench/scaling.py on 2 host devices with fsdp=2 (a small U-Net for speed): its rows and the 16 GiB estimate
   print, and the SD-sized state per device is half of its replicated size (params, EMA, two Adam moments)."""
