@@ -26,7 +26,7 @@ from diffusion_jax import diffusion as D
 from diffusion_jax.config_check import check_config, check_resume, check_workdir
 from diffusion_jax.data import make_batches, real_images
 from diffusion_jax.keys import RunKeys, data_seed
-from diffusion_jax.models import UNet
+from diffusion_jax.models import UNet, layers
 from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, host_to_global, make_mesh,
                                          partition_rules_from_config, replicated)
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
@@ -131,8 +131,10 @@ def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
                            learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip",
                            image_condition=parts.image_condition, grad_accum_steps=parts.optim.grad_accum_steps)
+  options = layers.step_compiler_options(getattr(parts.model, "conv_impl", "xla"), getattr(parts.model, "ch", 0))
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else ())
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else (),
+                 compiler_options=options or None)
 
 
 # ---------------------------------------------------------------- the run

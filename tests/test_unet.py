@@ -136,6 +136,36 @@ def test_auto_conv_impl_takes_winograd_on_cpu_only_for_wide_eligible_convs(monke
   assert layers.resolve_conv_impl("auto", wide, 3, 1, 128) == "xla"  # accelerators keep their own convolutions
 
 
+def test_wide_models_train_step_options_leave_convolutions_to_xla_on_cpu(monkeypatch):
+  """step_compiler_options: on CPU under 'auto' a model of >= WINOGRAD_MIN_CHANNELS gets the options that keep
+  convolutions out of YNNPACK, and a compiled conv + bias + add (what a residual block's conv is) then has no
+  convolution inside a YNNPACK fusion while the default compile has; narrow models, other lowerings, the user's
+  own XLA_FLAGS and accelerators get none."""
+  import re
+  from diffusion_jax.models import layers
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  options = layers.step_compiler_options("auto", 128)
+  assert options == layers.WIDE_MODEL_CPU_XLA_OPTIONS
+  assert layers.step_compiler_options("auto", 64) == {}
+  assert layers.step_compiler_options("xla", 128) == {}
+
+  def convs_in_ynn(compiled_text: str) -> int:
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%([\w.\-]+) .*?\{\n(.*?)\n\}", compiled_text, re.M | re.S)}
+    called = [re.search(r"calls=%([\w.\-]+)", line).group(1) for line in compiled_text.splitlines()
+              if '"kind":"__ynn_fusion"' in line]
+    return sum(" convolution(" in bodies.get(name, "") for name in called)
+
+  x, w = jnp.ones((2, 8, 8, 128)), jnp.ones((3, 3, 128, 128))
+  lowered = jax.jit(lambda x, w: layers.xla_conv(x, w) + 1.0 + x).lower(x, w)
+  assert convs_in_ynn(lowered.compile().as_text()) == 1  # XLA:CPU's default: YNNPACK's
+  assert convs_in_ynn(lowered.compile(compiler_options=options).as_text()) == 0
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE")
+  assert layers.step_compiler_options("auto", 128) == {}
+  monkeypatch.delenv("XLA_FLAGS")
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  assert layers.step_compiler_options("auto", 128) == {}
+
+
 @pytest.mark.parametrize("size,ch_mult,kw", [
     (16, (1, 2), {}),
     (28, (1, 2, 2), dict(attn_resolutions=(7,))),  # 28 = 4 * 7 divides evenly

@@ -18,6 +18,13 @@ CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "winograd_wgrad")
 # forward alone lost (1038 vs 878 ms per step), and with Winograd gradients too (1088; 0.74x on an AMD host).
 # 'winograd' is the forward alone (XLA's gradients: the least memory). GPUs and TPUs keep their own convolutions.
 WINOGRAD_MIN_CHANNELS = 128
+# XLA:CPU hands each convolution to YNNPACK (its ELTWISE fusion type takes the convolutions feeding elementwise ops
+# along); XLA's own convolutions (Eigen, multi-threaded) are faster than YNNPACK's at 128-256 channels on 2 cores:
+# per conv on the Intel host, [16,32,32,256] input gradient 58.9 vs 83.2 ms, filter gradient 73.5 vs 311. For the
+# models whose convs 'auto' gives Winograd this leaves their input gradients to Eigen: YNNPACK keeps reductions and
+# dots (README lever table).
+WIDE_MODEL_CPU_XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                              "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 # jax.nn.dot_product_attention's implementations: XLA's (any backend), or cuDNN's fused flash attention (NVIDIA GPUs,
 # bfloat16 / float16 compute, head width <= 128).
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -116,6 +123,29 @@ def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, str
   if impl.startswith("winograd") and not winograd_eligible(x_shape, kernel_size, stride):
     return "xla"
   return impl
+
+
+def step_compiler_options(conv_impl: str, width: int) -> dict[str, str]:
+  """XLA options for compiling a train step of a model of base width `width`: WIDE_MODEL_CPU_XLA_OPTIONS on CPU
+  under conv_impl 'auto' when the width reaches WINOGRAD_MIN_CHANNELS (ddpm_cifar10 b16, one process, 5
+  alternating rounds: 2722 -> 2616 ms per step); else none. Also none where XLA_FLAGS already sets them (the
+  user's choice wins) or this jaxlib does not know them."""
+  import os
+  if conv_impl != "auto" or width < WINOGRAD_MIN_CHANNELS or jax.default_backend() != "cpu":
+    return {}
+  if any(name in os.environ.get("XLA_FLAGS", "") for name in WIDE_MODEL_CPU_XLA_OPTIONS):
+    return {}
+  return dict(WIDE_MODEL_CPU_XLA_OPTIONS) if _xla_knows(tuple(WIDE_MODEL_CPU_XLA_OPTIONS.items())) else {}
+
+
+@functools.cache
+def _xla_knows(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's XLA compiles a trivial program with these options (a renamed option fails here)."""
+  try:
+    jax.jit(lambda v: v + 1).lower(jnp.float32(0)).compile(compiler_options=dict(options))
+    return True
+  except Exception:  # noqa: BLE001  (any failure: the option is unknown or malformed here)
+    return False
 
 
 def _winograd_tiles(x: jax.Array, m: int) -> tuple[list, tuple[int, int, int]]:
