@@ -243,6 +243,12 @@ def case_overrides(case: dict, extra_overrides: list[str], batch: int) -> list[s
   return case["overrides"] + list(extra_overrides) + [f"batch_size={batch}"]
 
 
+def case_config(name: str, args):
+  """This project's config of case `name` under the command line's --set and --batch."""
+  from diffusion_jax.config import load_config
+  return load_config("cifar10_ddpm", case_overrides(CASES[name], args.set, args.batch or CASES[name]["batch"]))
+
+
 def runner_args(name: str, args) -> tuple:
   return CASES[name], args.set, args.sample_steps, args.batch or CASES[name]["batch"]
 
@@ -259,8 +265,7 @@ def peer_step_extras(name: str, args) -> tuple[float, float]:
   """(grad_clip, ema_decay) the peer's step applies: this project's config's with --peer-step same, none with adam."""
   if args.peer_step == "adam":
     return 0.0, 0.0
-  from diffusion_jax.config import load_config
-  optim = load_config("cifar10_ddpm", case_overrides(CASES[name], args.set, args.batch or CASES[name]["batch"])).optim
+  optim = case_config(name, args).optim
   return float(optim.grad_clip), float(optim.ema_decay)
 
 
@@ -339,11 +344,9 @@ def main(argv=None):
   unknown = [n for n in names if n not in CASES]
   if unknown:
     parser.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
-  from diffusion_jax.config import load_config
   from diffusion_jax.parallel.mesh import auto_host_devices_for_config, split_host_devices
   cores = len(os.sched_getaffinity(0))
-  configs = {n: load_config("cifar10_ddpm", case_overrides(CASES[n], args.set, args.batch or CASES[n]["batch"]))
-             for n in names}
+  configs = {n: case_config(n, args) for n in names}
   auto = {n: auto_host_devices_for_config(config, cores) for n, config in configs.items()}
   if not args.cpu_devices and len(set(auto.values())) > 1:
     # One process has one host split: cases that main would split differently each run in their own process.
