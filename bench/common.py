@@ -6,6 +6,15 @@ from __future__ import annotations
 from diffusion_jax.config import load_config  # noqa: F401  (the scripts' one config loader)
 
 
+def host_memory_as_main() -> None:
+  """This process's host memory set up as main's (diffusion_jax.host_memory): glibc's huge pages (the command runs
+  again with them) and the reused heap, so a bench times what `python -m diffusion_jax.main` runs;
+  DJ_HOST_MEMORY=default times without. Call first in main(), before JAX starts its CPU client."""
+  from diffusion_jax import host_memory
+  host_memory.reexec_with_huge_pages()
+  host_memory.reuse_freed_heap()
+
+
 def print_table(rows: list[dict]) -> None:
   keys = list(rows[0])
   print("| " + " | ".join(keys) + " |")

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import load_config, print_table
+from common import load_config, host_memory_as_main, print_table
 
 from diffusion_jax import build, train
 from diffusion_jax.data import make_batches
@@ -102,6 +102,7 @@ def main():
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--data_dir", default=None, help="a folder of images (default: JPEGs written to a temp dir)")
   args = parser.parse_args()
+  host_memory_as_main()
   sizes, workers = [int(s) for s in args.sizes.split(",")], [int(w) for w in args.workers.split(",")]
   pipeline_rows, step_rows = [], []
   with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ import time
 
 import jax
 import numpy as np
-from common import TrainStepSetup, load_config, print_table, summarize_trace
+from common import TrainStepSetup, load_config, host_memory_as_main, print_table, summarize_trace
 
 from diffusion_jax.models import layers
 from diffusion_jax.parallel.mesh import make_mesh
@@ -122,6 +122,7 @@ def main():
                       help="XLA:CPU devices to split the host into (0: auto, as main does)")
   parser.add_argument("--profile-only", default="", help="comma-separated labels to trace (default: every variant)")
   args = parser.parse_args()
+  host_memory_as_main()
   if args.steps < 1 or args.rounds < (1 if args.pipelined else 0):
     parser.error(f"--steps {args.steps} --rounds {args.rounds}: expected --steps >= 1 and --rounds >= 0 "
                  "(>= 1 with --pipelined)")

@@ -180,6 +180,8 @@ def main():
                       "--set model.ch=32 (a smaller model)")
   parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  from common import host_memory_as_main
+  host_memory_as_main()
   fsdps = [int(f) for f in args.fsdp.split(",")]
   steps = 0 if args.no_time else args.steps
   if args.child:

@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import TrainStepSetup, load_config, print_table
+from common import TrainStepSetup, load_config, host_memory_as_main, print_table
 
 from diffusion_jax import build, conditioning as C, latent
 from diffusion_jax.parallel.mesh import batch_sharding, make_mesh
@@ -141,6 +141,7 @@ def main():
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="MFU's denominator (0: measure fp32 matmul)")
   parser.add_argument("--profile", default=None, help="trace 3 steps per config into this folder, print a summary")
   args = parser.parse_args()
+  host_memory_as_main()
   peak = args.peak_tflops * 1e12 or peak_flops()
   rows = [r for c in split_config_names(args.configs)
           for r in bench_config(c, args.steps, args.batch, peak, args.set, args.profile)]

@@ -78,7 +78,7 @@ class Ours:
     self.step = setup.step.lower(self.state, self.batch, self.key, None).compile()
     self.compile_s = time.perf_counter() - t0
     if not sampler:  # the memory run: the train step alone, as the peer's, after the compile as the loop runs it
-      from diffusion_jax.loop import release_freed_host_memory
+      from diffusion_jax.host_memory import release_freed_host_memory
       release_freed_host_memory()
       return
     settings = SampleSettings(sampler="ddpm", num_steps=sample_steps)
@@ -212,7 +212,12 @@ def peak_rss_mb(side: str, case_name: str, args) -> float:
          "--threads", str(args.threads), "--peer-device", args.peer_device,
          "--cpu-devices", str(args.cpu_devices), "--peer-step", args.peer_step] + (
              ["--batch", str(args.batch)] if args.batch else []) + [a for o in args.set for a in ("--set", o)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+  env = dict(os.environ)
+  if side == "peer":  # the peer as a diffusers user runs it: without this project's glibc tunable
+    from diffusion_jax.host_memory import HUGE_PAGES_TUNABLE
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGES_TUNABLE]
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
   return json.loads(out.strip().splitlines()[-1])["rss_mb"]
 
 
@@ -340,6 +345,9 @@ def main(argv=None):
                       help="XLA:CPU devices this project's side splits the host into (0: auto, as main does)")
   parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.rss_child != "peer":  # the peer's memory as a diffusers user runs it; its timing shares this process
+    from common import host_memory_as_main
+    host_memory_as_main()
   names = args.cases.split(",")
   unknown = [n for n in names if n not in CASES]
   if unknown:

@@ -16,6 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint
+from diffusion_jax.host_memory import release_freed_host_memory
 from diffusion_jax.parallel import multihost
 
 NAN_POLICIES = ("stop", "skip")
@@ -97,25 +98,6 @@ class StopSignals:
         return True
       return False
     return self.signal_name is not None
-
-
-def release_freed_host_memory() -> None:
-  """Hand the memory the process has freed back to the OS (glibc's malloc_trim; elsewhere nothing).
-
-  Why: compiling a program (LLVM on XLA:CPU) allocates hundreds of MB that are freed afterwards but stay in
-  glibc's heap, counted in the resident memory of the whole run, and the step's buffers then come on top. Called
-  once, between compiling the train step and running it: on the fmnist_small step with 4 host devices the resident
-  memory after compiling fell from 1019 to 560 MB, and the peak of bench/vs_peers.py's memory run (compile and 3
-  steps) from 1617 to 1209-1218 MB.
-  """
-  import ctypes
-  import ctypes.util
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    trim = libc.malloc_trim
-  except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-    return
-  trim(0)
 
 
 def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], num_steps: int, batch_size: int,
