@@ -163,5 +163,21 @@ def test_wide_models_stay_on_one_host_device_unless_the_mesh_says_otherwise():
   assert auto_host_devices(2, (16,), data=2, fsdp=1, min_channels=128) == 2
   assert auto_host_devices_for_config(load_config("cifar10_ddpm", ["batch_size=16"]), 2) == 1
   assert auto_host_devices_for_config(load_config("cifar10_ddpm", ["batch_size=16", "model.ch=32"]), 2) == 2
-  # latent runs train two models: the narrower (the autoencoder, ch 16) decides
-  assert auto_host_devices_for_config(load_config("latent", ["model.ch=128"]), 2) == 4
+  # latent runs train two models: the narrower (the autoencoder, ch 16) decides (and at 28x28 it is one per core)
+  assert auto_host_devices_for_config(load_config("latent", ["model.ch=128"]), 2) == 2
+
+
+def test_more_host_devices_than_cores_only_where_each_keeps_enough_activations():
+  """Two per core where each device keeps >= MIN_OVERSUBSCRIBED_ACTIVATIONS first-level activations (fmnist_small:
+  16 x 32 x 32 x 32 on 4 devices), else one per core (the quick start's 28x28 models); unknown sizes as before."""
+  from diffusion_jax.config import load_config
+  from diffusion_jax.parallel.mesh import MIN_OVERSUBSCRIBED_ACTIVATIONS, auto_host_devices, auto_host_devices_for_config
+  per_image = MIN_OVERSUBSCRIBED_ACTIVATIONS // 16
+  assert auto_host_devices(2, (64,), activations_per_image=per_image) == 4  # 16 images per device: enough
+  assert auto_host_devices(2, (64,), activations_per_image=per_image - 1) == 2  # one short: one per core
+  assert auto_host_devices(2, (64,), activations_per_image=0) == 4  # size unknown: as before
+  assert auto_host_devices(4, (64,), activations_per_image=1) == 4  # one per core is always allowed
+  small = ["data.channels=1", "model.ch=32", "model.ch_mult=(1,2,2)", "model.num_res_blocks=1", "batch_size=64"]
+  assert auto_host_devices_for_config(load_config("cifar10_ddpm", small), 2) == 4
+  assert auto_host_devices_for_config(load_config("fashion_mnist"), 2) == 2
+  assert auto_host_devices_for_config(load_config("latent"), 2) == 2

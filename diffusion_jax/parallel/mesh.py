@@ -50,13 +50,16 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 MAX_AUTO_HOST_DEVICES = 8
 MIN_AUTO_IMAGES_PER_DEVICE = 8
+# More host devices than cores only where each device still gets at least this many first-level activations
+# (images per device x image height x width x the narrowest base width): see auto_host_devices.
+MIN_OVERSUBSCRIBED_ACTIVATIONS = 2 ** 18
 
 
 WIDE_MODEL_CHANNELS = 128
 
 
 def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, fsdp: int = 1,
-                      min_channels: int = 0) -> int:
+                      min_channels: int = 0, activations_per_image: int = 0) -> int:
   """How many XLA:CPU devices to split this host into: the most, up to 2 per core (at most 8), that divide
   every global batch into at least MIN_AUTO_IMAGES_PER_DEVICE images per device and fit config.mesh (exactly
   data * fsdp when data is set); one (or the fsdp size) when every model's base width, `min_channels`, is at
@@ -73,6 +76,13 @@ def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, 
   0.82x on 2 devices with XLA's convs (same-evening runs of bench/vs_peers.py), at a peak RSS of 2582 vs 3052 MB;
   with the Winograd filter gradient too (an Intel Xeon host) 2 devices took 3514 ms per step against 1 device's
   ~2950.
+
+  More devices than cores (`activations_per_image`, image height x width x the narrowest base width, given) only
+  where each device keeps at least MIN_OVERSUBSCRIBED_ACTIVATIONS of them: once XLA:CPU's step buffers were reused
+  rather than mapped afresh per step (diffusion_jax.host_memory), 2 devices on 2 cores beat 4 on the quick start's
+  steps (fashion_mnist 146-159 -> 129-135 ms, latent's autoencoder 128-135 -> 105-110, its U-Net 179-183 ->
+  139-145; 8 x 28 x 28 x 16 = 100k activations per device on 4), while bench/vs_peers.py's fmnist_small (16 x 32 x
+  32 x 32 = 524k per device on 4) still took 698 ms on 4 devices against 806 on 2 (Intel Xeon host, 2026-11-28).
   """
   if data > 0 and fsdp > 0:
     return data * fsdp
@@ -80,14 +90,16 @@ def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, 
   if min_channels >= WIDE_MODEL_CHANNELS:
     return step
   target = max(1, min(2 * cores, MAX_AUTO_HOST_DEVICES))
+  busy = lambda n: n <= cores or not activations_per_image or all(
+      b // n * activations_per_image >= MIN_OVERSUBSCRIBED_ACTIVATIONS for b in batch_sizes)
   fits = [n for n in range(step, target + 1, step)
-          if all(b % n == 0 and b // n >= MIN_AUTO_IMAGES_PER_DEVICE for b in batch_sizes)]
+          if all(b % n == 0 and b // n >= MIN_AUTO_IMAGES_PER_DEVICE for b in batch_sizes) and busy(n)]
   return max(fits) if fits else step
 
 
 def auto_host_devices_for_config(config, cores: int) -> int:
   """auto_host_devices for a run of `config` (main's choice, and the benches'): its batches (the autoencoder's
-  too), its mesh, and the narrowest base width of the models it trains. Values a config check would refuse
+  too), its mesh, the narrowest base width of the models it trains and its image size. Values a config check would refuse
   are left out here (check_config reports them)."""
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   models = [config.model] + ([config.autoencoder.model] if config.get("autoencoder") else [])
@@ -96,7 +108,11 @@ def auto_host_devices_for_config(config, cores: int) -> int:
       else (-1, 1)
   widths = [m.get("ch") for m in models]
   min_channels = min(widths) if all(map(is_int, widths)) else 0
-  return auto_host_devices(cores, tuple(b for b in batches if is_int(b) and b > 0), data, fsdp, min_channels)
+  size = config.data.get("image_size") if config.get("data") else None
+  # At the images' size: a latent model's U-Net runs smaller, but its autoencoder trains at this size.
+  activations = size * size * min_channels if is_int(size) and size > 0 else 0
+  return auto_host_devices(cores, tuple(b for b in batches if is_int(b) and b > 0), data, fsdp, min_channels,
+                           activations)
 
 
 def split_host_devices(count: int, environ=None) -> bool:
