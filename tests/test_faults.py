@@ -4,6 +4,7 @@ loses no step; a second signal exits at once. (Damaged checkpoints: test_checkpo
 test_bad_inputs.py.)"""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,4 +139,8 @@ def test_a_second_signal_exits_at_once(config_file, tmp_path):
   proc.send_signal(signal.SIGTERM)
   rest = proc.stderr.read()
   proc.wait(timeout=60)
-  assert proc.returncode == 143 and "second SIGTERM: exiting now" in rest, rest[-3000:]
+  # Sent back to back, both can be pending while the step runs (it runs on the main thread: host_memory), so
+  # which one the process handles second is the runtime's choice; that one must name itself and exit at once.
+  second = re.search(r"second (SIGTERM|SIGINT): exiting now", rest)
+  assert second, rest[-3000:]
+  assert proc.returncode == 128 + signal.Signals[second.group(1)], (proc.returncode, rest[-3000:])
