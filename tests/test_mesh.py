@@ -171,7 +171,8 @@ def test_more_host_devices_than_cores_only_where_each_keeps_enough_activations()
   """Two per core where each device keeps >= MIN_OVERSUBSCRIBED_ACTIVATIONS first-level activations (fmnist_small:
   16 x 32 x 32 x 32 on 4 devices), else one per core (the quick start's 28x28 models); unknown sizes as before."""
   from diffusion_jax.config import load_config
-  from diffusion_jax.parallel.mesh import MIN_OVERSUBSCRIBED_ACTIVATIONS, auto_host_devices, auto_host_devices_for_config
+  from diffusion_jax.parallel.mesh import (MIN_OVERSUBSCRIBED_ACTIVATIONS, auto_host_devices,
+                                           auto_host_devices_for_config)
   per_image = MIN_OVERSUBSCRIBED_ACTIVATIONS // 16
   assert auto_host_devices(2, (64,), activations_per_image=per_image) == 4  # 16 images per device: enough
   assert auto_host_devices(2, (64,), activations_per_image=per_image - 1) == 2  # one short: one per core

@@ -99,8 +99,8 @@ def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, 
 
 def auto_host_devices_for_config(config, cores: int) -> int:
   """auto_host_devices for a run of `config` (main's choice, and the benches'): its batches (the autoencoder's
-  too), its mesh, the narrowest base width of the models it trains and its image size. Values a config check would refuse
-  are left out here (check_config reports them)."""
+  too), its mesh, the narrowest base width of the models it trains and its image size. Values a config check
+  would refuse are left out here (check_config reports them)."""
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   models = [config.model] + ([config.autoencoder.model] if config.get("autoencoder") else [])
   batches = [config.batch_size] + ([config.autoencoder.batch_size] if config.get("autoencoder") else [])
