@@ -33,9 +33,11 @@ def test_dj_host_memory_takes_tuned_or_default_and_names_a_bad_value():
     read_environment({"DJ_HOST_MEMORY": "off"})
 
 
-# A step-like program whose temporaries (about 256 MB) XLA:CPU allocates on every call; prints the page faults
-# of its twelfth call. The heap settles over the first calls: in 12 runs of 12 calls, calls 2-7 sometimes faulted
-# ~255 pages (huge pages) with the defaults, every call from the 8th none.
+# A step-like program whose temporaries (about 256 MB) XLA:CPU allocates on every call; prints the median page
+# faults of its calls 2-24. Why the median: the reused heap is fragmented by small allocations carved out of the
+# freed block, so a call now and then finds no free block large enough and grows the heap by one more (strace: a
+# `brk` of 256 MB, ~255 huge-page faults). Seen in 12 runs here: 0-3 such calls among calls 2-7, then one in ~100;
+# the heap stops at 2-3 blocks (peak RSS 727-730 MB over 200 calls). CI once saw one at the twelfth call.
 _FAULTS = """
 import resource, sys
 from diffusion_jax import host_memory
@@ -45,11 +47,12 @@ host_memory.reuse_freed_heap()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w, v: (x @ w) @ v)  # x @ w: a [8192,8192] float32 temporary
 x, w, v = jnp.ones((8192, 64)), jnp.ones((64, 8192)), jnp.ones((8192, 8))
-for _ in range(12):
+faults = []
+for _ in range(24):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(f(x, w, v))
-  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print("faults", faults)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("faults", sorted(faults[1:])[len(faults[1:]) // 2])
 """
 
 
@@ -63,12 +66,12 @@ def _run(env_extra: dict) -> dict:
 
 @needs_glibc
 def test_a_steps_temporaries_are_reused_not_faulted_in_again():
-  """With the defaults a program's twelfth call faults in none of its temporaries (the heap reused); with
-  DJ_HOST_MEMORY=default glibc maps them afresh and the same call faults in each of their pages."""
+  """With the defaults a program's typical call (the median) faults in none of its temporaries (the heap reused);
+  with DJ_HOST_MEMORY=default glibc maps them afresh and every call faults in each of their pages."""
   tuned, default = _run({}), _run({"DJ_HOST_MEMORY": "default"})
   pages = 256 * 2 ** 20 // os.sysconf("SC_PAGE_SIZE")
   assert default["tunables"] == ""
   assert int(default["faults"]) > pages // 2, default  # the baseline this module exists for
-  assert int(tuned["faults"]) < 64, tuned  # reused: fewer even than its 128 huge pages of 2 MB
+  assert int(tuned["faults"]) < 64, tuned  # reused: fewer even than its 128 huge pages of 2 MB (huge pages alone)
   if host_memory.huge_pages_environment({}, GLIBC, host_memory.transparent_huge_pages()) is not None:
     assert tuned["tunables"] == host_memory.HUGE_PAGES_TUNABLE  # the command ran again with huge pages on
