@@ -1,9 +1,10 @@
 """Input pipeline benchmark: an image folder of JPEGs streamed with grain, alone and under the train step.
 
-python bench/input_pipeline.py [--sizes 64,256] [--images 256] [--workers 0,1,2] [--steps 8] [--batch 32]
+python bench/input_pipeline.py [--sizes 64,256] [--images 256] [--workers 0,1,2] [--steps 4] [--rounds 3] [--batch 32]
 For each image size: (a) images/s of the pipeline alone (decode, resize, crop, batch) with 0, 1, 2 worker
 processes; (b) the train step of configs/image_folder.py at that size on a synthetic batch (already on the
-devices) and on the folder's batches (pipeline + host-to-device + step) with each worker count, and their ratio. Without --data_dir a
+devices) and on the folder's batches (pipeline + host-to-device + step) with each worker count, in alternating
+rounds of --steps steps (medians), and their ratio. Without --data_dir a
 folder of random-texture JPEGs 1.5x the target size is written to a temporary directory. Prints markdown tables.
 """
 
@@ -21,6 +22,7 @@ from common import load_config, host_memory_as_main, print_table
 
 from diffusion_jax import build, train
 from diffusion_jax.data import make_batches
+from diffusion_jax.loop import Prefetched
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh
 
 
@@ -58,9 +60,11 @@ def pipeline_rate(config, steps: int) -> float:
     batches.close()
 
 
-def step_rates(config, workers: list[int], steps: int) -> tuple[float, dict[int, float]]:
-  """(images/s of the train step on one synthetic batch already on the devices, {workers: images/s fed by the
-  folder}); the fed loop does what the training loop does: fetch a batch, put it on the devices, dispatch."""
+def step_rates(config, workers: list[int], steps: int, rounds: int) -> dict[int, tuple[float, float]]:
+  """{workers: (images/s of the train step on one synthetic batch already on the devices, images/s fed by the
+  folder)}, medians over `rounds` alternating rounds of `steps` steps each, so drift of the machine falls on both
+  alike; the fed loop does what the training loop does: fetch a batch and put it on the devices in a background
+  thread (loop.Prefetched) while the step before it runs."""
   mesh = make_mesh()
   sharding = batch_sharding(mesh)
   parts = build.build_components(config)
@@ -71,26 +75,34 @@ def step_rates(config, workers: list[int], steps: int) -> tuple[float, dict[int,
   synthetic = {"image": jax.device_put(jnp.zeros((config.batch_size, *parts.input_shape)), sharding)}
   state, m = step(state, synthetic, key, None)  # compile
   jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, synthetic, key, None)
-  jax.block_until_ready(m)
-  synthetic_rate = steps * config.batch_size / (time.perf_counter() - t0)
-  fed = {}
+  rates = {}
   for w in workers:
     with config.unlocked():
       config.data.num_workers = w
     batches = make_batches(config.data, global_batch=config.batch_size, seed=0)
     try:
       batches.batch(0)  # start the workers
-      t0 = time.perf_counter()
-      for s in range(1, steps + 1):
-        state, m = step(state, host_to_global({"image": batches.batch(s)["image"]}, sharding), key, None)
-      jax.block_until_ready(m)
-      fed[w] = steps * config.batch_size / (time.perf_counter() - t0)
+      seconds = {"synthetic": [], "fed": []}
+      fed = Prefetched(lambda s: host_to_global({"image": batches.batch(s)["image"]}, sharding), 1,
+                       1 + rounds * steps)  # as the training loop does: the next batch made while a step runs
+      next_step = 1
+      for _ in range(rounds):
+        for kind in seconds:
+          t0 = time.perf_counter()
+          for _ in range(steps):
+            if kind == "fed":
+              batch = fed(next_step)
+              next_step += 1
+            else:
+              batch = synthetic
+            state, m = step(state, batch, key, None)
+          jax.block_until_ready(m)
+          seconds[kind].append(time.perf_counter() - t0)
+      fed.close()
+      rates[w] = tuple(steps * config.batch_size / float(np.median(seconds[k])) for k in ("synthetic", "fed"))
     finally:
       batches.close()
-  return synthetic_rate, fed
+  return rates
 
 
 def main():
@@ -98,7 +110,8 @@ def main():
   parser.add_argument("--sizes", default="64,256")
   parser.add_argument("--images", type=int, default=256)
   parser.add_argument("--workers", default="0,1,2")
-  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--rounds", type=int, default=3, help="alternating synthetic / fed rounds per worker count")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--data_dir", default=None, help="a folder of images (default: JPEGs written to a temp dir)")
   args = parser.parse_args()
@@ -109,10 +122,10 @@ def main():
     for size in sizes:
       data_dir = args.data_dir or write_jpegs(os.path.join(tmp, str(size)), args.images, size * 3 // 2)
       for w in workers:
-        rate = pipeline_rate(folder_config(data_dir, size, w, args.batch), args.steps)
+        rate = pipeline_rate(folder_config(data_dir, size, w, args.batch), args.steps * args.rounds)
         pipeline_rows.append(dict(image_size=size, workers=w, batch=args.batch, images_per_s=f"{rate:.0f}"))
-      synthetic, fed = step_rates(folder_config(data_dir, size, 0, args.batch), workers, args.steps)
-      for w, real in fed.items():
+      rates = step_rates(folder_config(data_dir, size, 0, args.batch), workers, args.steps, args.rounds)
+      for w, (synthetic, real) in rates.items():
         step_rows.append(dict(image_size=size, workers=w, batch=args.batch, synthetic_images_per_s=f"{synthetic:.2f}",
                               folder_images_per_s=f"{real:.2f}", folder_vs_synthetic=f"{real / synthetic:.3f}"))
   print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices, {os.cpu_count()} CPU cores\n")

@@ -4,6 +4,7 @@ SIGTERM / SIGINT (save the step reached, then exit)."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
 import threading
@@ -100,11 +101,66 @@ class StopSignals:
     return self.signal_name is not None
 
 
+class Prefetched:
+  """`batch_fn(i)` for i = start .. stop - 1, each made in a background thread while the step before it runs.
+
+  Why: a single-device CPU program runs on the calling thread (`host_memory.reuse_freed_heap` turns JAX's CPU
+  async dispatch off), so without this thread reading, decoding and putting the next batch on the devices waited
+  for the step to finish. The thread keeps one batch ahead (`depth`); indices must be asked for in order, as the
+  loop does. An exception in `batch_fn` is raised by the call that asks for that index, and `close` stops the
+  thread (the loop closes it on every way out)."""
+
+  def __init__(self, batch_fn: Callable[[int], Any], start: int, stop: int, depth: int = 1):
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._next, self._stop_index = start, stop
+    self._closed = threading.Event()
+    self._thread = threading.Thread(target=self._produce, args=(batch_fn, start, stop), name="batch-prefetch",
+                                    daemon=True)
+    self._thread.start()
+
+  def _produce(self, batch_fn: Callable[[int], Any], start: int, stop: int) -> None:
+    for index in range(start, stop):
+      try:
+        item = (index, batch_fn(index), None)
+      except BaseException as e:  # handed to the consumer, which raises it where the batch was wanted
+        item = (index, None, e)
+      while not self._closed.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[2] is not None or self._closed.is_set():
+        return
+
+  def __call__(self, index: int) -> Any:
+    if index != self._next or index >= self._stop_index:
+      raise ValueError(f"batch {index} asked for; this prefetcher gives {self._next} next (up to "
+                       f"{self._stop_index - 1})")
+    got, batch, error = self._queue.get()
+    self._next += 1
+    if error is not None:
+      raise error
+    assert got == index, (got, index)
+    return batch
+
+  def close(self) -> None:
+    self._closed.set()
+    self._thread.join(timeout=60)
+
+  def __enter__(self) -> "Prefetched":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], num_steps: int, batch_size: int,
              log_every: int, checkpoint_every: int, preview_every: int, manager, writer,
              preview_fn: Callable[[Any, int], None] | None = None, name: str = "train",
              nan_policy: str = "stop", step_args: tuple = ()) -> Any:
-  """Steps state.step+1 .. num_steps: `step_fn(state, batch_fn(step - 1), *step_args) -> (state, metrics)`.
+  """Steps state.step+1 .. num_steps: `step_fn(state, batch_fn(step - 1), *step_args) -> (state, metrics)`, each
+  batch made in a background thread while the step before it runs (`Prefetched`).
 
   `step_fn` (a jitted function) is compiled before the first step, and the memory compiling freed is handed back
   (`release_freed_host_memory`); with several processes every process waits for the others there
@@ -122,9 +178,9 @@ def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], n
   pending, t_last, step_last, t_start = [], time.time(), start, time.time()
   logging.info("%s: steps %d..%d, global batch %d on %d devices", name, start, num_steps, batch_size,
                jax.device_count())
-  with StopSignals() as signals:
+  with Prefetched(batch_fn, start, num_steps) as prefetched, StopSignals() as signals:
     for step in range(start + 1, num_steps + 1):
-      batch = batch_fn(step - 1)
+      batch = prefetched(step - 1)
       if step == start + 1:
         step_fn = multihost.compile_then_wait(step_fn, state, batch, *step_args, name=f"{name}_step")
         release_freed_host_memory()  # what compiling freed, before the step's own buffers raise the peak

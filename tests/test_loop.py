@@ -84,3 +84,39 @@ def test_skip_policy_logs_the_finite_mean_and_counts_skipped_steps():
   logged = dict(writer.scalars)
   assert logged[2]["skipped_steps"] == 0 and logged[4]["skipped_steps"] == 1
   assert logged[4]["loss"] == 4.0 and logged[2]["loss"] == 1.5
+
+
+def test_the_next_batch_is_made_while_the_step_runs_and_its_errors_reach_the_loop():
+  import threading
+  import time
+  events, made_in = [], set()
+
+  def batch_fn(i):
+    made_in.add(threading.current_thread().name)
+    events.append(("batch", i))
+    if i == 3:
+      raise OSError("image 17 is truncated")
+    return i
+
+  def step_fn(state, batch):
+    events.append(("step start", batch))
+    time.sleep(0.2)  # the next batch is made meanwhile, in the prefetch thread
+    events.append(("step end", batch))
+    return State(state.step + 1), {"loss": jnp.asarray(1.0), "grad_norm": jnp.asarray(1.0),
+                                   "learning_rate": jnp.asarray(0.1)}
+
+  manager = FakeManager()
+  with pytest.raises(OSError, match="image 17 is truncated"):  # raised where batch 3 was wanted: step 4
+    loop.run_loop(state=State(jnp.asarray(0)), step_fn=step_fn, batch_fn=batch_fn, num_steps=6, batch_size=4,
+                  log_every=2, checkpoint_every=3, preview_every=10, manager=manager, writer=FakeWriter())
+  assert made_in == {"batch-prefetch"}
+  assert events.index(("batch", 1)) < events.index(("step end", 0))  # batch 1 made during step 0
+  assert ("step start", 3) not in events and manager.saved == [3]  # steps 1-3 ran and were saved, then it stopped
+  assert not any(t.name == "batch-prefetch" for t in threading.enumerate())  # the thread is gone
+
+
+def test_prefetched_gives_batches_in_order_only():
+  with loop.Prefetched(lambda i: i * 10, 2, 5) as batches:
+    assert batches(2) == 20 and batches(3) == 30
+    with pytest.raises(ValueError, match="batch 2 asked for; this prefetcher gives 4 next"):
+      batches(2)
