@@ -64,7 +64,7 @@ class TrainStepSetup:
       labels = rng.integers(0, parts.condition.num_labels, config.batch_size).astype(np.int32)
       self.batch["label"] = jax.device_put(jnp.asarray(labels), data)
     self.key = jax.random.key(1)
-    self.step = train.compile_train_step(parts, self.mesh, self.shardings, donate=donate)
+    self.step = train.compile_train_step(parts, self.mesh, self.shardings, batch_size=config.batch_size, donate=donate)
 
 
 def make_sampler(parts, settings, mesh, decoder):

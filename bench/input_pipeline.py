@@ -70,7 +70,7 @@ def step_rates(config, workers: list[int], steps: int, rounds: int) -> dict[int,
   parts = build.build_components(config)
   state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
                                               parts.schedule.num_timesteps)
-  step = train.compile_train_step(parts, mesh, shardings)
+  step = train.compile_train_step(parts, mesh, shardings, batch_size=config.batch_size)
   key = jax.random.key(1)
   synthetic = {"image": jax.device_put(jnp.zeros((config.batch_size, *parts.input_shape)), sharding)}
   state, m = step(state, synthetic, key, None)  # compile

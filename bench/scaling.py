@@ -122,7 +122,8 @@ def sd_compiled_rows(mesh, batch_per_device: int) -> list[dict]:
     table = C.TextTable(context=spec((11, 77, 768), jnp.float32, rep), mask=spec((11, 77), jnp.int32, rep),
                         caption_rows=spec((10, 1), jnp.int32, rep), counts=spec((10,), jnp.int32, rep))
     t0 = time.perf_counter()
-    compiled = train.compile_train_step(parts, mesh, shardings).lower(state, inputs, jax.random.key(1), table).compile()
+    compiled = train.compile_train_step(parts, mesh, shardings, batch_size=batch).lower(
+        state, inputs, jax.random.key(1), table).compile()
     memory = compiled.memory_analysis()
     rows.append(dict(model=f"sd_sized compiled{' remat' if remat else ''}",
                      params=sum(x.size for x in jax.tree.leaves(abstract.params)), devices=devices,

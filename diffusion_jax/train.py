@@ -124,14 +124,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   return new_state, metrics
 
 
-def compile_train_step(parts: build.Components, mesh, state_shardings, *, donate: bool = True, text_module=None):
+def compile_train_step(parts: build.Components, mesh, state_shardings, *, batch_size: int = 0, donate: bool = True,
+                       text_module=None):
   """jit(state, batch, base_key, text_table) -> (state, metrics): batch sharded over the data axis, state as
-  given, the caption table or caption encoder (None unless text-conditional) replicated."""
+  given, the caption table or caption encoder (None unless text-conditional) replicated. `batch_size` (the global
+  batch) picks XLA:CPU's convolutions with the model's width (layers.step_compiler_options); 0: by width alone."""
   step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule, text_module=text_module,
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
                            learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip",
                            image_condition=parts.image_condition, grad_accum_steps=parts.optim.grad_accum_steps)
-  options = layers.step_compiler_options(getattr(parts.model, "conv_impl", "xla"), getattr(parts.model, "ch", 0))
+  width = getattr(parts.model, "ch", 0)
+  options = layers.step_compiler_options(getattr(parts.model, "conv_impl", "xla"), width, layers.activations_per_device(
+      batch_size, mesh.size, parts.input_shape, width))
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else (),
                  compiler_options=options or None)
@@ -233,7 +237,7 @@ def _train(run: Run, state: TrainState, state_shardings, manager) -> TrainState:
     text_table = C.build_text_table(run.text_encoder, parts.condition.captions)
     logging.info("text conditioning: %s encoder, %d captions embedded as [%d,%d,%d]", run.text_encoder.name,
                  text_table.context.shape[0] - 1, *text_table.context.shape)
-  step_fn = compile_train_step(parts, mesh, state_shardings, text_module=text_module)
+  step_fn = compile_train_step(parts, mesh, state_shardings, batch_size=config.batch_size, text_module=text_module)
   encode = None if run.decoder is None else latent.make_encode_fn(run.decoder.model, mesh)
   keep = {"none": ("image",), "class": ("image", "label"),
           "text": ("image", "caption_ids", "caption_mask") if per_image else ("image", "label")}[parts.condition.kind]

@@ -167,18 +167,31 @@ def test_wide_models_stay_on_one_host_device_unless_the_mesh_says_otherwise():
   assert auto_host_devices_for_config(load_config("latent", ["model.ch=128"]), 2) == 2
 
 
-def test_more_host_devices_than_cores_only_where_each_keeps_enough_activations():
-  """Two per core where each device keeps >= MIN_OVERSUBSCRIBED_ACTIVATIONS first-level activations (fmnist_small:
-  16 x 32 x 32 x 32 on 4 devices), else one per core (the quick start's 28x28 models); unknown sizes as before."""
+def test_more_host_devices_than_cores_only_where_the_sizes_are_unknown():
+  """One device per core where the image size and width are known (the quick start's 28x28 models, and
+  fmnist_small, whose step then takes XLA's multi-threaded convolutions); up to two per core where they are not."""
   from diffusion_jax.config import load_config
-  from diffusion_jax.parallel.mesh import (MIN_OVERSUBSCRIBED_ACTIVATIONS, auto_host_devices,
-                                           auto_host_devices_for_config)
-  per_image = MIN_OVERSUBSCRIBED_ACTIVATIONS // 16
-  assert auto_host_devices(2, (64,), activations_per_image=per_image) == 4  # 16 images per device: enough
-  assert auto_host_devices(2, (64,), activations_per_image=per_image - 1) == 2  # one short: one per core
+  from diffusion_jax.parallel.mesh import auto_host_devices, auto_host_devices_for_config
+  assert auto_host_devices(2, (64,), activations_per_image=32 * 32 * 32) == 2
+  assert auto_host_devices(2, (64,), activations_per_image=1) == 2
   assert auto_host_devices(2, (64,), activations_per_image=0) == 4  # size unknown: as before
-  assert auto_host_devices(4, (64,), activations_per_image=1) == 4  # one per core is always allowed
+  assert auto_host_devices(4, (64,), activations_per_image=1) == 4  # one per core
   small = ["data.channels=1", "model.ch=32", "model.ch_mult=(1,2,2)", "model.num_res_blocks=1", "batch_size=64"]
-  assert auto_host_devices_for_config(load_config("cifar10_ddpm", small), 2) == 4
+  assert auto_host_devices_for_config(load_config("cifar10_ddpm", small), 2) == 2
   assert auto_host_devices_for_config(load_config("fashion_mnist"), 2) == 2
   assert auto_host_devices_for_config(load_config("latent"), 2) == 2
+
+
+def test_large_convolutions_per_device_take_xlas_multithreaded_ones(monkeypatch):
+  """The train step of a model under conv_impl 'auto' on CPU compiles with WIDE_MODEL_CPU_XLA_OPTIONS where its
+  base width is >= WINOGRAD_MIN_CHANNELS or each device's first-level activations reach
+  MIN_MULTITHREADED_CONV_ACTIVATIONS (fmnist_small b64 on 2 devices: 32 x 32 x 32 x 32 = 2^20), else none."""
+  from diffusion_jax.models import layers
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # the user's own setting would win
+  per_device = layers.activations_per_device(64, 2, (32, 32, 1), 32)
+  assert per_device == 2 ** 20 >= layers.MIN_MULTITHREADED_CONV_ACTIVATIONS
+  assert layers.step_compiler_options("auto", 32, per_device) == layers.WIDE_MODEL_CPU_XLA_OPTIONS
+  assert layers.step_compiler_options("auto", 32, layers.MIN_MULTITHREADED_CONV_ACTIVATIONS - 1) == {}
+  assert layers.step_compiler_options("xla", 32, per_device) == {}  # an explicit conv_impl is left alone
+  quick_start = layers.activations_per_device(32, 2, (28, 28, 1), 16)  # configs/fashion_mnist.py on 2 devices
+  assert layers.step_compiler_options("auto", 16, quick_start) == {}

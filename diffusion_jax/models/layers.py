@@ -25,6 +25,13 @@ WINOGRAD_MIN_CHANNELS = 128
 # dots (README lever table).
 WIDE_MODEL_CPU_XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                               "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# Narrower models take the same options where each device's first-level activations (images per device x height
+# x width x base width) reach this many: their convolutions are then large enough for Eigen's threads to beat
+# YNNPACK's one thread per conv. bench/levers.py, the Intel Xeon host, 2 cores, against the automatic split of the
+# day (4 devices, YNNPACK): fmnist_small b32 (2^19 per device on 2 devices) 343 -> 344 ms, fmnist_small b64 (2^20)
+# 749 -> 666, fashion_mnist:full b64 (1.6M) 4001 -> 2790. Below it (the quick start's 28x28 models, 200k per
+# device on 2 devices) Eigen's convolutions lost 5-12%.
+MIN_MULTITHREADED_CONV_ACTIVATIONS = 2 ** 19
 # jax.nn.dot_product_attention's implementations: XLA's (any backend), or cuDNN's fused flash attention (NVIDIA GPUs,
 # bfloat16 / float16 compute, head width <= 128).
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -125,17 +132,25 @@ def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, str
   return impl
 
 
-def step_compiler_options(conv_impl: str, width: int) -> dict[str, str]:
-  """XLA options for compiling a train step of a model of base width `width`: WIDE_MODEL_CPU_XLA_OPTIONS on CPU
-  under conv_impl 'auto' when the width reaches WINOGRAD_MIN_CHANNELS (ddpm_cifar10 b16, one process, 5
-  alternating rounds: 2722 -> 2616 ms per step); else none. Also none where XLA_FLAGS already sets them (the
-  user's choice wins) or this jaxlib does not know them."""
+def step_compiler_options(conv_impl: str, width: int, activations_per_device: int = 0) -> dict[str, str]:
+  """XLA options for compiling a train step of a model of base width `width` whose first-level activations per
+  device are `activations_per_device`: WIDE_MODEL_CPU_XLA_OPTIONS on CPU under conv_impl 'auto' when the width
+  reaches WINOGRAD_MIN_CHANNELS (ddpm_cifar10 b16, one process, 5 alternating rounds: 2722 -> 2616 ms per step)
+  or the activations MIN_MULTITHREADED_CONV_ACTIVATIONS (fmnist_small b64 on 2 devices: 749 -> 666 ms); else
+  none. Also none where XLA_FLAGS already sets them (the user's choice wins) or this jaxlib does not know them."""
   import os
-  if conv_impl != "auto" or width < WINOGRAD_MIN_CHANNELS or jax.default_backend() != "cpu":
+  large = width >= WINOGRAD_MIN_CHANNELS or activations_per_device >= MIN_MULTITHREADED_CONV_ACTIVATIONS
+  if conv_impl != "auto" or not large or jax.default_backend() != "cpu":
     return {}
   if any(name in os.environ.get("XLA_FLAGS", "") for name in WIDE_MODEL_CPU_XLA_OPTIONS):
     return {}
   return dict(WIDE_MODEL_CPU_XLA_OPTIONS) if _xla_knows(tuple(WIDE_MODEL_CPU_XLA_OPTIONS.items())) else {}
+
+
+def activations_per_device(batch_size: int, devices: int, input_shape: tuple[int, ...], width: int) -> int:
+  """First-level activations of one device's share of the batch: images per device x height x width x the base
+  width (input_shape [H,W,C]; what MIN_MULTITHREADED_CONV_ACTIVATIONS counts)."""
+  return batch_size // max(devices, 1) * input_shape[0] * input_shape[1] * width
 
 
 @functools.cache

@@ -50,9 +50,6 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 MAX_AUTO_HOST_DEVICES = 8
 MIN_AUTO_IMAGES_PER_DEVICE = 8
-# More host devices than cores only where each device still gets at least this many first-level activations
-# (images per device x image height x width x the narrowest base width): see auto_host_devices.
-MIN_OVERSUBSCRIBED_ACTIVATIONS = 2 ** 18
 
 
 WIDE_MODEL_CHANNELS = 128
@@ -77,12 +74,14 @@ def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, 
   with the Winograd filter gradient too (an Intel Xeon host) 2 devices took 3514 ms per step against 1 device's
   ~2950.
 
-  More devices than cores (`activations_per_image`, image height x width x the narrowest base width, given) only
-  where each device keeps at least MIN_OVERSUBSCRIBED_ACTIVATIONS of them: once XLA:CPU's step buffers were reused
-  rather than mapped afresh per step (diffusion_jax.host_memory), 2 devices on 2 cores beat 4 on the quick start's
-  steps (fashion_mnist 146-159 -> 129-135 ms, latent's autoencoder 128-135 -> 105-110, its U-Net 179-183 ->
-  139-145; 8 x 28 x 28 x 16 = 100k activations per device on 4), while bench/vs_peers.py's fmnist_small (16 x 32 x
-  32 x 32 = 524k per device on 4) still took 698 ms on 4 devices against 806 on 2 (Intel Xeon host, 2026-11-28).
+  More devices than cores only where the image size or width is unknown (`activations_per_image` 0): once
+  XLA:CPU's step buffers were reused rather than mapped afresh per step (diffusion_jax.host_memory), 2 devices on 2
+  cores beat 4 on the quick start's steps (fashion_mnist 146-159 -> 129-135 ms, latent's autoencoder 128-135 ->
+  105-110, its U-Net 179-183 -> 139-145), and a model whose convolutions are large per device (at least
+  layers.MIN_MULTITHREADED_CONV_ACTIVATIONS first-level activations, images per device x height x width x the
+  narrowest base width, on `cores` devices) trains faster with XLA's multi-threaded convolutions on one device per
+  core than with YNNPACK's on two (layers.step_compiler_options; bench/levers.py, the Intel Xeon host, 2026-11-28:
+  fmnist_small b64 666 vs 749 ms, b32 344 vs 343, fashion_mnist:full b64 2790 vs 4001).
   """
   if data > 0 and fsdp > 0:
     return data * fsdp
@@ -90,8 +89,7 @@ def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, 
   if min_channels >= WIDE_MODEL_CHANNELS:
     return step
   target = max(1, min(2 * cores, MAX_AUTO_HOST_DEVICES))
-  busy = lambda n: n <= cores or not activations_per_image or all(
-      b // n * activations_per_image >= MIN_OVERSUBSCRIBED_ACTIVATIONS for b in batch_sizes)
+  busy = lambda n: n <= cores or not activations_per_image  # more devices than cores: see the docstring
   fits = [n for n in range(step, target + 1, step)
           if all(b % n == 0 and b // n >= MIN_AUTO_IMAGES_PER_DEVICE for b in batch_sizes) and busy(n)]
   return max(fits) if fits else step
