@@ -63,8 +63,8 @@ def pipeline_rate(config, steps: int) -> float:
 def step_rates(config, workers: list[int], steps: int, rounds: int) -> dict[int, tuple[float, float]]:
   """{workers: (images/s of the train step on one synthetic batch already on the devices, images/s fed by the
   folder)}, medians over `rounds` alternating rounds of `steps` steps each, so drift of the machine falls on both
-  alike; the fed loop does what the training loop does: fetch a batch and put it on the devices in a background
-  thread (loop.Prefetched) while the step before it runs."""
+  alike; the fed loop does what the training loop does: read the next batch in a background thread
+  (loop.Prefetched) while the step before it runs, then put it on the devices and dispatch."""
   mesh = make_mesh()
   sharding = batch_sharding(mesh)
   parts = build.build_components(config)
@@ -83,15 +83,15 @@ def step_rates(config, workers: list[int], steps: int, rounds: int) -> dict[int,
     try:
       batches.batch(0)  # start the workers
       seconds = {"synthetic": [], "fed": []}
-      fed = Prefetched(lambda s: host_to_global({"image": batches.batch(s)["image"]}, sharding), 1,
-                       1 + rounds * steps)  # as the training loop does: the next batch made while a step runs
+      fed = Prefetched(lambda s: {"image": batches.batch(s)["image"]}, 1,
+                       1 + rounds * steps)  # as the training loop does: the next host batch made while a step runs
       next_step = 1
       for _ in range(rounds):
         for kind in seconds:
           t0 = time.perf_counter()
           for _ in range(steps):
             if kind == "fed":
-              batch = fed(next_step)
+              batch = host_to_global(fed(next_step), sharding)
               next_step += 1
             else:
               batch = synthetic

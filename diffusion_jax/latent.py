@@ -135,7 +135,8 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                                                                     config_image_shape(config)) or None)
     try:
       state = run_loop(state=state, step_fn=step_fn, step_args=(keys.autoencoder_train,),
-                       batch_fn=lambda i: host_to_global({"image": batches.batch(i)["image"]}, batch_sharding(mesh)),
+                       host_batch_fn=lambda i: {"image": batches.batch(i)["image"]},
+                       device_batch_fn=lambda host, i: host_to_global(host, batch_sharding(mesh)),
                        num_steps=a.num_train_steps, batch_size=a.batch_size, log_every=config.log_every_steps,
                        checkpoint_every=config.checkpoint_every_steps, preview_every=config.preview_every_steps,
                        manager=manager, writer=writer, name="autoencoder", nan_policy=optim.nan_policy,

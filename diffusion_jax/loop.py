@@ -102,26 +102,28 @@ class StopSignals:
 
 
 class Prefetched:
-  """`batch_fn(i)` for i = start .. stop - 1, each made in a background thread while the step before it runs.
+  """`host_fn(i)` for i = start .. stop - 1, each made in a background thread while the step before it runs.
 
   Why: a single-device CPU program runs on the calling thread (`host_memory.reuse_freed_heap` turns JAX's CPU
-  async dispatch off), so without this thread reading, decoding and putting the next batch on the devices waited
-  for the step to finish. The thread keeps one batch ahead (`depth`); indices must be asked for in order, as the
-  loop does. An exception in `batch_fn` is raised by the call that asks for that index, and `close` stops the
-  thread (the loop closes it on every way out)."""
+  async dispatch off), so without this thread reading and decoding the next batch waited for the step to finish.
+  Host work only: a program launched on several devices from this thread while the step runs on the same devices
+  can deadlock their collectives (XLA:CPU's all-reduce rendezvous timed out when the latent model's encoder ran
+  here), so putting the batch on the devices and encoding it stay on the loop's thread. The thread keeps one batch
+  ahead (`depth`); indices must be asked for in order, as the loop does. An exception in `host_fn` is raised by
+  the call that asks for that index, and `close` stops the thread (the loop closes it on every way out)."""
 
-  def __init__(self, batch_fn: Callable[[int], Any], start: int, stop: int, depth: int = 1):
+  def __init__(self, host_fn: Callable[[int], Any], start: int, stop: int, depth: int = 1):
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._next, self._stop_index = start, stop
     self._closed = threading.Event()
-    self._thread = threading.Thread(target=self._produce, args=(batch_fn, start, stop), name="batch-prefetch",
+    self._thread = threading.Thread(target=self._produce, args=(host_fn, start, stop), name="batch-prefetch",
                                     daemon=True)
     self._thread.start()
 
-  def _produce(self, batch_fn: Callable[[int], Any], start: int, stop: int) -> None:
+  def _produce(self, host_fn: Callable[[int], Any], start: int, stop: int) -> None:
     for index in range(start, stop):
       try:
-        item = (index, batch_fn(index), None)
+        item = (index, host_fn(index), None)
       except BaseException as e:  # handed to the consumer, which raises it where the batch was wanted
         item = (index, None, e)
       while not self._closed.is_set():
@@ -155,12 +157,14 @@ class Prefetched:
     self.close()
 
 
-def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], num_steps: int, batch_size: int,
+def run_loop(*, state: Any, step_fn: Callable, host_batch_fn: Callable[[int], Any], num_steps: int, batch_size: int,
              log_every: int, checkpoint_every: int, preview_every: int, manager, writer,
+             device_batch_fn: Callable[[Any, int], Any] = lambda host, index: host,
              preview_fn: Callable[[Any, int], None] | None = None, name: str = "train",
              nan_policy: str = "stop", step_args: tuple = ()) -> Any:
-  """Steps state.step+1 .. num_steps: `step_fn(state, batch_fn(step - 1), *step_args) -> (state, metrics)`, each
-  batch made in a background thread while the step before it runs (`Prefetched`).
+  """Steps state.step+1 .. num_steps: `step_fn(state, batch, *step_args) -> (state, metrics)` with batch =
+  `device_batch_fn(host_batch_fn(step - 1), step - 1)`: the host batch made in a background thread while the step
+  before it runs (`Prefetched`), put on the devices (and encoded, for latent models) on this thread.
 
   `step_fn` (a jitted function) is compiled before the first step, and the memory compiling freed is handed back
   (`release_freed_host_memory`); with several processes every process waits for the others there
@@ -178,9 +182,9 @@ def run_loop(*, state: Any, step_fn: Callable, batch_fn: Callable[[int], Any], n
   pending, t_last, step_last, t_start = [], time.time(), start, time.time()
   logging.info("%s: steps %d..%d, global batch %d on %d devices", name, start, num_steps, batch_size,
                jax.device_count())
-  with Prefetched(batch_fn, start, num_steps) as prefetched, StopSignals() as signals:
+  with Prefetched(host_batch_fn, start, num_steps) as host_batches, StopSignals() as signals:
     for step in range(start + 1, num_steps + 1):
-      batch = prefetched(step - 1)
+      batch = device_batch_fn(host_batches(step - 1), step - 1)
       if step == start + 1:
         step_fn = multihost.compile_then_wait(step_fn, state, batch, *step_args, name=f"{name}_step")
         release_freed_host_memory()  # what compiling freed, before the step's own buffers raise the peak

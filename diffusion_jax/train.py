@@ -242,11 +242,14 @@ def _train(run: Run, state: TrainState, state_shardings, manager) -> TrainState:
   keep = {"none": ("image",), "class": ("image", "label"),
           "text": ("image", "caption_ids", "caption_mask") if per_image else ("image", "label")}[parts.condition.kind]
 
-  def batch_fn(index):
+  def host_batch_fn(index):  # in loop.Prefetched's thread: host work only
     host = batches.batch(index)
     if per_image:
       host = {**host, **C.caption_tokens(run.text_encoder, host["caption"])}
-    batch = host_to_global({k: host[k] for k in keep}, batch_sharding(mesh))
+    return {k: host[k] for k in keep}
+
+  def device_batch_fn(host, index):
+    batch = host_to_global(host, batch_sharding(mesh))
     if encode is not None:  # LDM: the frozen encoder runs in the input pipeline, on device
       batch["image"] = encode(run.decoder.params, batch["image"], jax.random.fold_in(keys.encode, index),
                               run.decoder.scale)
@@ -254,13 +257,14 @@ def _train(run: Run, state: TrainState, state_shardings, manager) -> TrainState:
 
   preview = _sampler(run, SampleSettings.from_config(config.sample, preview=True), config.sample.preview_images)
   try:
-    return loop.run_loop(state=state, step_fn=step_fn, step_args=(keys.train, text_table), batch_fn=batch_fn,
-                       num_steps=config.num_train_steps, batch_size=config.batch_size,
-                       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
-                       preview_every=config.preview_every_steps, manager=manager, writer=run.writer,
-                       preview_fn=lambda s, step: preview(s.ema_params, jax.random.fold_in(keys.preview, step),
-                                                          f"preview_{step:07d}", step),
-                       name="diffusion" if run.decoder is not None else "train", nan_policy=parts.optim.nan_policy)
+    return loop.run_loop(state=state, step_fn=step_fn, step_args=(keys.train, text_table), host_batch_fn=host_batch_fn,
+                         device_batch_fn=device_batch_fn,
+                         num_steps=config.num_train_steps, batch_size=config.batch_size,
+                         log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
+                         preview_every=config.preview_every_steps, manager=manager, writer=run.writer,
+                         preview_fn=lambda s, step: preview(s.ema_params, jax.random.fold_in(keys.preview, step),
+                                                            f"preview_{step:07d}", step),
+                         name="diffusion" if run.decoder is not None else "train", nan_policy=parts.optim.nan_policy)
   finally:
     if hasattr(batches, "close"):
       batches.close()  # stop the streaming workers

@@ -42,7 +42,7 @@ def _step_fn(losses):
 def _run(start, num_steps, losses=lambda s: 1.0, manager=None, writer=None, previews=None):
   manager, writer = manager or FakeManager(), writer or FakeWriter()
   previews = [] if previews is None else previews
-  state = loop.run_loop(state=State(jnp.asarray(start)), step_fn=_step_fn(losses), batch_fn=lambda i: i,
+  state = loop.run_loop(state=State(jnp.asarray(start)), step_fn=_step_fn(losses), host_batch_fn=lambda i: i,
                         num_steps=num_steps, batch_size=4, log_every=2, checkpoint_every=3, preview_every=4,
                         manager=manager, writer=writer, preview_fn=lambda s, step: previews.append(step))
   return int(state.step), manager, writer, previews
@@ -78,7 +78,7 @@ def test_skip_policy_logs_the_finite_mean_and_counts_skipped_steps():
   # With nan_policy='skip' the run goes on; the log at step 4 averages steps 3..4 without step 3.
   manager, writer = FakeManager(), FakeWriter()
   state = loop.run_loop(state=State(jnp.asarray(0)), step_fn=_step_fn(lambda s: float("nan") if s == 3 else float(s)),
-                        batch_fn=lambda i: i, num_steps=6, batch_size=4, log_every=2, checkpoint_every=100,
+                        host_batch_fn=lambda i: i, num_steps=6, batch_size=4, log_every=2, checkpoint_every=100,
                         preview_every=100, manager=manager, writer=writer, nan_policy="skip")
   assert int(state.step) == 6 and manager.saved == [6]
   logged = dict(writer.scalars)
@@ -105,11 +105,19 @@ def test_the_next_batch_is_made_while_the_step_runs_and_its_errors_reach_the_loo
     return State(state.step + 1), {"loss": jnp.asarray(1.0), "grad_norm": jnp.asarray(1.0),
                                    "learning_rate": jnp.asarray(0.1)}
 
+  put_in = set()
+
+  def device_batch_fn(host, i):  # devices' work (host_to_global, a latent model's encoder) on the loop's thread
+    put_in.add(threading.current_thread().name)
+    assert host == i
+    return host
+
   manager = FakeManager()
   with pytest.raises(OSError, match="image 17 is truncated"):  # raised where batch 3 was wanted: step 4
-    loop.run_loop(state=State(jnp.asarray(0)), step_fn=step_fn, batch_fn=batch_fn, num_steps=6, batch_size=4,
-                  log_every=2, checkpoint_every=3, preview_every=10, manager=manager, writer=FakeWriter())
-  assert made_in == {"batch-prefetch"}
+    loop.run_loop(state=State(jnp.asarray(0)), step_fn=step_fn, host_batch_fn=batch_fn,
+                  device_batch_fn=device_batch_fn, num_steps=6, batch_size=4, log_every=2, checkpoint_every=3,
+                  preview_every=10, manager=manager, writer=FakeWriter())
+  assert made_in == {"batch-prefetch"} and put_in == {threading.current_thread().name}
   assert events.index(("batch", 1)) < events.index(("step end", 0))  # batch 1 made during step 0
   assert ("step start", 3) not in events and manager.saved == [3]  # steps 1-3 ran and were saved, then it stopped
   assert not any(t.name == "batch-prefetch" for t in threading.enumerate())  # the thread is gone
