@@ -57,10 +57,10 @@ WIDE_MODEL_CHANNELS = 128
 
 def auto_host_devices(cores: int, batch_sizes: tuple[int, ...], data: int = -1, fsdp: int = 1,
                       min_channels: int = 0, activations_per_image: int = 0) -> int:
-  """How many XLA:CPU devices to split this host into: the most, up to 2 per core (at most 8), that divide
-  every global batch into at least MIN_AUTO_IMAGES_PER_DEVICE images per device and fit config.mesh (exactly
-  data * fsdp when data is set); one (or the fsdp size) when every model's base width, `min_channels`, is at
-  least WIDE_MODEL_CHANNELS.
+  """How many XLA:CPU devices to split this host into: the most, up to one per core (two per core where the
+  image sizes are unknown; at most 8), that divide every global batch into at least MIN_AUTO_IMAGES_PER_DEVICE
+  images per device and fit config.mesh (exactly data * fsdp when data is set); one (or the fsdp size) when every
+  model's base width, `min_channels`, is at least WIDE_MODEL_CHANNELS.
 
   Why: XLA:CPU runs one device's ops mostly one at a time, and its convolutions of 32-64 channels on one thread
   each, so on narrow models it leaves cores idle (1.2 of 2 cores busy on bench/vs_peers.py's fmnist_small step);
