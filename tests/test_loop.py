@@ -100,7 +100,7 @@ def test_the_next_batch_is_made_while_the_step_runs_and_its_errors_reach_the_loo
 
   def step_fn(state, batch):
     events.append(("step start", batch))
-    time.sleep(0.2)  # the next batch is made meanwhile, in the prefetch thread
+    time.sleep(0.5)  # the next batch is made meanwhile, in the prefetch thread
     events.append(("step end", batch))
     return State(state.step + 1), {"loss": jnp.asarray(1.0), "grad_norm": jnp.asarray(1.0),
                                    "learning_rate": jnp.asarray(0.1)}
