@@ -83,22 +83,21 @@ def step_rates(config, workers: list[int], steps: int, rounds: int) -> dict[int,
     try:
       batches.batch(0)  # start the workers
       seconds = {"synthetic": [], "fed": []}
-      fed = Prefetched(lambda s: {"image": batches.batch(s)["image"]}, 1,
-                       1 + rounds * steps)  # as the training loop does: the next host batch made while a step runs
       next_step = 1
-      for _ in range(rounds):
-        for kind in seconds:
-          t0 = time.perf_counter()
-          for _ in range(steps):
-            if kind == "fed":
-              batch = host_to_global(fed(next_step), sharding)
-              next_step += 1
-            else:
-              batch = synthetic
-            state, m = step(state, batch, key, None)
-          jax.block_until_ready(m)
-          seconds[kind].append(time.perf_counter() - t0)
-      fed.close()
+      # As the training loop does: the next host batch made while a step runs.
+      with Prefetched(lambda s: {"image": batches.batch(s)["image"]}, 1, 1 + rounds * steps) as fed:
+        for _ in range(rounds):
+          for kind in seconds:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+              if kind == "fed":
+                batch = host_to_global(fed(next_step), sharding)
+                next_step += 1
+              else:
+                batch = synthetic
+              state, m = step(state, batch, key, None)
+            jax.block_until_ready(m)
+            seconds[kind].append(time.perf_counter() - t0)
       rates[w] = tuple(steps * config.batch_size / float(np.median(seconds[k])) for k in ("synthetic", "fed"))
     finally:
       batches.close()

@@ -13,8 +13,8 @@ alternating processes on an Intel Xeon host with 2 cores (README's lever table):
   temporaries come from that heap: no faults and no zeroing at all; ddpm_cifar10 b16 with huge pages 2437-2467 ->
   2261-2323 ms. The reused heap settles over the first calls: small allocations carved out of a freed block can
   leave no block large enough, and the heap grows by one more (a 256 MB test program stopped at 2-3 blocks over
-  200 calls, a call now and then faulting its temporaries in again). A program over several devices still runs on XLA's threads (their glibc arenas map large blocks
-  afresh), so there the huge pages are what helps.
+  200 calls, a call now and then faulting its temporaries in again). A program over several devices still runs on
+  XLA's threads (their glibc arenas map large blocks afresh), so there the huge pages are what helps.
 `DJ_HOST_MEMORY=default` leaves the C library and JAX as they are.
 """
 

@@ -90,14 +90,6 @@ def make_encode_fn(model: AutoencoderKL, mesh):
   return jax.jit(encode, out_shardings=batch_sharding(mesh))
 
 
-def autoencoder_compiler_options(model: AutoencoderKL, batch_size: int, devices: int,
-                                 image_shape: tuple[int, int, int]) -> dict[str, str]:
-  """XLA options for the autoencoder's train step: its convolutions chosen as the U-Net's are
-  (layers.step_compiler_options, by base width and first-level activations per device)."""
-  return layers.step_compiler_options(model.conv_impl, model.ch, layers.activations_per_device(
-      batch_size, devices, image_shape, model.ch))
-
-
 def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL, workdir: str | epath.Path, mesh,
                         writer, keys: RunKeys, train: bool = True) -> LatentDecoder:
   """The finished stage 1 (restored), else trained now on the config's dataset (the same stream stage 2
@@ -131,8 +123,8 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
                                         grad_accum_steps=optim.grad_accum_steps),
                       in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0,
-                      compiler_options=autoencoder_compiler_options(model, a.batch_size, mesh.size,
-                                                                    config_image_shape(config)) or None)
+                      compiler_options=layers.model_step_compiler_options(
+                          model, a.batch_size, mesh.size, config_image_shape(config)) or None)
     try:
       state = run_loop(state=state, step_fn=step_fn, step_args=(keys.autoencoder_train,),
                        host_batch_fn=lambda i: {"image": batches.batch(i)["image"]},

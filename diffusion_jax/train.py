@@ -133,9 +133,7 @@ def compile_train_step(parts: build.Components, mesh, state_shardings, *, batch_
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
                            learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip",
                            image_condition=parts.image_condition, grad_accum_steps=parts.optim.grad_accum_steps)
-  width = getattr(parts.model, "ch", 0)
-  options = layers.step_compiler_options(getattr(parts.model, "conv_impl", "xla"), width, layers.activations_per_device(
-      batch_size, mesh.size, parts.input_shape, width))
+  options = layers.model_step_compiler_options(parts.model, batch_size, mesh.size, parts.input_shape)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else (),
                  compiler_options=options or None)

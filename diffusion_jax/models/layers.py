@@ -153,6 +153,15 @@ def activations_per_device(batch_size: int, devices: int, input_shape: tuple[int
   return batch_size // max(devices, 1) * input_shape[0] * input_shape[1] * width
 
 
+def model_step_compiler_options(model: Any, batch_size: int, devices: int,
+                                input_shape: tuple[int, ...]) -> dict[str, str]:
+  """step_compiler_options for the train step of `model` (its conv_impl and base width `ch`; the U-Net's and the
+  autoencoder's alike) on a global batch of `batch_size` [H,W,C] inputs over `devices` devices; 0: by width alone."""
+  width = getattr(model, "ch", 0)
+  return step_compiler_options(getattr(model, "conv_impl", "xla"), width,
+                               activations_per_device(batch_size, devices, input_shape, width))
+
+
 @functools.cache
 def _xla_knows(options: tuple[tuple[str, str], ...]) -> bool:
   """Whether this jaxlib's XLA compiles a trivial program with these options (a renamed option fails here)."""
