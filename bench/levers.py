@@ -11,7 +11,10 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
   xla:NAME=VALUE       an XLA debug option for this variant's compile only (jit's compiler_options)
   key:IMPL             the train key's PRNG implementation (threefry2x32, rbg, unsafe_rbg): dropout and noise
   gn:autodiff          GroupNorm's backward by autodiff of its forward (the written-out one is the default)
+  dense:autodiff       1x1 convs' and attention projections' kernel gradients by autodiff (dy first), not
+                       layers.tensordot_x_first's x-first form
   wtile:M              Winograd's output tile F(M x M, 3x3) for the convs that conv_impl gives Winograd (2 or 4)
+  layers:NAME=VALUE    diffusion_jax.models.layers.NAME set to the Python literal VALUE while the variant is traced
 --profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace);
 --pipelined adds each round's steps dispatched back to back and waited on once (as the training loop runs);
 --budget-s stops compiling further variants after that many seconds (under a device's time limit).
@@ -20,11 +23,13 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from common import TrainStepSetup, load_config, host_memory_as_main, print_table, summarize_trace
 
@@ -35,7 +40,7 @@ from diffusion_jax.parallel.mesh import make_mesh
 def parse_variant(text: str) -> tuple[str, dict]:
   """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides', 'xla', 'key', 'gn', 'wtile'}) (see the docstring)."""
   label, _, items = text.partition("=")
-  spec = {"overrides": [], "xla": {}, "key": None, "gn": None, "wtile": None}
+  spec = {"overrides": [], "xla": {}, "key": None, "gn": None, "wtile": None, "layers": {}, "dense": None}
   for item in filter(None, items.split(";")):
     if item.startswith("xla:"):
       name, _, value = item[4:].partition("=")
@@ -46,6 +51,15 @@ def parse_variant(text: str) -> tuple[str, dict]:
       if not item[6:].isdigit() or int(item[6:]) not in layers.WINOGRAD_MATRICES:
         raise SystemExit(f"Winograd tile {item[6:]!r}: expected one of {tuple(layers.WINOGRAD_MATRICES)}, e.g. wtile:4")
       spec["wtile"] = int(item[6:])
+    elif item.startswith("layers:"):
+      name, _, value = item[7:].partition("=")
+      if not hasattr(layers, name):
+        raise SystemExit(f"variant item {item!r}: diffusion_jax.models.layers has no {name!r}")
+      spec["layers"][name] = ast.literal_eval(value)
+    elif item.startswith("dense:"):
+      if item != "dense:autodiff":
+        raise SystemExit(f"unknown Dense/1x1 conv variant {item!r}; expected dense:autodiff")
+      spec["dense"] = "autodiff"
     elif item.startswith("gn:"):
       if item != "gn:autodiff":
         raise SystemExit(f"unknown GroupNorm variant {item!r}; expected gn:autodiff")
@@ -53,7 +67,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     elif "=" in item:
       spec["overrides"].append(item)
     else:
-      raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff, wtile:M")
+      raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff, dense:autodiff, "
+                 "wtile:M, layers:NAME=VALUE")
   return label, spec
 
 
@@ -140,7 +155,14 @@ def main():
     t0 = time.perf_counter()
     try:
       gn = _autodiff_group_norm if spec["gn"] == "autodiff" else None
-      with layers_patched("group_norm_affine", gn), layers_patched("WINOGRAD_TILE", spec["wtile"]):
+      with contextlib.ExitStack() as patches:
+        patches.enter_context(layers_patched("group_norm_affine", gn))
+        patches.enter_context(layers_patched("WINOGRAD_TILE", spec["wtile"]))
+        if spec["dense"] == "autodiff":
+          patches.enter_context(layers_patched("tensordot_x_first", lambda x, k, contract=1: jnp.tensordot(x, k, contract)))
+          patches.enter_context(layers_patched("dot_general_x_first", jax.lax.dot_general))
+        for name, value in spec["layers"].items():
+          patches.enter_context(layers_patched(name, value))
         setup = TrainStepSetup(config, make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp))
         key = setup.key if spec["key"] is None else jax.random.key(1, impl=spec["key"])
         lowered = setup.step.lower(setup.state, setup.batch, key, None)

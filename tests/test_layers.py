@@ -154,3 +154,33 @@ def test_attend_gives_cudnn_the_valid_key_counts_of_the_mask(monkeypatch):
   assert seen[0][1] == [] and seen[0][2] == [4, 4, 4]  # even and unmasked: cuDNN's plain call, nothing padded
   with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
     attend(q, k, v, None, "flash")
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,contract", [
+    ((2, 4, 4, 6), (6, 5), 1),  # a 1x1 conv on [B,H,W,C]
+    ((2, 7, 5), (5, 3, 4), 1),  # an attention projection to [heads, D]
+    ((2, 7, 3, 4), (3, 4, 6), 2),  # the out projection from [heads, D]
+])
+def test_tensordot_x_first_has_tensordots_value_and_gradients(x_shape, kernel_shape, contract):
+  """The x-first kernel gradient is only a different order of the same sums: value and both gradients equal
+  jnp.tensordot's under autodiff (float64), and flax's Dense given dot_general_x_first is nn.Dense's."""
+  from diffusion_jax.models.layers import dot_general_x_first, tensordot_x_first
+  with jax.enable_x64():
+    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape, jnp.float64)
+    kernel = jax.random.normal(kw, kernel_shape, jnp.float64)
+    weights = jax.random.normal(kc, x_shape[:-contract] + kernel_shape[contract:], jnp.float64)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, contract)) * weights)
+    ours = jax.value_and_grad(loss(tensordot_x_first), (0, 1))(x, kernel)
+    ref = jax.value_and_grad(loss(jnp.tensordot), (0, 1))(x, kernel)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-12)
+    for a, b in zip(ours[1], ref[1]):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    if contract == 1:
+      dense = nn.Dense(kernel_shape[-1], dot_general=dot_general_x_first)
+      plain = nn.Dense(kernel_shape[-1])
+      params = plain.init(jax.random.key(1), x)
+      g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(dense.apply(p, x))))(params)
+      g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(plain.apply(p, x))))(params)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), g_ours, g_ref)

@@ -116,7 +116,7 @@ def test_winograd_conv_impl_matches_xla_and_falls_back_where_it_does_not_apply(s
   params = conv("xla").init(jax.random.key(1), x)
   ref = conv("xla").apply(params, x)
   np.testing.assert_allclose(conv(impl).apply(params, x), ref, rtol=1e-5, atol=1e-5)
-  winograd_ran = "custom_vjp_call" in str(jax.make_jaxpr(conv(impl).apply)(params, x))
+  winograd_ran = "name=_conv_winograd" in str(jax.make_jaxpr(conv(impl).apply)(params, x))
   assert winograd_ran == (size % 2 == 0 and stride == 1 and kernel_size == 3)
 
 
@@ -160,10 +160,31 @@ def test_wide_models_train_step_options_leave_convolutions_to_xla_on_cpu(monkeyp
   assert convs_in_ynn(lowered.compile().as_text()) == 1  # XLA:CPU's default: YNNPACK's
   assert convs_in_ynn(lowered.compile(compiler_options=options).as_text()) == 0
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE")
-  assert layers.step_compiler_options("auto", 128) == {}
+  user_set = layers.step_compiler_options("auto", 128)  # the user's own setting of an option wins; the rest stay
+  assert "xla_cpu_experimental_ynn_fusion_type" not in user_set and user_set["xla_cpu_opt_preset"]
   monkeypatch.delenv("XLA_FLAGS")
   monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
   assert layers.step_compiler_options("auto", 128) == {}
+
+
+def test_wide_model_options_leave_the_loss_and_gradients_as_they_were(monkeypatch):
+  """WIDE_MODEL_CPU_XLA_OPTIONS (Eigen's convolutions, the fast-compile preset) change how XLA:CPU runs a step,
+  not what it computes: a wide U-Net's loss and parameter gradients compiled with them equal the default
+  compile's to float32 rounding."""
+  from diffusion_jax.models import layers
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  options = layers.step_compiler_options("auto", 128)
+  assert set(options) == set(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
+  model = UNet(ch=128, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+  kx, kn, kp = jax.random.split(jax.random.key(0), 3)
+  x, noise = jax.random.normal(kx, (2, 8, 8, 3)), jax.random.normal(kn, (2, 8, 8, 3))
+  t = jnp.array([3, 700])
+  params = model.init(kp, x, t)
+  loss = lambda p: jnp.mean((model.apply(p, x, t) - noise) ** 2)
+  lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
+  (l_default, g_default), (l_wide, g_wide) = lowered.compile()(params), lowered.compile(compiler_options=options)(params)
+  np.testing.assert_allclose(l_wide, l_default, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), g_wide, g_default)
 
 
 @pytest.mark.parametrize("size,ch_mult,kw", [

@@ -23,8 +23,12 @@ WINOGRAD_MIN_CHANNELS = 128
 # per conv on the Intel host, [16,32,32,256] input gradient 58.9 vs 83.2 ms, filter gradient 73.5 vs 311. For the
 # models whose convs 'auto' gives Winograd this leaves their input gradients to Eigen: YNNPACK keeps reductions and
 # dots (README lever table).
+# XLA:CPU's fast-compile preset too: in the ddpm_cifar10 b16 step it held 254 MB fewer temporaries (1331 -> 1077
+# MB) and ran 1.02-1.03x as fast (bench/levers.py, one process, 4 alternating rounds; fmnist_small b64 on 2 devices: the
+# same time); tests/test_unet.py checks that it leaves a step's loss and gradients as they were.
 WIDE_MODEL_CPU_XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                              "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+                              "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+                              "xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
 # Narrower models take the same options where each device's first-level activations (images per device x height
 # x width x base width) reach this many: their convolutions are then large enough for Eigen's threads to beat
 # YNNPACK's one thread per conv. bench/levers.py, the Intel Xeon host, 2 cores, against the automatic split of the
@@ -137,14 +141,15 @@ def step_compiler_options(conv_impl: str, width: int, activations_per_device: in
   device are `activations_per_device`: WIDE_MODEL_CPU_XLA_OPTIONS on CPU under conv_impl 'auto' when the width
   reaches WINOGRAD_MIN_CHANNELS (ddpm_cifar10 b16, one process, 5 alternating rounds: 2722 -> 2616 ms per step)
   or the activations MIN_MULTITHREADED_CONV_ACTIVATIONS (fmnist_small b64 on 2 devices: 749 -> 666 ms); else
-  none. Also none where XLA_FLAGS already sets them (the user's choice wins) or this jaxlib does not know them."""
+  none. Each option is left out where XLA_FLAGS already sets it (the user's choice wins) or this jaxlib does not
+  know it."""
   import os
   large = width >= WINOGRAD_MIN_CHANNELS or activations_per_device >= MIN_MULTITHREADED_CONV_ACTIVATIONS
   if conv_impl != "auto" or not large or jax.default_backend() != "cpu":
     return {}
-  if any(name in os.environ.get("XLA_FLAGS", "") for name in WIDE_MODEL_CPU_XLA_OPTIONS):
-    return {}
-  return dict(WIDE_MODEL_CPU_XLA_OPTIONS) if _xla_knows(tuple(WIDE_MODEL_CPU_XLA_OPTIONS.items())) else {}
+  user_flags = os.environ.get("XLA_FLAGS", "")
+  return {name: value for name, value in WIDE_MODEL_CPU_XLA_OPTIONS.items()
+          if name not in user_flags and _xla_knows(((name, value),))}
 
 
 def activations_per_device(batch_size: int, devices: int, input_shape: tuple[int, ...], width: int) -> int:
@@ -319,6 +324,48 @@ def _conv_winograd_wgrad_bwd(m, residuals, dy):
 _conv_winograd_wgrad.defvjp(_conv_winograd_fwd, _conv_winograd_wgrad_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tensordot_x_first(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
+  """x [...,K...] . kernel [K...,N...] over x's last and the kernel's first `contract` axes (a Dense layer, a 1x1
+  conv): the product as jnp.tensordot, the kernel's gradient written x-first, sum over the leading axes of x (x)
+  dy.
+
+  Why: XLA:CPU's dots want one operand of the kernel gradient in a transposed copy. Autodiff's form (dy first)
+  has it copy dy, and a copy fuses the fusion that makes dy: the 1x1 skip conv's dy in the U-Net's up path is a
+  GroupNorm backward of 4-8 inputs, recomputed in the transposed order with strided reads (ddpm_cifar10 b16:
+  three of them took 134 ms of a 3.2 s step). x-first, XLA copies x, an activation already in memory.
+  """
+  return jnp.tensordot(x, kernel, contract)
+
+
+def _tensordot_x_first_fwd(x, kernel, contract):
+  return jnp.tensordot(x, kernel, contract), (x, kernel)
+
+
+def _tensordot_x_first_bwd(contract, res, dy):
+  x, kernel = res
+  lead = tuple(range(x.ndim - contract))  # the axes summed over in the kernel's gradient
+  out_axes = tuple(range(contract, kernel.ndim))
+  dx = jnp.tensordot(dy, kernel, (tuple(range(len(lead), dy.ndim)), out_axes))  # [...,K...]
+  dkernel = jnp.tensordot(x, dy, (lead, lead))  # [K...,N...]
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+tensordot_x_first.defvjp(_tensordot_x_first_fwd, _tensordot_x_first_bwd)
+
+
+def dot_general_x_first(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                        preferred_element_type=None) -> jax.Array:
+  """lax.dot_general for flax's Dense layers (`dot_general=`): their form (the input's last axes against the
+  kernel's first, no batch axes) through tensordot_x_first; any other form as lax.dot_general."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  k = len(lhs_contract)
+  if (lhs_batch or rhs_batch or precision is not None or preferred_element_type is not None
+      or tuple(lhs_contract) != tuple(range(lhs.ndim - k, lhs.ndim)) or tuple(rhs_contract) != tuple(range(k))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
+  return tensordot_x_first(lhs, rhs, k)
+
+
 class Conv(nn.Module):
   """Square conv with 'same'-style padding; the kernel is [k,k,Cin,Cout] as nn.Conv's."""
 
@@ -339,7 +386,7 @@ class Conv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     if k == 1:
-      y = x @ kernel.reshape(x.shape[-1], self.features)
+      y = tensordot_x_first(x, kernel.reshape(x.shape[-1], self.features))
       y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
     elif impl == "im2col":
       y = conv_im2col(x, kernel, self.stride, k // 2)
@@ -585,10 +632,11 @@ def multi_head_attention(h: jax.Array, context: jax.Array | None, context_mask: 
   """
   c = h.shape[-1]
   source = h if context is None else context.astype(dtype)
-  dense = lambda name: nn.DenseGeneral((heads, c // heads), dtype=dtype, param_dtype=jnp.float32, name=prefix + name)
+  dense = lambda name: nn.DenseGeneral((heads, c // heads), dtype=dtype, param_dtype=jnp.float32, name=prefix + name,
+                                       dot_general=dot_general_x_first)
   q, k, v = dense("q")(h), dense("k")(source), dense("v")(source)  # [B,N,heads,D], [B,L,heads,D]
   out = attend(q, k, v, context_mask, impl)
-  return nn.DenseGeneral(c, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
+  return nn.DenseGeneral(c, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32, dot_general=dot_general_x_first,
                          kernel_init=nn.initializers.zeros, name=prefix + "proj_out")(out)
 
 
