@@ -67,8 +67,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     elif "=" in item:
       spec["overrides"].append(item)
     else:
-      raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff, dense:autodiff, "
-                 "wtile:M, layers:NAME=VALUE")
+      raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff, "
+                       "dense:autodiff, wtile:M, layers:NAME=VALUE")
   return label, spec
 
 
@@ -159,7 +159,8 @@ def main():
         patches.enter_context(layers_patched("group_norm_affine", gn))
         patches.enter_context(layers_patched("WINOGRAD_TILE", spec["wtile"]))
         if spec["dense"] == "autodiff":
-          patches.enter_context(layers_patched("tensordot_x_first", lambda x, k, contract=1: jnp.tensordot(x, k, contract)))
+          autodiff_tensordot = lambda x, k, contract=1: jnp.tensordot(x, k, contract)
+          patches.enter_context(layers_patched("tensordot_x_first", autodiff_tensordot))
           patches.enter_context(layers_patched("dot_general_x_first", jax.lax.dot_general))
         for name, value in spec["layers"].items():
           patches.enter_context(layers_patched(name, value))

@@ -181,6 +181,7 @@ def test_tensordot_x_first_has_tensordots_value_and_gradients(x_shape, kernel_sh
       dense = nn.Dense(kernel_shape[-1], dot_general=dot_general_x_first)
       plain = nn.Dense(kernel_shape[-1])
       params = plain.init(jax.random.key(1), x)
+      assert "name=tensordot_x_first" in str(jax.make_jaxpr(dense.apply)(params, x))  # flax calls it in this form
       g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(dense.apply(p, x))))(params)
       g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(plain.apply(p, x))))(params)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), g_ours, g_ref)

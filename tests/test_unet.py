@@ -182,7 +182,8 @@ def test_wide_model_options_leave_the_loss_and_gradients_as_they_were(monkeypatc
   params = model.init(kp, x, t)
   loss = lambda p: jnp.mean((model.apply(p, x, t) - noise) ** 2)
   lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
-  (l_default, g_default), (l_wide, g_wide) = lowered.compile()(params), lowered.compile(compiler_options=options)(params)
+  l_default, g_default = lowered.compile()(params)
+  l_wide, g_wide = lowered.compile(compiler_options=options)(params)
   np.testing.assert_allclose(l_wide, l_default, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), g_wide, g_default)
 
