@@ -188,6 +188,8 @@ def main():
     time_steps(run, args.steps)  # a first reading now, so a run cut short still says something
     print(f"compiled {label} in {run['compile_s']:.1f} s (first loss {run['loss']:.4f}); "
           f"{np.median(run['times']) * 1e3:.2f} ms per step", flush=True)
+  if not runs:
+    raise SystemExit("no variant built (each one's reason is above)")
   for _ in range(args.rounds):
     for run in runs.values():
       time_steps(run, args.steps)
