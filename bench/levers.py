@@ -38,7 +38,8 @@ from diffusion_jax.parallel.mesh import make_mesh
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-  """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides', 'xla', 'key', 'gn', 'wtile'}) (see the docstring)."""
+  """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides', 'xla', 'key', 'gn', 'wtile', 'layers', 'dense'}) (see
+  the module's docstring)."""
   label, _, items = text.partition("=")
   spec = {"overrides": [], "xla": {}, "key": None, "gn": None, "wtile": None, "layers": {}, "dense": None}
   for item in filter(None, items.split(";")):
