@@ -13,8 +13,9 @@ EMAModel.step; `--peer-step adam` leaves the peer at Adam alone, the issue's fir
 no-grad network evaluation inside an ancestral DDPM sampling loop (this project: `sampling.make_sample_fn`, one
 compiled lax.scan over the steps; the peer: a Python loop of `model(x, t)` and the DDPM update, eval mode).
 Runs alternate (ours, peer, ours, ...) in `--rounds` rounds of `--steps` calls each, after warm-up; the
-median over all calls is reported. `--rss` (default on) also runs each side's train step alone in a fresh
-process and reports its peak resident memory.
+median over all calls is reported. Each side runs in a process of its own, driven over pipes (`--one-process`
+times both in this one, as before 2026-11-28; see Worker for why not). `--rss` (default on) also runs each side's
+train step alone in a fresh process and reports its peak resident memory.
 
 The peer is optional: `pip install torch==2.13.0` (the CPU wheel) and
 `pip install --no-deps diffusers==0.42.1 && pip install huggingface_hub safetensors regex requests filelock
@@ -204,21 +205,91 @@ class Peer:
     return times
 
 
-# ---------------------------------------------------------------- memory, one side per process
+# ---------------------------------------------------------------- one side per process
 
-def peak_rss_mb(side: str, case_name: str, args) -> float:
-  """Peak resident memory (MB) of a fresh process that runs only `side`'s train step 3 times."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", side, "--cases", case_name, "--steps", "3",
-         "--threads", str(args.threads), "--peer-device", args.peer_device,
-         "--cpu-devices", str(args.cpu_devices), "--peer-step", args.peer_step] + (
-             ["--batch", str(args.batch)] if args.batch else []) + [a for o in args.set for a in ("--set", o)]
+def child_command(role: str, side: str, case_name: str, args, steps: int) -> list[str]:
+  """This script run again as `role` ('--rss-child' or '--worker') for one side of one case."""
+  return [sys.executable, os.path.abspath(__file__), role, side, "--cases", case_name, "--steps", str(steps),
+          "--sample-steps", str(args.sample_steps), "--threads", str(args.threads), "--peer-device", args.peer_device,
+          "--cpu-devices", str(args.cpu_devices), "--peer-step", args.peer_step] + (
+              ["--batch", str(args.batch)] if args.batch else []) + [a for o in args.set for a in ("--set", o)]
+
+
+def side_env(side: str) -> dict:
+  """A child's environment: the peer as a diffusers user runs it, without this project's glibc tunable."""
   env = dict(os.environ)
-  if side == "peer":  # the peer as a diffusers user runs it: without this project's glibc tunable
+  if side == "peer":
     from diffusion_jax.host_memory import HUGE_PAGES_TUNABLE
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGES_TUNABLE]
     env["GLIBC_TUNABLES"] = ":".join(tunables)
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+  return env
+
+
+def peak_rss_mb(side: str, case_name: str, args) -> float:
+  """Peak resident memory (MB) of a fresh process that runs only `side`'s train step 3 times."""
+  out = subprocess.run(child_command("--rss-child", side, case_name, args, 3), capture_output=True, text=True,
+                       check=True, env=side_env(side)).stdout
   return json.loads(out.strip().splitlines()[-1])["rss_mb"]
+
+
+# A worker's replies on stdout start with this, so a library's own prints there cannot be mistaken for one.
+REPLY = "vs_peers-reply "
+
+
+class Worker:
+  """One side's runner in a process of its own, driven over pipes: the parent asks for rounds of train steps or
+  sampling loops in turn, so the sides still alternate (a machine-wide slowdown hits both alike) without sharing
+  a process. In one process they did: the peer's tensors came from the heap this project's glibc settings keep
+  for reuse, and the first train step of each of our rounds then took ~0.75 s more, 1.5 s of it in the kernel
+  (fmnist_small, an Intel Xeon host: 1450 ms against 690-710 for the others)."""
+
+  def __init__(self, side: str, case_name: str, args):
+    self.side = side
+    self.proc = subprocess.Popen(child_command("--worker", side, case_name, args, 0), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=side_env(side))
+    self.info = self._reply()
+    for key, value in self.info.items():
+      setattr(self, key, value)
+
+  def _reply(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(REPLY):
+        return json.loads(line[len(REPLY):])
+    raise SystemExit(f"the {self.side} worker stopped (exit status {self.proc.wait()}); its error is above")
+
+  def _ask(self, what: str, n: int) -> list[float]:
+    self.proc.stdin.write(f"{what} {n}\n")
+    self.proc.stdin.flush()
+    return self._reply()["times"]
+
+  def train_steps(self, n: int) -> list[float]:
+    return self._ask("train", n)
+
+  def sample_evals(self, n: int) -> list[float]:
+    return self._ask("sample", n)
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def worker(side: str, case_name: str, args) -> None:
+  """The --worker side of Worker: build and warm up, say what was built, then answer 'train N' / 'sample N'."""
+  runner = Ours(*runner_args(case_name, args)) if side == "ours" else Peer(*peer_args(case_name, args))
+  runner.train_steps(2)  # warm-up beyond the compile
+  runner.sample_evals(1)
+  info = {"params": runner.params, "batch_size": getattr(runner, "batch_size", args.batch or CASES[case_name]["batch"])}
+  if side == "ours":
+    import jax
+    info.update(compile_s=runner.compile_s, sample_compile_s=runner.sample_compile_s,
+                backend=jax.default_backend(), device_count=jax.device_count())
+  else:
+    info.update(first_step_s=runner.first_step_s)
+  print(REPLY + json.dumps(info), flush=True)
+  for line in sys.stdin:
+    what, n = line.split()
+    times = runner.train_steps(int(n)) if what == "train" else runner.sample_evals(int(n))
+    print(REPLY + json.dumps({"times": times}), flush=True)
 
 
 def rss_child(side: str, case_name: str, args) -> None:
@@ -281,13 +352,17 @@ def peer_step_text(grad_clip: float, ema_decay: float) -> str:
 
 
 def bench_case(name: str, args) -> list[dict]:
-  ours = Ours(*runner_args(name, args))
-  peer = None if args.no_peer else Peer(*peer_args(name, args))
-  ours.train_steps(2)  # warm-up beyond the compile
-  ours.sample_evals(1)
-  if peer:
-    peer.train_steps(2)
-    peer.sample_evals(1)
+  if args.one_process:
+    ours = Ours(*runner_args(name, args))
+    peer = None if args.no_peer else Peer(*peer_args(name, args))
+    ours.train_steps(2)  # warm-up beyond the compile
+    ours.sample_evals(1)
+    if peer:
+      peer.train_steps(2)
+      peer.sample_evals(1)
+  else:
+    ours = Worker("ours", name, args)
+    peer = None if args.no_peer else Worker("peer", name, args)
   timings = {"ours_train": [], "peer_train": [], "ours_sample": [], "peer_sample": []}
   for _ in range(args.rounds):  # alternate, so a machine-wide slowdown hits both sides alike
     timings["ours_train"] += ours.train_steps(args.steps)
@@ -296,6 +371,9 @@ def bench_case(name: str, args) -> list[dict]:
     timings["ours_sample"] += ours.sample_evals(max(1, args.steps // 5))
     if peer:
       timings["peer_sample"] += peer.sample_evals(max(1, args.steps // 5))
+  for side in (ours, peer):
+    if isinstance(side, Worker):
+      side.close()
   rss = {}
   if args.rss:
     rss["ours"] = peak_rss_mb("ours", name, args)
@@ -323,6 +401,11 @@ def bench_case(name: str, args) -> list[dict]:
     else:
       row["peak RSS MB (ours / peer)"] = "-"
     rows.append(row)
+  if isinstance(ours, Worker):
+    args.backend_line = f"{ours.backend}, {ours.device_count} devices"
+  else:
+    import jax
+    args.backend_line = f"{jax.default_backend()}, {jax.device_count()} devices"
   return rows
 
 
@@ -343,9 +426,13 @@ def main(argv=None):
   parser.add_argument("--set", action="append", default=[], help="override of this project's config")
   parser.add_argument("--cpu-devices", type=int, default=0,
                       help="XLA:CPU devices this project's side splits the host into (0: auto, as main does)")
+  parser.add_argument("--one-process", action="store_true",
+                      help="time both sides in this process (before 2026-11-28: the peer's allocations then slowed "
+                           "this project's steps); by default each side runs in its own process, rounds alternating")
   parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args.rss_child != "peer":  # the peer's memory as a diffusers user runs it; its timing shares this process
+  if "peer" not in (args.rss_child, args.worker):  # the peer as a diffusers user runs it (see side_env)
     from common import host_memory_as_main
     host_memory_as_main()
   names = args.cases.split(",")
@@ -366,18 +453,20 @@ def main(argv=None):
   split_host_devices(args.cpu_devices or auto[names[0]])
   if args.rss_child:
     return rss_child(args.rss_child, names[0], args)
+  if args.worker:
+    return worker(args.worker, names[0], args)
   if not args.no_peer:
     why = peer_available()
     if why:
       print(f"no peer ({why}); this project's rows only. To compare with diffusers: {PEER_INSTALL}")
       args.no_peer = True
-  import jax
   from common import print_table
   rows = [r for n in names for r in bench_case(n, args)]
   peer_note = "" if args.no_peer else (f", peer torch eager on {args.peer_device}" + (
       f" with {args.threads} threads" if args.peer_device == "cpu" else "") + "; the peer's train step: " + "; ".join(
           f"{n} {peer_step_text(*peer_step_extras(n, args))}" for n in names))
-  print(f"\nbackend {jax.default_backend()}, {jax.device_count()} devices{peer_note}; median of "
+  processes = "one process" if args.one_process else "one process per side"
+  print(f"\nbackend {args.backend_line}{peer_note}; {processes}; median of "
         f"{args.rounds * args.steps} train steps and {args.rounds * max(1, args.steps // 5)} sampling loops of "
         f"{args.sample_steps} evaluations, alternating\n")
   print_table(rows)
