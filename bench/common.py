@@ -7,11 +7,12 @@ from diffusion_jax.config import load_config  # noqa: F401  (the scripts' one co
 
 
 def host_memory_as_main() -> None:
-  """This process's host memory set up as main's (diffusion_jax.host_memory): glibc's huge pages (the command runs
-  again with them) and the reused heap, so a bench times what `python -m diffusion_jax.main` runs;
-  DJ_HOST_MEMORY=default times without. Call first in main(), before JAX starts its CPU client."""
+  """This process's host memory set up as main's (diffusion_jax.host_memory): glibc's huge pages and, on several
+  host devices, jemalloc where installed (the command runs again with them) and the reused heap, so a bench times
+  what `python -m diffusion_jax.main` runs; DJ_HOST_MEMORY=default times without. Call before any work and before
+  JAX starts its CPU client, after XLA_FLAGS has the host's device count (parallel.mesh.split_host_devices)."""
   from diffusion_jax import host_memory
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_host_memory()
   host_memory.reuse_freed_heap()
 
 

@@ -138,7 +138,6 @@ def main():
                       help="XLA:CPU devices to split the host into (0: auto, as main does)")
   parser.add_argument("--profile-only", default="", help="comma-separated labels to trace (default: every variant)")
   args = parser.parse_args()
-  host_memory_as_main()
   if args.steps < 1 or args.rounds < (1 if args.pipelined else 0):
     parser.error(f"--steps {args.steps} --rounds {args.rounds}: expected --steps >= 1 and --rounds >= 0 "
                  "(>= 1 with --pipelined)")
@@ -147,6 +146,7 @@ def main():
   from diffusion_jax.parallel.mesh import auto_host_devices_for_config, split_host_devices
   config = load_config(args.config, base)
   split_host_devices(args.cpu_devices or auto_host_devices_for_config(config, len(os.sched_getaffinity(0))))
+  host_memory_as_main()
   runs, started = {}, time.perf_counter()
   for label, spec in variants:
     if args.budget_s and time.perf_counter() - started > args.budget_s:

@@ -216,12 +216,16 @@ def child_command(role: str, side: str, case_name: str, args, steps: int) -> lis
 
 
 def side_env(side: str) -> dict:
-  """A child's environment: the peer as a diffusers user runs it, without this project's glibc tunable."""
+  """A child's environment: the peer as a diffusers user runs it, without this project's glibc tunable and
+  preloaded jemalloc (diffusion_jax.host_memory)."""
   env = dict(os.environ)
   if side == "peer":
-    from diffusion_jax.host_memory import HUGE_PAGES_TUNABLE
+    from diffusion_jax.host_memory import HUGE_PAGES_TUNABLE, JEMALLOC_CONF
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGES_TUNABLE]
     env["GLIBC_TUNABLES"] = ":".join(tunables)
+    env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and "jemalloc" not in p)
+    if env.get("MALLOC_CONF") == JEMALLOC_CONF:
+      del env["MALLOC_CONF"]
   return env
 
 
@@ -432,9 +436,6 @@ def main(argv=None):
   parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if "peer" not in (args.rss_child, args.worker):  # the peer as a diffusers user runs it (see side_env)
-    from common import host_memory_as_main
-    host_memory_as_main()
   names = args.cases.split(",")
   unknown = [n for n in names if n not in CASES]
   if unknown:
@@ -451,6 +452,9 @@ def main(argv=None):
       subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--cases", n], check=True)
     return
   split_host_devices(args.cpu_devices or auto[names[0]])
+  if "peer" not in (args.rss_child, args.worker):  # the peer as a diffusers user runs it (see side_env)
+    from common import host_memory_as_main
+    host_memory_as_main()
   if args.rss_child:
     return rss_child(args.rss_child, names[0], args)
   if args.worker:

@@ -7,6 +7,8 @@ import difflib
 import os
 from typing import Mapping
 
+from diffusion_jax import host_memory
+
 # name -> what it holds (the error messages quote this).
 VARIABLES = {
     "DJ_TRACEBACK": "'1' to show the full traceback of a user error, '0' or unset for one line",
@@ -18,8 +20,9 @@ VARIABLES = {
     "DJ_PORT": "the coordinator's port (read by launch/slurm_gpu.sh)",
     "DJ_CPU_DEVICES": "how many XLA:CPU devices to split this host into: an int >= 1, or 'auto' (the default: up "
                       "to 2 per core, dividing the batch)",
-    "DJ_HOST_MEMORY": "'tuned' (the default: glibc's huge pages and a reused heap for XLA:CPU's step buffers, "
-                      "diffusion_jax.host_memory) or 'default' (the C library and JAX as they are)",
+    "DJ_HOST_MEMORY": "'tuned' (the default: glibc's huge pages, a reused heap for XLA:CPU's step buffers and, on "
+                      "several host devices, the system's jemalloc where installed; diffusion_jax.host_memory), "
+                      "'glibc' (the same without jemalloc) or 'default' (the C library and JAX as they are)",
 }
 DEFAULT_INIT_TIMEOUT = 300.0
 
@@ -62,7 +65,7 @@ def read_environment(env: Mapping[str, str] | None = None) -> Environment:
   traceback = env.get("DJ_TRACEBACK", "0")
   if traceback not in ("", "0", "1"):
     raise _bad("DJ_TRACEBACK", traceback)
-  if env.get("DJ_HOST_MEMORY", "tuned") not in ("tuned", "default"):
+  if env.get("DJ_HOST_MEMORY", "tuned") not in host_memory.MODES:
     raise _bad("DJ_HOST_MEMORY", env["DJ_HOST_MEMORY"])
   auto = env.get("DJ_DISTRIBUTED", "")
   if auto not in ("", "auto"):

@@ -8,10 +8,6 @@ import logging
 import os
 import sys
 
-if __name__ == "__main__":  # first: glibc reads its tunables only when a process starts
-  from diffusion_jax.host_memory import reexec_with_huge_pages
-  reexec_with_huge_pages()
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
@@ -69,8 +65,10 @@ def main(argv):
   except ValueError as e:
     _fail(str(e))
   _split_host_devices(env, FLAGS.config)
-  from diffusion_jax.host_memory import reuse_freed_heap
-  reuse_freed_heap()  # before JAX's CPU client exists: XLA:CPU's step buffers reused, not mapped afresh per step
+  from diffusion_jax import host_memory
+  # Before any work and before JAX starts: glibc reads its tunables, the loader LD_PRELOAD, only at a process's start.
+  host_memory.reexec_with_host_memory()
+  host_memory.reuse_freed_heap()  # before JAX's CPU client exists: XLA:CPU's step buffers reused, not mapped afresh
   import jax
   from diffusion_jax import train
   from diffusion_jax.data import DataNotFoundError

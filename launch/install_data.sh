@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Installs the embedded default data (Debian's dataset-fashion-mnist) unless it is already there.
+# Installs the embedded default data (Debian's dataset-fashion-mnist) and jemalloc (libjemalloc2: XLA:CPU's step
+# buffers on several host devices reuse its freed pages, see diffusion_jax/host_memory.py) unless they are there.
 set -euo pipefail
-if [ ! -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+missing=()
+[ -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+# found as diffusion_jax.host_memory finds it
+python3 -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('jemalloc'))" || missing+=(libjemalloc2)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}"
 fi
