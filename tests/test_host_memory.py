@@ -27,27 +27,37 @@ def test_huge_pages_environment_adds_the_tunable_only_where_it_applies():
   assert host_memory.huge_pages_environment({"DJ_HOST_MEMORY": "default"}, (2, 36), "madvise") is None
 
 
-def test_dj_host_memory_takes_tuned_glibc_or_default_and_names_a_bad_value():
+def test_dj_host_memory_takes_tuned_jemalloc_or_default_and_names_a_bad_value():
   assert read_environment({"DJ_HOST_MEMORY": "default"}) == read_environment({})
-  assert read_environment({"DJ_HOST_MEMORY": "glibc"}) == read_environment({})
+  assert read_environment({"DJ_HOST_MEMORY": "jemalloc"}) == read_environment({})
   with pytest.raises(ValueError, match=r"DJ_HOST_MEMORY='off' is invalid: expected 'tuned'"):
     read_environment({"DJ_HOST_MEMORY": "off"})
 
 
 def test_jemalloc_is_preloaded_only_on_several_host_devices_and_only_once():
-  two = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"}
+  two = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2", "DJ_HOST_MEMORY": "jemalloc"}
   assert host_memory.host_devices(two) == 2 and host_memory.host_devices({}) == 1
   assert host_memory.allocator_environment(two, "libjemalloc.so.2") == {
       **two, "LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": host_memory.JEMALLOC_CONF}
   kept = host_memory.allocator_environment({**two, "LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:2"}, "libjemalloc.so.2")
   assert kept["LD_PRELOAD"] == "libjemalloc.so.2:libfoo.so" and kept["MALLOC_CONF"] == "narenas:2"  # the user's kept
-  assert host_memory.allocator_environment({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, "j.so") is None
-  assert host_memory.allocator_environment({}, "libjemalloc.so.2") is None  # one device: glibc's reused heap
+  assert host_memory.allocator_environment({**two, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, "j.so") is None
+  assert host_memory.allocator_environment({"DJ_HOST_MEMORY": "jemalloc"}, "j.so") is None  # one device: the reused heap
   assert host_memory.allocator_environment(two, None) is None  # not installed
   assert host_memory.allocator_environment({**two, "LD_PRELOAD": "/x/libjemalloc.so.2"}, "libjemalloc.so.2") is None
-  for mode in ("glibc", "default"):
+  for mode in ("tuned", "default"):  # opt-in (see the module's docstring)
     assert host_memory.allocator_environment({**two, "DJ_HOST_MEMORY": mode}, "libjemalloc.so.2") is None
 
+
+# The median page faults of calls 2..N of `f(x, w, v)`, printed as "faults N" (the end of both test programs).
+_MEDIAN_FAULTS = """
+faults = []
+for _ in range(CALLS):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(f(x, w, v))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("faults", sorted(faults[1:])[len(faults[1:]) // 2])
+"""
 
 # A step-like program whose temporaries (about 256 MB) XLA:CPU allocates on every call; prints the median page
 # faults of its calls 2-24. Why the median: the reused heap is fragmented by small allocations carved out of the
@@ -63,13 +73,7 @@ host_memory.reuse_freed_heap()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w, v: (x @ w) @ v)  # x @ w: a [8192,8192] float32 temporary
 x, w, v = jnp.ones((8192, 64)), jnp.ones((64, 8192)), jnp.ones((8192, 8))
-faults = []
-for _ in range(24):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  jax.block_until_ready(f(x, w, v))
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print("faults", sorted(faults[1:])[len(faults[1:]) // 2])
-"""
+""" + _MEDIAN_FAULTS.replace("CALLS", "24")
 
 
 def _run(env_extra: dict) -> dict:
@@ -109,19 +113,13 @@ mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 rows = NamedSharding(mesh, P("data"))
 f = jax.jit(lambda x, w, v: (x @ w) @ v, in_shardings=(rows, None, None), out_shardings=rows)
 x, w, v = jax.device_put(jnp.ones((8192, 64)), rows), jnp.ones((64, 8192)), jnp.ones((8192, 8))
-faults = []
-for _ in range(16):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  jax.block_until_ready(f(x, w, v))
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print("faults", sorted(faults[1:])[len(faults[1:]) // 2])
-"""
+""" + _MEDIAN_FAULTS.replace("CALLS", "16")
 
 
 @needs_glibc
 @pytest.mark.skipif(host_memory.jemalloc_library() is None,
                     reason="no jemalloc on this system (bash launch/install_data.sh installs libjemalloc2)")
-def test_on_two_host_devices_jemalloc_reuses_each_devices_temporaries():
+def test_on_two_host_devices_jemalloc_reuses_each_devices_temporaries_when_asked():
   def run(mode: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")}
     out = subprocess.run([sys.executable, "-c", _FAULTS_2_DEVICES], cwd=ROOT, env={**env, "DJ_HOST_MEMORY": mode},
@@ -129,8 +127,8 @@ def test_on_two_host_devices_jemalloc_reuses_each_devices_temporaries():
     assert out.returncode == 0, out.stderr[-2000:]
     return dict(line.split(" ", 1) for line in out.stdout.splitlines())
 
-  tuned, glibc = run("tuned"), run("glibc")
-  assert "jemalloc" in tuned["preload"] and tuned["mallctl"] == "True", tuned
+  jemalloc, glibc = run("jemalloc"), run("tuned")
+  assert "jemalloc" in jemalloc["preload"] and jemalloc["mallctl"] == "True", jemalloc
   assert glibc["preload"] == "-" and glibc["mallctl"] == "False", glibc
   assert int(glibc["faults"]) > 32, glibc  # mapped afresh per call (64 huge pages per device, or 32k small ones)
-  assert int(tuned["faults"]) < 16, tuned  # reused
+  assert int(jemalloc["faults"]) < 16, jemalloc  # reused
