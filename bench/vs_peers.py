@@ -277,12 +277,18 @@ class Worker:
     self.proc.wait()
 
 
+def warmed_up(runner):
+  """`runner` (Ours or Peer) after two train steps and a sampling loop beyond its compile or first step."""
+  runner.train_steps(2)
+  runner.sample_evals(1)
+  return runner
+
+
 def worker(side: str, case_name: str, args) -> None:
   """The --worker side of Worker: build and warm up, say what was built, then answer 'train N' / 'sample N'."""
-  runner = Ours(*runner_args(case_name, args)) if side == "ours" else Peer(*peer_args(case_name, args))
-  runner.train_steps(2)  # warm-up beyond the compile
-  runner.sample_evals(1)
-  info = {"params": runner.params, "batch_size": getattr(runner, "batch_size", args.batch or CASES[case_name]["batch"])}
+  runner = warmed_up(Ours(*runner_args(case_name, args)) if side == "ours" else Peer(*peer_args(case_name, args)))
+  info = {"params": runner.params,
+          "batch_size": getattr(runner, "batch_size", args.batch or CASES[case_name]["batch"])}
   if side == "ours":
     import jax
     info.update(compile_s=runner.compile_s, sample_compile_s=runner.sample_compile_s,
@@ -357,13 +363,8 @@ def peer_step_text(grad_clip: float, ema_decay: float) -> str:
 
 def bench_case(name: str, args) -> list[dict]:
   if args.one_process:
-    ours = Ours(*runner_args(name, args))
-    peer = None if args.no_peer else Peer(*peer_args(name, args))
-    ours.train_steps(2)  # warm-up beyond the compile
-    ours.sample_evals(1)
-    if peer:
-      peer.train_steps(2)
-      peer.sample_evals(1)
+    ours = warmed_up(Ours(*runner_args(name, args)))
+    peer = None if args.no_peer else warmed_up(Peer(*peer_args(name, args)))
   else:
     ours = Worker("ours", name, args)
     peer = None if args.no_peer else Worker("peer", name, args)

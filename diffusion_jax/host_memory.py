@@ -51,8 +51,6 @@ MODES = ("tuned", "jemalloc", "default")
 # jemalloc's options where this module preloads it: freed pages are kept for reuse, never handed back on a timer
 # (its default decay handed a step's temporaries back between steps: 153,000 page faults per fmnist_small step).
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-# XLA's flag for the host's CPU device count (parallel.mesh.split_host_devices sets it).
-_HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count="
 
 
 def tuned(env: Mapping[str, str] | None = None) -> bool:
@@ -60,27 +58,17 @@ def tuned(env: Mapping[str, str] | None = None) -> bool:
   return (os.environ if env is None else env).get("DJ_HOST_MEMORY", "tuned") != "default"
 
 
-def host_devices(env: Mapping[str, str]) -> int:
-  """The XLA:CPU device count XLA_FLAGS asks for (1 where it names none)."""
-  flags = env.get("XLA_FLAGS", "")
-  if _HOST_DEVICES_FLAG not in flags:
-    return 1
-  value = flags.rsplit(_HOST_DEVICES_FLAG, 1)[1].split()[0]
-  return int(value) if value.isdigit() else 1
-
-
 def jemalloc_library() -> str | None:
   """The system's jemalloc as the dynamic loader names it (e.g. 'libjemalloc.so.2'), or None."""
   return ctypes.util.find_library("jemalloc")
 
 
-def allocator_environment(env: Mapping[str, str], library: str | None) -> dict | None:
+def allocator_environment(env: Mapping[str, str], library: str | None, devices: int) -> dict | None:
   """`env` with jemalloc (`library`) preloaded and JEMALLOC_CONF as its MALLOC_CONF (unless that is set), or None
-  where it would not apply: DJ_HOST_MEMORY is not 'jemalloc', XLA_FLAGS asks for one host device (see the module's
-  docstring), there is no library, or LD_PRELOAD already names a jemalloc (the user's, or this process after its
-  re-exec)."""
+  where it would not apply: DJ_HOST_MEMORY is not 'jemalloc', one host device (see the module's docstring), there
+  is no library, or LD_PRELOAD already names a jemalloc (the user's, or this process after its re-exec)."""
   preload = env.get("LD_PRELOAD", "")
-  if (env.get("DJ_HOST_MEMORY", "tuned") != "jemalloc" or host_devices(env) < 2 or not library
+  if (env.get("DJ_HOST_MEMORY", "tuned") != "jemalloc" or devices < 2 or not library
       or "jemalloc" in preload):
     return None
   return {**env, "LD_PRELOAD": f"{library}:{preload}" if preload else library,
@@ -119,10 +107,12 @@ def huge_pages_environment(env: Mapping[str, str], glibc: tuple[int, ...] | None
 
 def reexec_with_host_memory() -> None:
   """Replace this process by the same command (sys.orig_argv) with glibc's huge pages on and, on several host
-  devices under DJ_HOST_MEMORY=jemalloc, jemalloc preloaded, where they apply (huge_pages_environment, allocator_environment); else return.
-  Call it before any work and before JAX starts, after XLA_FLAGS has the host's device count."""
+  devices under DJ_HOST_MEMORY=jemalloc, jemalloc preloaded, where they apply (huge_pages_environment,
+  allocator_environment); else return. Call it before any work and before JAX starts, after XLA_FLAGS has the
+  host's device count (parallel.mesh.split_host_devices)."""
+  from diffusion_jax.parallel.mesh import host_device_count
   huge = huge_pages_environment(os.environ, glibc_version(), transparent_huge_pages())
-  preloaded = allocator_environment(huge or os.environ, jemalloc_library())
+  preloaded = allocator_environment(huge or os.environ, jemalloc_library(), host_device_count())
   env = preloaded or huge
   if env is None or not getattr(sys, "orig_argv", None):
     return
@@ -168,7 +158,4 @@ def release_freed_host_memory() -> None:
     libc.malloc_trim(0)
   process = ctypes.CDLL(None)
   if hasattr(process, "mallctl"):  # jemalloc preloaded: every arena's unused pages back (MALLCTL_ARENAS_ALL = 4096)
-    process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
-  process = ctypes.CDLL(None)
-  if hasattr(process, "mallctl"):  # jemalloc preloaded: purge every arena's unused pages
     process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))

@@ -35,18 +35,19 @@ def test_dj_host_memory_takes_tuned_jemalloc_or_default_and_names_a_bad_value():
 
 
 def test_jemalloc_is_preloaded_only_on_several_host_devices_and_only_once():
-  two = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2", "DJ_HOST_MEMORY": "jemalloc"}
-  assert host_memory.host_devices(two) == 2 and host_memory.host_devices({}) == 1
-  assert host_memory.allocator_environment(two, "libjemalloc.so.2") == {
-      **two, "LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": host_memory.JEMALLOC_CONF}
-  kept = host_memory.allocator_environment({**two, "LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:2"}, "libjemalloc.so.2")
+  from diffusion_jax.parallel.mesh import host_device_count
+  flags = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"}
+  assert host_device_count(flags) == 2 and host_device_count({}) == 1
+  two, lib = {"DJ_HOST_MEMORY": "jemalloc"}, "libjemalloc.so.2"
+  assert host_memory.allocator_environment(two, lib, 2) == {
+      **two, "LD_PRELOAD": lib, "MALLOC_CONF": host_memory.JEMALLOC_CONF}
+  kept = host_memory.allocator_environment({**two, "LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:2"}, lib, 2)
   assert kept["LD_PRELOAD"] == "libjemalloc.so.2:libfoo.so" and kept["MALLOC_CONF"] == "narenas:2"  # the user's kept
-  assert host_memory.allocator_environment({**two, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, "j.so") is None
-  assert host_memory.allocator_environment({"DJ_HOST_MEMORY": "jemalloc"}, "j.so") is None  # one device: the reused heap
-  assert host_memory.allocator_environment(two, None) is None  # not installed
-  assert host_memory.allocator_environment({**two, "LD_PRELOAD": "/x/libjemalloc.so.2"}, "libjemalloc.so.2") is None
+  assert host_memory.allocator_environment(two, lib, 1) is None  # one device: the reused heap
+  assert host_memory.allocator_environment(two, None, 2) is None  # not installed
+  assert host_memory.allocator_environment({**two, "LD_PRELOAD": "/x/libjemalloc.so.2"}, lib, 2) is None
   for mode in ("tuned", "default"):  # opt-in (see the module's docstring)
-    assert host_memory.allocator_environment({**two, "DJ_HOST_MEMORY": mode}, "libjemalloc.so.2") is None
+    assert host_memory.allocator_environment({"DJ_HOST_MEMORY": mode}, lib, 2) is None
 
 
 # The median page faults of calls 2..N of `f(x, w, v)`, printed as "faults N" (the end of both test programs).
@@ -121,7 +122,8 @@ x, w, v = jax.device_put(jnp.ones((8192, 64)), rows), jnp.ones((64, 8192)), jnp.
                     reason="no jemalloc on this system (bash launch/install_data.sh installs libjemalloc2)")
 def test_on_two_host_devices_jemalloc_reuses_each_devices_temporaries_when_asked():
   def run(mode: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")}
     out = subprocess.run([sys.executable, "-c", _FAULTS_2_DEVICES], cwd=ROOT, env={**env, "DJ_HOST_MEMORY": mode},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

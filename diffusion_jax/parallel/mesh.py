@@ -125,6 +125,16 @@ def split_host_devices(count: int, environ=None) -> bool:
   return True
 
 
+def host_device_count(environ=None) -> int:
+  """The CPU device count XLA_FLAGS asks for (split_host_devices' or the user's; 1 where it names none)."""
+  import os
+  flags = (os.environ if environ is None else environ).get("XLA_FLAGS", "")
+  if f"{HOST_DEVICES_FLAG}=" not in flags:
+    return 1
+  value = flags.rsplit(f"{HOST_DEVICES_FLAG}=", 1)[1].split()[0]
+  return int(value) if value.isdigit() else 1
+
+
 def make_mesh(devices=None, *, data: int = -1, fsdp: int = 1) -> Mesh:
   """A (data, fsdp) mesh of `devices` (default: every device of every process; Auto axis types: XLA
   propagates shardings through the step)."""
