@@ -3,6 +3,7 @@ SIGTERM / SIGINT (save the step reached, then exit)."""
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import signal
@@ -21,6 +22,12 @@ from diffusion_jax.host_memory import release_freed_host_memory
 from diffusion_jax.parallel import multihost
 
 NAN_POLICIES = ("stop", "skip")
+# Steps dispatched and not yet finished, at most. Why: a program over several CPU devices returns from dispatch
+# before it runs, and XLA:CPU's client admits 32 per device, then blocks a thread of its small pool (as many
+# threads as cores) in that admission. With 2 cores, that thread and one device's all-reduce waiting for the other
+# device's part (queued behind them) hold the whole pool: the rendezvous never completes and XLA aborts the process
+# after 40 s ("Termination timeout"). tests/test_loop.py runs that case; 2 keep the next step queued while one runs.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -161,7 +168,7 @@ def run_loop(*, state: Any, step_fn: Callable, host_batch_fn: Callable[[int], An
              log_every: int, checkpoint_every: int, preview_every: int, manager, writer,
              device_batch_fn: Callable[[Any, int], Any] = lambda host, index: host,
              preview_fn: Callable[[Any, int], None] | None = None, name: str = "train",
-             nan_policy: str = "stop", step_args: tuple = ()) -> Any:
+             nan_policy: str = "stop", step_args: tuple = (), max_in_flight: int = MAX_STEPS_IN_FLIGHT) -> Any:
   """Steps state.step+1 .. num_steps: `step_fn(state, batch, *step_args) -> (state, metrics)` with batch =
   `device_batch_fn(host_batch_fn(step - 1), step - 1)`: the host batch made in a background thread while the step
   before it runs (`Prefetched`), put on the devices (and encoded, for latent models) on this thread.
@@ -169,6 +176,8 @@ def run_loop(*, state: Any, step_fn: Callable, host_batch_fn: Callable[[int], An
   `step_fn` (a jitted function) is compiled before the first step, and the memory compiling freed is handed back
   (`release_freed_host_memory`); with several processes every process waits for the others there
   (`multihost.compile_then_wait`), so the step's collectives start together.
+
+  At most `max_in_flight` steps run ahead of the host (MAX_STEPS_IN_FLIGHT says why); 0: no bound.
 
   Metrics are pulled to the host at log and checkpoint steps; a non-finite loss raises there (nan_policy
   'stop'), before the next save, so the last good checkpoint is never overwritten by a diverged state. A
@@ -180,6 +189,7 @@ def run_loop(*, state: Any, step_fn: Callable, host_batch_fn: Callable[[int], An
     return state
   prefix = "" if name == "train" else f"{name}/"
   pending, t_last, step_last, t_start = [], time.time(), start, time.time()
+  in_flight: collections.deque = collections.deque()  # the metrics of the steps dispatched, oldest first
   logging.info("%s: steps %d..%d, global batch %d on %d devices", name, start, num_steps, batch_size,
                jax.device_count())
   with Prefetched(host_batch_fn, start, num_steps) as host_batches, StopSignals() as signals:
@@ -190,6 +200,9 @@ def run_loop(*, state: Any, step_fn: Callable, host_batch_fn: Callable[[int], An
         release_freed_host_memory()  # what compiling freed, before the step's own buffers raise the peak
       state, metrics = step_fn(state, batch, *step_args)
       pending.append(metrics)
+      in_flight.append(metrics)
+      if max_in_flight and len(in_flight) > max_in_flight:
+        jax.block_until_ready(in_flight.popleft())
       stop = signals.stop_now(step)
       is_last = step == num_steps
       log_now = step % log_every == 0 or is_last or stop

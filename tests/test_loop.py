@@ -128,3 +128,58 @@ def test_prefetched_gives_batches_in_order_only():
     assert batches(2) == 20 and batches(3) == 30
     with pytest.raises(ValueError, match="batch 2 asked for; this prefetcher gives 4 next"):
       batches(2)
+
+
+# The loop over 2 CPU devices with a step whose all-reduce is tiny, so the host could dispatch far ahead of the
+# devices. Unbounded (max_in_flight=0), this program aborted within its first few thousand steps at each try
+# (XLA:CPU's "Termination timeout" of its all-reduce rendezvous; see loop.MAX_STEPS_IN_FLIGHT); the timeout is
+# cut to 10 s so a hang fails fast.
+_MANY_DEVICE_STEPS = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=10")
+import flax, jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from diffusion_jax import loop
+from diffusion_jax.host_memory import reuse_freed_heap
+reuse_freed_heap()  # as main runs: JAX's CPU async dispatch off
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+  w: jax.Array
+
+class Nothing:
+  def save(self, *a, **k): pass
+  def wait_until_finished(self): pass
+  def write_scalars(self, *a): pass
+
+mesh = Mesh(jax.devices(), ("data",))
+data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+@jax.jit
+def step(state, x):  # x [16,16] split over the devices; the gradient's mean over the batch is an all-reduce
+  loss_fn = lambda w: jnp.mean(jnp.tanh(x @ w) ** 2)
+  loss, grad = jax.value_and_grad(loss_fn)(state.w)
+  metrics = {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "learning_rate": jnp.float32(0.01)}
+  return State(state.step + 1, state.w - 0.01 * grad), metrics
+
+x = jax.device_put(jnp.ones((16, 16)), data)
+state = State(jax.device_put(jnp.zeros((), jnp.int32), replicated), jax.device_put(jnp.eye(16), replicated))
+steps = int(sys.argv[1])
+state = loop.run_loop(state=state, step_fn=step, host_batch_fn=lambda i: None, device_batch_fn=lambda h, i: x,
+                      num_steps=steps, batch_size=16, log_every=steps, checkpoint_every=steps, preview_every=steps,
+                      manager=Nothing(), writer=Nothing())
+print("steps", int(state.step))
+"""
+
+
+def test_many_steps_over_two_cpu_devices_do_not_deadlock_their_all_reduce():
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", _MANY_DEVICE_STEPS, "20000"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0 and "steps 20000" in out.stdout, out.stderr[-3000:]
