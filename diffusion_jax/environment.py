@@ -20,9 +20,10 @@ VARIABLES = {
     "DJ_PORT": "the coordinator's port (read by launch/slurm_gpu.sh)",
     "DJ_CPU_DEVICES": "how many XLA:CPU devices to split this host into: an int >= 1, or 'auto' (the default: up "
                       "to 2 per core, dividing the batch)",
-    "DJ_HOST_MEMORY": "'tuned' (the default: glibc's huge pages and a reused heap for XLA:CPU's step buffers, "
-                      "diffusion_jax.host_memory), 'jemalloc' (that and, on several host devices, the system's "
-                      "jemalloc preloaded) or 'default' (the C library and JAX as they are)",
+    "DJ_HOST_MEMORY": "'tuned' (the default: glibc's huge pages and a reused heap for XLA:CPU's step buffers, and "
+                      "on several host devices the system's jemalloc preloaded; diffusion_jax.host_memory), 'glibc' "
+                      "(the same without jemalloc), 'jemalloc' (the same as 'tuned') or 'default' (the C library "
+                      "and JAX as they are)",
 }
 DEFAULT_INIT_TIMEOUT = 300.0
 

@@ -15,19 +15,20 @@ alternating processes on an Intel Xeon host with 2 cores (README's lever table):
   leave no block large enough, and the heap grows by one more (a 256 MB test program stopped at 2-3 blocks over
   200 calls, a call now and then faulting its temporaries in again). A program over several devices still runs on
   XLA's threads (their glibc arenas map large blocks afresh), so there the huge pages are what helps.
-- Opt-in (`DJ_HOST_MEMORY=jemalloc`): on several host devices, jemalloc in place of glibc's malloc where the system
-  has it (Debian: `apt-get install libjemalloc2`), its freed pages kept for reuse (JEMALLOC_CONF): each device's
-  temporaries are over the 64 MB a glibc thread arena can hold, so glibc maps and zeroes them afresh on every step,
-  ~100 ms of kernel time per fmnist_small step on 2 devices; jemalloc reuses them. Alternating processes, an Intel
-  Xeon host, 2 cores: fmnist_small b64 on 2 devices 723-743 -> 652-699 ms per step, the quick start's fashion_mnist
-  step 156-162 -> 144-146 ms. Not on one device, where the reused heap already does it (ddpm_cifar10 b16: the same
-  time, peak RSS 2634 vs 2803 MB under jemalloc). The memory compiling freed goes back to the OS as under glibc
-  (release_freed_host_memory purges jemalloc's arenas): fmnist_small's peak RSS 1164-1180 MB -> 1133. Not the
-  default: the first quick start under it stopped in its stage 2 at step ~750, XLA:CPU aborting on an all-reduce
-  whose second device never arrived (40 s rendezvous timeout); not seen in the earlier quick starts under glibc.
+- On several host devices, jemalloc in place of glibc's malloc where the system has it (Debian:
+  `apt-get install libjemalloc2`, which launch/install_data.sh runs), its freed pages kept for reuse
+  (JEMALLOC_CONF): each device's temporaries are over the 64 MB a glibc thread arena can hold, so glibc maps and
+  zeroes them afresh on every step, ~100 ms of kernel time per fmnist_small step on 2 devices; jemalloc reuses
+  them. Alternating processes, an Intel Xeon host, 2 cores: fmnist_small b64 on 2 devices 723-743 -> 652-699 ms per
+  step, the quick start's fashion_mnist step 156-162 -> 144-146 ms. Not on one device, where the reused heap
+  already does it (ddpm_cifar10 b16: the same time, peak RSS 2634 vs 2803 MB under jemalloc). The memory compiling
+  freed goes back to the OS as under glibc (release_freed_host_memory purges jemalloc's arenas): fmnist_small's
+  peak RSS 1164-1180 MB -> 1133. (It was opt-in for one session after a quick start under it aborted on an
+  all-reduce timeout; the cause was the training loop running 32 steps ahead of the devices, under any allocator,
+  now bounded: loop.MAX_STEPS_IN_FLIGHT.)
 Both are set in the environment of a re-exec of the same command (reexec_with_host_memory), since glibc reads its
-tunables and the dynamic loader LD_PRELOAD only when a process starts. `DJ_HOST_MEMORY=default` leaves the C
-library and JAX as they are.
+tunables and the dynamic loader LD_PRELOAD only when a process starts. `DJ_HOST_MEMORY=glibc` keeps glibc's malloc
+(tuned, without jemalloc); `DJ_HOST_MEMORY=default` leaves the C library and JAX as they are.
 """
 
 from __future__ import annotations
@@ -46,15 +47,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _INT_MAX = 2 ** 31 - 1
 
 
-# DJ_HOST_MEMORY's values: glibc tuned (the default), that and jemalloc, nothing (environment.read_environment checks).
-MODES = ("tuned", "jemalloc", "default")
+# DJ_HOST_MEMORY's values (environment.read_environment checks): everything above (the default), glibc tuned without
+# jemalloc, 'jemalloc' (the same as 'tuned': its name while jemalloc was opt-in), nothing.
+MODES = ("tuned", "glibc", "jemalloc", "default")
+_JEMALLOC_MODES = ("tuned", "jemalloc")
 # jemalloc's options where this module preloads it: freed pages are kept for reuse, never handed back on a timer
 # (its default decay handed a step's temporaries back between steps: 153,000 page faults per fmnist_small step).
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def tuned(env: Mapping[str, str] | None = None) -> bool:
-  """Whether DJ_HOST_MEMORY asks for this module's settings ('tuned', the default, or 'jemalloc'; 'default': none)."""
+  """Whether DJ_HOST_MEMORY asks for this module's settings (any mode but 'default')."""
   return (os.environ if env is None else env).get("DJ_HOST_MEMORY", "tuned") != "default"
 
 
@@ -65,10 +68,10 @@ def jemalloc_library() -> str | None:
 
 def allocator_environment(env: Mapping[str, str], library: str | None, devices: int) -> dict | None:
   """`env` with jemalloc (`library`) preloaded and JEMALLOC_CONF as its MALLOC_CONF (unless that is set), or None
-  where it would not apply: DJ_HOST_MEMORY is not 'jemalloc', one host device (see the module's docstring), there
-  is no library, or LD_PRELOAD already names a jemalloc (the user's, or this process after its re-exec)."""
+  where it would not apply: DJ_HOST_MEMORY is 'glibc' or 'default', one host device (see the module's docstring),
+  there is no library, or LD_PRELOAD already names a jemalloc (the user's, or this process after its re-exec)."""
   preload = env.get("LD_PRELOAD", "")
-  if (env.get("DJ_HOST_MEMORY", "tuned") != "jemalloc" or devices < 2 or not library
+  if (env.get("DJ_HOST_MEMORY", "tuned") not in _JEMALLOC_MODES or devices < 2 or not library
       or "jemalloc" in preload):
     return None
   return {**env, "LD_PRELOAD": f"{library}:{preload}" if preload else library,
@@ -107,7 +110,7 @@ def huge_pages_environment(env: Mapping[str, str], glibc: tuple[int, ...] | None
 
 def reexec_with_host_memory() -> None:
   """Replace this process by the same command (sys.orig_argv) with glibc's huge pages on and, on several host
-  devices under DJ_HOST_MEMORY=jemalloc, jemalloc preloaded, where they apply (huge_pages_environment,
+  devices, jemalloc preloaded, where they apply (huge_pages_environment,
   allocator_environment); else return. Call it before any work and before JAX starts, after XLA_FLAGS has the
   host's device count (parallel.mesh.split_host_devices)."""
   from diffusion_jax.parallel.mesh import host_device_count

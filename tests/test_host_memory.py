@@ -27,9 +27,9 @@ def test_huge_pages_environment_adds_the_tunable_only_where_it_applies():
   assert host_memory.huge_pages_environment({"DJ_HOST_MEMORY": "default"}, (2, 36), "madvise") is None
 
 
-def test_dj_host_memory_takes_tuned_jemalloc_or_default_and_names_a_bad_value():
-  assert read_environment({"DJ_HOST_MEMORY": "default"}) == read_environment({})
-  assert read_environment({"DJ_HOST_MEMORY": "jemalloc"}) == read_environment({})
+def test_dj_host_memory_takes_its_modes_and_names_a_bad_value():
+  for mode in host_memory.MODES:
+    assert read_environment({"DJ_HOST_MEMORY": mode}) == read_environment({})
   with pytest.raises(ValueError, match=r"DJ_HOST_MEMORY='off' is invalid: expected 'tuned'"):
     read_environment({"DJ_HOST_MEMORY": "off"})
 
@@ -38,7 +38,7 @@ def test_jemalloc_is_preloaded_only_on_several_host_devices_and_only_once():
   from diffusion_jax.parallel.mesh import host_device_count
   flags = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"}
   assert host_device_count(flags) == 2 and host_device_count({}) == 1
-  two, lib = {"DJ_HOST_MEMORY": "jemalloc"}, "libjemalloc.so.2"
+  two, lib = {}, "libjemalloc.so.2"  # the default mode
   assert host_memory.allocator_environment(two, lib, 2) == {
       **two, "LD_PRELOAD": lib, "MALLOC_CONF": host_memory.JEMALLOC_CONF}
   kept = host_memory.allocator_environment({**two, "LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:2"}, lib, 2)
@@ -46,7 +46,8 @@ def test_jemalloc_is_preloaded_only_on_several_host_devices_and_only_once():
   assert host_memory.allocator_environment(two, lib, 1) is None  # one device: the reused heap
   assert host_memory.allocator_environment(two, None, 2) is None  # not installed
   assert host_memory.allocator_environment({**two, "LD_PRELOAD": "/x/libjemalloc.so.2"}, lib, 2) is None
-  for mode in ("tuned", "default"):  # opt-in (see the module's docstring)
+  assert host_memory.allocator_environment({"DJ_HOST_MEMORY": "jemalloc"}, lib, 2)["LD_PRELOAD"] == lib  # old name
+  for mode in ("glibc", "default"):  # asked not to
     assert host_memory.allocator_environment({"DJ_HOST_MEMORY": mode}, lib, 2) is None
 
 
@@ -120,7 +121,7 @@ x, w, v = jax.device_put(jnp.ones((8192, 64)), rows), jnp.ones((64, 8192)), jnp.
 @needs_glibc
 @pytest.mark.skipif(host_memory.jemalloc_library() is None,
                     reason="no jemalloc on this system (bash launch/install_data.sh installs libjemalloc2)")
-def test_on_two_host_devices_jemalloc_reuses_each_devices_temporaries_when_asked():
+def test_on_two_host_devices_jemalloc_reuses_each_devices_temporaries():
   def run(mode: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")}
@@ -129,7 +130,7 @@ def test_on_two_host_devices_jemalloc_reuses_each_devices_temporaries_when_asked
     assert out.returncode == 0, out.stderr[-2000:]
     return dict(line.split(" ", 1) for line in out.stdout.splitlines())
 
-  jemalloc, glibc = run("jemalloc"), run("tuned")
+  jemalloc, glibc = run("tuned"), run("glibc")
   assert "jemalloc" in jemalloc["preload"] and jemalloc["mallctl"] == "True", jemalloc
   assert glibc["preload"] == "-" and glibc["mallctl"] == "False", glibc
   assert int(glibc["faults"]) > 32, glibc  # mapped afresh per call (64 huge pages per device, or 32k small ones)
