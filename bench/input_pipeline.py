@@ -22,7 +22,7 @@ from common import load_config, host_memory_as_main, print_table
 
 from diffusion_jax import build, train
 from diffusion_jax.data import make_batches
-from diffusion_jax.loop import Prefetched
+from diffusion_jax.loop import Prefetched, StepsInFlight
 from diffusion_jax.parallel.mesh import batch_sharding, host_to_global, make_mesh
 
 
@@ -89,6 +89,7 @@ def step_rates(config, workers: list[int], steps: int, rounds: int) -> dict[int,
         for _ in range(rounds):
           for kind in seconds:
             t0 = time.perf_counter()
+            in_flight = StepsInFlight()  # as the training loop: at most loop.MAX_STEPS_IN_FLIGHT ahead
             for _ in range(steps):
               if kind == "fed":
                 batch = host_to_global(fed(next_step), sharding)
@@ -96,6 +97,7 @@ def step_rates(config, workers: list[int], steps: int, rounds: int) -> dict[int,
               else:
                 batch = synthetic
               state, m = step(state, batch, key, None)
+              in_flight.dispatched(m)
             jax.block_until_ready(m)
             seconds[kind].append(time.perf_counter() - t0)
       rates[w] = tuple(steps * config.batch_size / float(np.median(seconds[k])) for k in ("synthetic", "fed"))

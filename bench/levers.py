@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import TrainStepSetup, load_config, host_memory_as_main, print_table, summarize_trace
 
+from diffusion_jax.loop import StepsInFlight
 from diffusion_jax.models import layers
 from diffusion_jax.parallel.mesh import make_mesh
 
@@ -107,11 +108,13 @@ def time_steps(run: dict, steps: int) -> None:
 
 
 def time_pipelined(run: dict, steps: int) -> None:
-  """`steps` calls dispatched back to back, waited on once (as the training loop runs: it pulls metrics every
-  log_every_steps): the host's dispatch of one step overlaps the device's work on the one before."""
+  """`steps` calls dispatched back to back, at most loop.MAX_STEPS_IN_FLIGHT ahead, as the training loop runs: the
+  host's dispatch of one step overlaps the device's work on the one before."""
   t0 = time.perf_counter()
+  in_flight = StepsInFlight()
   for _ in range(steps):
     run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
+    in_flight.dispatched(metrics)
   jax.block_until_ready(metrics)
   run["pipelined"].append((time.perf_counter() - t0) / steps)
 

@@ -30,6 +30,20 @@ NAN_POLICIES = ("stop", "skip")
 MAX_STEPS_IN_FLIGHT = 2
 
 
+class StepsInFlight:
+  """As each step is dispatched (`dispatched(its outputs)`), waits for the one `limit` steps back, so at most
+  `limit` run ahead of the host (MAX_STEPS_IN_FLIGHT says why); limit 0: no bound. Every loop that dispatches
+  steps back to back uses it (run_loop, the bench scripts)."""
+
+  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+    self._limit, self._outputs = limit, collections.deque()
+
+  def dispatched(self, outputs: Any) -> None:
+    self._outputs.append(outputs)
+    if self._limit and len(self._outputs) > self._limit:
+      jax.block_until_ready(self._outputs.popleft())
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -189,7 +203,7 @@ def run_loop(*, state: Any, step_fn: Callable, host_batch_fn: Callable[[int], An
     return state
   prefix = "" if name == "train" else f"{name}/"
   pending, t_last, step_last, t_start = [], time.time(), start, time.time()
-  in_flight: collections.deque = collections.deque()  # the metrics of the steps dispatched, oldest first
+  in_flight = StepsInFlight(max_in_flight)
   logging.info("%s: steps %d..%d, global batch %d on %d devices", name, start, num_steps, batch_size,
                jax.device_count())
   with Prefetched(host_batch_fn, start, num_steps) as host_batches, StopSignals() as signals:
@@ -200,9 +214,7 @@ def run_loop(*, state: Any, step_fn: Callable, host_batch_fn: Callable[[int], An
         release_freed_host_memory()  # what compiling freed, before the step's own buffers raise the peak
       state, metrics = step_fn(state, batch, *step_args)
       pending.append(metrics)
-      in_flight.append(metrics)
-      if max_in_flight and len(in_flight) > max_in_flight:
-        jax.block_until_ready(in_flight.popleft())
+      in_flight.dispatched(metrics)
       stop = signals.stop_now(step)
       is_last = step == num_steps
       log_now = step % log_every == 0 or is_last or stop
