@@ -22,26 +22,30 @@ from diffusion_jax.host_memory import release_freed_host_memory
 from diffusion_jax.parallel import multihost
 
 NAN_POLICIES = ("stop", "skip")
-# Steps dispatched and not yet finished, at most. Why: a program over several CPU devices returns from dispatch
-# before it runs, and XLA:CPU's client admits 32 per device, then blocks a thread of its small pool (as many
-# threads as cores) in that admission. With 2 cores, that thread and one device's all-reduce waiting for the other
-# device's part (queued behind them) hold the whole pool: the rendezvous never completes and XLA aborts the process
-# after 40 s ("Termination timeout"). tests/test_loop.py runs that case; 2 keep the next step queued while one runs.
+# Steps left unfinished when the host goes on after dispatching one (one more while it waits). Why: a program over
+# several CPU devices returns from dispatch before it runs, and XLA:CPU's client admits 32 per device, then blocks
+# a thread of its small pool (as many threads as cores) in that admission. With 2 cores, that thread and one
+# device's all-reduce waiting for the other device's part (queued behind them) hold the whole pool: the rendezvous
+# never completes and XLA aborts the process after 40 s ("Termination timeout"). tests/test_loop.py runs that case;
+# 2 keep the next step queued while one runs.
 MAX_STEPS_IN_FLIGHT = 2
 
 
 class StepsInFlight:
-  """As each step is dispatched (`dispatched(its outputs)`), waits for the one `limit` steps back, so at most
-  `limit` run ahead of the host (MAX_STEPS_IN_FLIGHT says why); limit 0: no bound. Every loop that dispatches
-  steps back to back uses it (run_loop, the bench scripts)."""
+  """After each step's dispatch (`dispatched(its outputs)`), waits for the step `limit` back, so the host runs at
+  most `limit` steps ahead of the devices (MAX_STEPS_IN_FLIGHT says why); limit 0: no bound. Every loop that
+  dispatches steps back to back uses it (run_loop, the bench scripts). Pass small outputs (the metrics): they are
+  kept until waited for."""
 
-  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT) -> None:
+    if limit < 0:
+      raise ValueError(f"steps in flight {limit}: expected 0 (no bound) or more")
     self._limit, self._outputs = limit, collections.deque()
 
   def dispatched(self, outputs: Any) -> None:
     self._outputs.append(outputs)
     if self._limit and len(self._outputs) > self._limit:
-      jax.block_until_ready(self._outputs.popleft())
+      jax.block_until_ready(self._outputs.popleft())  # the oldest: `limit` steps back
 
 
 class NonFiniteLossError(FloatingPointError):
