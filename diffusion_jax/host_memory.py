@@ -110,9 +110,9 @@ def huge_pages_environment(env: Mapping[str, str], glibc: tuple[int, ...] | None
 
 def reexec_with_host_memory() -> None:
   """Replace this process by the same command (sys.orig_argv) with glibc's huge pages on and, on several host
-  devices, jemalloc preloaded, where they apply (huge_pages_environment,
-  allocator_environment); else return. Call it before any work and before JAX starts, after XLA_FLAGS has the
-  host's device count (parallel.mesh.split_host_devices)."""
+  devices, jemalloc preloaded, where they apply (huge_pages_environment, allocator_environment); else return. Call
+  it before any work and before JAX starts, after XLA_FLAGS has the host's device count
+  (parallel.mesh.split_host_devices)."""
   from diffusion_jax.parallel.mesh import host_device_count
   huge = huge_pages_environment(os.environ, glibc_version(), transparent_huge_pages())
   preloaded = allocator_environment(huge or os.environ, jemalloc_library(), host_device_count())

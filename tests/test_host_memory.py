@@ -8,8 +8,8 @@ import pytest
 
 from diffusion_jax import host_memory
 from diffusion_jax.environment import read_environment
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = host_memory.glibc_version()
 needs_glibc = pytest.mark.skipif(GLIBC is None, reason="glibc's malloc only (this is not a glibc system)")
 

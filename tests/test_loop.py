@@ -1,11 +1,16 @@
 """diffusion_jax.loop: the loop both stages share (steps, logs, checkpoints, previews, the NaN guard)."""
 
+import os
+import subprocess
+import sys
+
 import flax
 import jax
 import jax.numpy as jnp
 import pytest
 
 from diffusion_jax import loop
+from helpers import ROOT
 
 
 class FakeManager:
@@ -175,13 +180,9 @@ print("steps", int(state.step))
 
 
 def test_many_steps_over_two_cpu_devices_do_not_deadlock_their_all_reduce():
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   # XLA's pools as on a 2-core host (they are as large as the cores), where the abort happens.
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PJRT_NPROC": "2"}
-  out = subprocess.run([sys.executable, "-c", _MANY_DEVICE_STEPS, "20000"], cwd=root, env=env, capture_output=True,
+  out = subprocess.run([sys.executable, "-c", _MANY_DEVICE_STEPS, "20000"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and "steps 20000" in out.stdout, out.stderr[-3000:]
 
@@ -203,7 +204,7 @@ def test_steps_in_flight_waits_for_the_step_limit_back():
     in_flight = loop.StepsInFlight(limit)
     for i in range(5):
       in_flight.dispatched(_Output(i, waited))
-      assert waited == expected[:max(0, i + 1 - limit)] if limit else waited == []
+      assert waited == expected[:max(0, i + 1 - limit)]  # limit 0: expected is []
     assert waited == expected
   with pytest.raises(ValueError, match="steps in flight -1"):
     loop.StepsInFlight(-1)
