@@ -11,6 +11,8 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
   xla:NAME=VALUE       an XLA debug option for this variant's compile only (jit's compiler_options)
   key:IMPL             the train key's PRNG implementation (threefry2x32, rbg, unsafe_rbg): dropout and noise
   gn:autodiff          GroupNorm's backward by autodiff of its forward (the written-out one is the default)
+  conv:autodiff        XLA convs' gradients by autodiff (XLA:CPU canonicalizes them outside loops only), not
+                       layers.xla_conv's explicitly NHWC/HWIO gradient convs
   dense:autodiff       1x1 convs' and attention projections' kernel gradients by autodiff (dy first), not
                        layers.tensordot_x_first's x-first form
   wtile:M              Winograd's output tile F(M x M, 3x3) for the convs that conv_impl gives Winograd (2 or 4)
@@ -39,10 +41,11 @@ from diffusion_jax.parallel.mesh import make_mesh
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-  """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides', 'xla', 'key', 'gn', 'wtile', 'layers', 'dense'}) (see
-  the module's docstring)."""
+  """'label=a.b=1;xla:f=v;key:rbg' -> (label, {'overrides', 'xla', 'key', 'gn', 'wtile', 'layers', 'dense',
+  'conv'}) (see the module's docstring)."""
   label, _, items = text.partition("=")
-  spec = {"overrides": [], "xla": {}, "key": None, "gn": None, "wtile": None, "layers": {}, "dense": None}
+  spec = {"overrides": [], "xla": {}, "key": None, "gn": None, "wtile": None, "layers": {}, "dense": None,
+          "conv": None}
   for item in filter(None, items.split(";")):
     if item.startswith("xla:"):
       name, _, value = item[4:].partition("=")
@@ -62,6 +65,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
       if item != "dense:autodiff":
         raise SystemExit(f"unknown Dense/1x1 conv variant {item!r}; expected dense:autodiff")
       spec["dense"] = "autodiff"
+    elif item.startswith("conv:"):
+      if item != "conv:autodiff":
+        raise SystemExit(f"unknown XLA conv variant {item!r}; expected conv:autodiff")
+      spec["conv"] = "autodiff"
     elif item.startswith("gn:"):
       if item != "gn:autodiff":
         raise SystemExit(f"unknown GroupNorm variant {item!r}; expected gn:autodiff")
@@ -70,7 +77,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
       spec["overrides"].append(item)
     else:
       raise SystemExit(f"variant item {item!r} is none of a.b=value, xla:NAME=VALUE, key:IMPL, gn:autodiff, "
-                       "dense:autodiff, wtile:M, layers:NAME=VALUE")
+                       "conv:autodiff, dense:autodiff, wtile:M, layers:NAME=VALUE")
   return label, spec
 
 
@@ -166,6 +173,8 @@ def main():
           autodiff_tensordot = lambda x, k, contract=1: jnp.tensordot(x, k, contract)
           patches.enter_context(layers_patched("tensordot_x_first", autodiff_tensordot))
           patches.enter_context(layers_patched("dot_general_x_first", jax.lax.dot_general))
+        if spec["conv"] == "autodiff":
+          patches.enter_context(layers_patched("xla_conv", lambda x, k, stride=1: layers._conv_nhwc(x, k, stride)))
         for name, value in spec["layers"].items():
           patches.enter_context(layers_patched(name, value))
         setup = TrainStepSetup(config, make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp))

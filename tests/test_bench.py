@@ -108,14 +108,14 @@ def test_scaling_prints_the_memory_table_and_fsdp_shards_the_state():
 def test_levers_times_each_variant_and_reports_one_that_does_not_build():
   """bench/levers.py, a small U-Net on 1 host device: one row per variant that builds, ratios against the first;
   an XLA option this jaxlib lacks is one line, not a crash; the autodiff GroupNorm variant (with a config override
-  equal to the base's) and autodiff's Dense / 1x1 conv kernel gradients compute the same first loss as the written-out
-  ones: the same forward."""
+  equal to the base's) and autodiff's Dense / 1x1 conv kernel gradients and 3x3 conv gradients compute the same first
+  loss as the written-out ones: the same forward."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, "bench/levers.py", "--config", "cifar10_ddpm", "--batch", "4", "--cpu-devices",
                         "1", "--set", "model.ch=16", "--set", "model.ch_mult=(1,2)", "--set", "model.num_res_blocks=1",
                         "--set", "model.attn_resolutions=(16,)", "--set", "model.dropout=0.0", "--variant", "base",
                         "--variant", "ad=gn:autodiff;model.dropout=0.0", "--variant", "bad=xla:xla_no_such_option=1",
-                        "--variant", "w4=wtile:4;model.conv_impl=winograd", "--variant", "dense=dense:autodiff",
+                        "--variant", "w4=wtile:4;model.conv_impl=winograd", "--variant", "dense=dense:autodiff;conv:autodiff",
                         "--rounds", "1", "--steps", "1",
                         "--pipelined"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -1,6 +1,7 @@
 """diffusion_jax.models.layers: ResBlock (FiLM, up/down), attention heads, timestep embedding vs float64 numpy."""
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -185,3 +186,50 @@ def test_tensordot_x_first_has_tensordots_value_and_gradients(x_shape, kernel_sh
       g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(dense.apply(p, x))))(params)
       g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(plain.apply(p, x))))(params)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), g_ours, g_ref)
+
+
+@pytest.mark.parametrize("x_shape,kernel_size,features,stride", [
+    ((2, 8, 9, 3), 3, 5, 1),
+    ((2, 7, 7, 4), 3, 6, 2),  # an odd size downsampled: the last row and column are read by no window's centre
+    ((3, 8, 6, 4), 3, 2, 2),
+    ((2, 9, 10, 3), 5, 3, 1),
+])
+def test_xla_convs_written_out_gradients_are_autodiffs(x_shape, kernel_size, features, stride):
+  """layers.xla_conv's gradients (two NHWC/HWIO convs over explicitly transposed operands) equal autodiff's of
+  lax.conv_general_dilated in float64: value, input gradient and kernel gradient."""
+  from diffusion_jax.models.layers import xla_conv
+  with jax.enable_x64():
+    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape, jnp.float64)
+    kernel = jax.random.normal(kw, (kernel_size, kernel_size, x_shape[-1], features), jnp.float64)
+    pad = kernel_size // 2
+    autodiff = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), [(pad, pad)] * 2,
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    weights = jax.random.normal(kc, autodiff(x, kernel).shape, jnp.float64)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)) * weights)
+    ours = jax.value_and_grad(loss(lambda x, k: xla_conv(x, k, stride)), (0, 1))(x, kernel)
+    ref = jax.value_and_grad(loss(autodiff), (0, 1))(x, kernel)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-12)
+    for a, b in zip(ours[1], ref[1]):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's convolution forms")
+def test_conv_gradients_inside_a_scan_stay_in_the_form_xla_cpu_runs_fast():
+  """Inside a lax.scan (gradient accumulation) XLA:CPU does not canonicalize convolutions, and autodiff's filter
+  gradient there (dim_labels f01b_i01o->01bf) ran 30-70x slower than outside (jax-ml/jax#12868): every
+  convolution of a conv's gradient over micro-batches, stride 1 and 2, is in the forward's b01f_01io->b01f form."""
+  from diffusion_jax.models.layers import xla_conv
+  x, kernel = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  for stride in (1, 2):
+    def accumulated(kernel, x):
+      grad = jax.grad(lambda k, x: jnp.sum(xla_conv(x, k, stride) ** 2), (0, 1))
+      def body(total, micro):
+        dk, dx = grad(kernel, micro)
+        return total + dk, jnp.sum(dx)
+      return jax.lax.scan(body, jnp.zeros_like(kernel), x.reshape(2, 2, *x.shape[1:]))
+    hlo = jax.jit(accumulated).lower(kernel, x).compile().as_text()
+    labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
+    assert len(labels) >= 3, hlo  # the forward, the input gradient and the kernel gradient, inside the loop
+    assert set(labels) == {"b01f_01io->b01f"}, labels
