@@ -1,6 +1,6 @@
 """Two and four processes x 2 CPU devices (jax.distributed over gloo) train (replicated and FSDP-sharded across the
-processes) like one process, restore a checkpoint one process wrote on another mesh, and (2 processes) checkpoint and
-sample (the whole job text-conditional)."""
+processes) like one process, restore a checkpoint one process wrote on another mesh, and (2 processes, the slow tier)
+run the whole job, latent and text-conditional, checkpointing and sampling into one workdir."""
 
 import json
 import os
@@ -49,12 +49,13 @@ def written(tmp_path_factory):
   return data_dir, single, str(tmp / "written")
 
 
-def run_workers(num_processes: int, data_dir: str, workdir: str, checkpoint_workdir: str) -> list[str]:
+def run_workers(num_processes: int, data_dir: str, workdir: str, checkpoint_workdir: str, whole_job: bool = False
+                ) -> list[str]:
   port = free_port()
   env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(port), str(i),
-                             str(num_processes), data_dir, workdir, checkpoint_workdir],
+                             str(num_processes), data_dir, workdir, checkpoint_workdir, *(["job"] if whole_job else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
            for i in range(num_processes)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -77,10 +78,9 @@ def assert_restored(out: str) -> None:
   assert "leaves equal" in restored and int(restored.split(",")[1].split()[0]) > 0, restored
 
 
-def test_two_processes_match_one_and_write_one_workdir(written, tmp_path):
+def test_two_processes_match_one_and_restore_a_checkpoint_written_on_another_mesh(written, tmp_path):
   data_dir, single, checkpoint_workdir = written
-  workdir = str(tmp_path / "run")
-  outs = run_workers(2, data_dir, workdir, checkpoint_workdir)
+  outs = run_workers(2, data_dir, str(tmp_path / "run"), checkpoint_workdir)
   # FSDP over both processes (fsdp=4: params, EMA and Adam moments split across the processes): both see the same
   # global loss, and the same global batches on one process (8 local devices, replicated) give the same losses.
   losses = [np.array(printed(out, "FSDP_LOSSES")) for out in outs]
@@ -89,8 +89,16 @@ def test_two_processes_match_one_and_write_one_workdir(written, tmp_path):
   # The checkpoint written on one process (data 2 x fsdp 4 of 8 devices) restores onto it leaf for leaf.
   for out in outs:
     assert_restored(out)
+
+
+@pytest.mark.slow  # 100 s on 2 cores; the default tier runs main over 2 processes in the SIGTERM test below
+def test_two_processes_run_the_whole_latent_text_job_into_one_workdir(tmp_path):
+  """The whole job, latent and text-conditional, over 2 processes: one workdir, the latent scale computed once and
+  broadcast from process 0 (process 1's own estimate doubled on purpose), prompted samples."""
+  data_dir = write_fake_fashion_mnist(str(tmp_path))
+  workdir = str(tmp_path / "run")
+  outs = run_workers(2, data_dir, workdir, "", whole_job=True)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  # The latent scale: computed once, broadcast from process 0 (process 1's own estimate was doubled on purpose).
   scales = [printed(out, "LATENT_SCALE") for out in outs]
   written_scale = json.load(open(os.path.join(workdir, "autoencoder", "latent_scale.json")))["scale_factor"]
   assert scales[0] == scales[1] == [written_scale], (scales, written_scale)
