@@ -115,7 +115,8 @@ def test_levers_times_each_variant_and_reports_one_that_does_not_build():
                         "1", "--set", "model.ch=16", "--set", "model.ch_mult=(1,2)", "--set", "model.num_res_blocks=1",
                         "--set", "model.attn_resolutions=(16,)", "--set", "model.dropout=0.0", "--variant", "base",
                         "--variant", "ad=gn:autodiff;model.dropout=0.0", "--variant", "bad=xla:xla_no_such_option=1",
-                        "--variant", "w4=wtile:4;model.conv_impl=winograd", "--variant", "dense=dense:autodiff;conv:autodiff",
+                        "--variant", "w4=wtile:4;model.conv_impl=winograd",
+                        "--variant", "dense=dense:autodiff;conv:autodiff",
                         "--rounds", "1", "--steps", "1",
                         "--pipelined"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -55,7 +55,8 @@ def run_workers(num_processes: int, data_dir: str, workdir: str, checkpoint_work
   env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(port), str(i),
-                             str(num_processes), data_dir, workdir, checkpoint_workdir, *(["job"] if whole_job else [])],
+                             str(num_processes), data_dir, workdir, checkpoint_workdir,
+                             *(["job"] if whole_job else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
            for i in range(num_processes)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
