@@ -233,3 +233,42 @@ def test_conv_gradients_inside_a_scan_stay_in_the_form_xla_cpu_runs_fast():
     labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
     assert len(labels) >= 3, hlo  # the forward, the input gradient and the kernel gradient, inside the loop
     assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+@pytest.mark.parametrize("x_shape,features", [((2, 8, 8, 3), 5), ((3, 7, 5, 4), 6), ((1, 1, 1, 2), 3)])
+def test_subpixel_upsample_conv_is_the_conv_of_the_upsampled_input(x_shape, features):
+  """layers.upsample_conv (one 2x2 conv of x with the 3x3 kernel's four phases, interleaved) equals XLA's 3x3 conv
+  of the 2x nearest-upsampled x in float64: value, input gradient and kernel gradient, odd and 1x1 sizes too."""
+  from diffusion_jax.models.layers import subpixel_kernel, upsample_conv
+  with jax.enable_x64():
+    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape, jnp.float64)
+    kernel = jax.random.normal(kw, (3, 3, x_shape[-1], features), jnp.float64)
+    upsampled = lambda x, k: jax.lax.conv_general_dilated(jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), k, (1, 1),
+                                                          [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    weights = jax.random.normal(kc, upsampled(x, kernel).shape, jnp.float64)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)) * weights)
+    ours = jax.value_and_grad(loss(lambda x, k: upsample_conv(x, subpixel_kernel(k))), (0, 1))(x, kernel)
+    ref = jax.value_and_grad(loss(upsampled), (0, 1))(x, kernel)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-12)
+    for a, b in zip(ours[1], ref[1]):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_an_upsampling_conv_has_a_plain_convs_parameters_and_output(monkeypatch, subpixel):
+  """Conv(upsample=True)(x) is Conv()(upsample_nearest(x)) with the same parameter tree (checkpoints of either
+  load into the other), through the sub-pixel form on CPU or the upsampled input."""
+  from diffusion_jax.models import layers
+  monkeypatch.setattr(layers, "SUBPIXEL_UPSAMPLE", subpixel)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
+  fused, plain = layers.Conv(12, 3, upsample=True, conv_impl="xla"), layers.Conv(12, 3, conv_impl="xla")
+  params = fused.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # a bias too
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, plain.init(jax.random.key(1),
+                                                                                 layers.upsample_nearest(x)))
+  jaxpr = str(jax.make_jaxpr(fused.apply)(params, x))
+  assert ("name=_phase_conv" in jaxpr) == (subpixel and jax.default_backend() == "cpu")
+  np.testing.assert_allclose(fused.apply(params, x), plain.apply(params, layers.upsample_nearest(x)),
+                             rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import AttentionBlock, Conv, ResBlock, downsample, group_norm, upsample_nearest
+from diffusion_jax.models.layers import AttentionBlock, Conv, ResBlock, downsample, group_norm
 
 
 class DiagonalGaussian(NamedTuple):
@@ -91,7 +91,7 @@ class Decoder(_Coder):
         if resolution in self.attn_resolutions:
           h = AttentionBlock(dtype=self.dtype)(h)
       if level != 0:
-        h = Conv(h.shape[-1], 3, **kw)(upsample_nearest(h))
+        h = Conv(h.shape[-1], 3, upsample=True, **kw)(h)
         resolution *= 2
     h = group_norm(h.shape[-1], self.dtype, silu=True)(h)
     return Conv(self.out_channels, 3, **kw)(h).astype(jnp.float32)

@@ -409,24 +409,93 @@ def dot_general_x_first(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preci
   return tensordot_x_first(lhs, rhs, k)
 
 
+# Sub-pixel form of a 3x3 'same' conv over a 2x nearest-upsampled input: output row 2i+a reads upsampled rows
+# 2i+a-1..2i+a+1, i.e. low-res rows (i-1, i) with kernel rows (K0, K1+K2) for a = 0 and (i, i+1) with (K0+K1, K2)
+# for a = 1 (columns alike). [parity a, tap r, kernel row p].
+_SUBPIXEL_TAPS = ((((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))))
+
+
+def subpixel_kernel(kernel: jax.Array) -> jax.Array:
+  """A 3x3 kernel [3,3,Cin,Cout] as the 2x2 kernel [2,2,Cin,4*Cout] of `upsample_conv`, output channels ordered
+  (row parity, column parity, Cout)."""
+  cin, cout = kernel.shape[2:]
+  taps = jnp.asarray(_SUBPIXEL_TAPS, kernel.dtype)
+  return jnp.einsum("arp,bcq,pqio->rciabo", taps, taps, kernel).reshape(2, 2, cin, 4 * cout)
+
+
+def upsample_conv(x: jax.Array, phases: jax.Array) -> jax.Array:
+  """conv(upsample_nearest(x), kernel) for a 3x3 kernel, padding 1 (x [B,H,W,Cin] -> [B,2H,2W,Cout]), computed on
+  x itself (sub-pixel convolution, Shi et al. 2016): one 2x2 conv of x with `phases = subpixel_kernel(kernel)`,
+  padding 1, gives each of the four output parities at a one-row / one-column offset. 16 multiply-adds per low-res
+  pixel and channel pair instead of 36 (x (H+1)(W+1)/HW for the border), and the upsampled input is never made."""
+  b, h, w, _ = x.shape
+  cout = phases.shape[-1] // 4
+  y4 = _phase_conv(x, phases) if jax.default_backend() == "cpu" else _conv_nhwc(x, phases, 1)
+  y4 = y4.reshape(b, h + 1, w + 1, 2, 2, cout)  # [B,H+1,W+1,a,c,Cout]
+  rows = [jnp.stack([y4[:, a:a + h, c:c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]  # [B,H,W,c,Cout]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, cout)  # [B,H,a,W,c,Cout] -> [B,2H,2W,Cout]
+
+
+@jax.custom_vjp
+def _phase_conv(x: jax.Array, phases: jax.Array) -> jax.Array:
+  """XLA's 2x2 conv of x [B,H,W,Cin] with phases [2,2,Cin,N], padding 1 on each side -> [B,H+1,W+1,N]."""
+  return _conv_nhwc(x, phases, 1)
+
+
+def _phase_conv_fwd(x, phases):
+  return _conv_nhwc(x, phases, 1), (x, phases)
+
+
+def _phase_conv_bwd(residuals, dy):
+  """The gradients in `_canonical_conv_bwd`'s NHWC/HWIO form, dy: [B,H+1,W+1,N]. dx: a valid conv of dy with the
+  flipped, transposed kernel. The kernel's: a valid conv of x padded beforehand (Cin as the batch) with dy as the
+  kernel. With the padding inside that conv instead, XLA:CPU took 1.2 s for [32,16,16,64] -> 256 (15 ms padded
+  beforehand); the four taps' windows of x as one dot with dy took 52 ms in fmnist_small's step (a transposed
+  copy of the windows and a single-threaded dot), the conv 1.03x less step time (README lever table)."""
+  x, phases = residuals
+  dx = _conv_nhwc(dy, phases[::-1, ::-1].transpose(0, 1, 3, 2), 1, [(0, 0), (0, 0)])
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B,H+2,W+2,Cin]
+  dphases = _conv_nhwc(padded.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), 1, [(0, 0), (0, 0)])  # [Cin,2,2,N]
+  return dx.astype(x.dtype), dphases.transpose(1, 2, 0, 3).astype(phases.dtype)
+
+
+_phase_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
+
+
+# Conv(upsample=True) through `upsample_conv` on CPU where the upsampled conv would be XLA's (not where 'auto' gives
+# it Winograd's). bench/levers.py, one process, alternating (`layers:SUBPIXEL_UPSAMPLE=False` is the before):
+# fmnist_small b64 on 2 devices 1180 / 1105 -> 1042 / 1045 ms per step, the quick start's fashion_mnist b32 the
+# same within noise (README lever table).
+SUBPIXEL_UPSAMPLE = True
+
+
 class Conv(nn.Module):
-  """Square conv with 'same'-style padding; the kernel is [k,k,Cin,Cout] as nn.Conv's."""
+  """Square conv with 'same'-style padding; the kernel is [k,k,Cin,Cout] as nn.Conv's. `upsample`: the conv of x
+  upsampled 2x (nearest), [B,H,W,Cin] -> [B,2H,2W,Cout] (the same parameters as a Conv of the upsampled x)."""
 
   features: int
   kernel_size: int = 3
   stride: int = 1
   conv_impl: str = "auto"  # see CONV_IMPLS and resolve_conv_impl
   zero_init: bool = False
+  upsample: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    impl = resolve_conv_impl(self.conv_impl, x.shape, k, self.stride, self.features)
+    x_shape = (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]) if self.upsample else x.shape
+    impl = resolve_conv_impl(self.conv_impl, x_shape, k, self.stride, self.features)
     init = nn.initializers.zeros if self.zero_init else nn.initializers.variance_scaling(
         1.0, "fan_avg", "uniform")  # DDPM's default_init (Glorot-style uniform)
     kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    if self.upsample:
+      if (SUBPIXEL_UPSAMPLE and impl == "xla" and k == 3 and self.stride == 1
+          and jax.default_backend() == "cpu"):
+        phases = subpixel_kernel(kernel).astype(self.dtype)  # combined in float32
+        return upsample_conv(x.astype(self.dtype), phases) + bias.astype(self.dtype)
+      x = upsample_nearest(x)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     if k == 1:
       y = tensordot_x_first(x, kernel.reshape(x.shape[-1], self.features))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, SpatialTransformer, downsample,
-                                         group_norm, masked_mean, timestep_embedding, upsample_nearest)
+                                         group_norm, masked_mean, timestep_embedding)
 
 
 class UNet(nn.Module):
@@ -157,7 +157,7 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res_block(h.shape[-1], resample="up")(h, emb, train)
         else:
-          h = Conv(h.shape[-1], 3, **kw)(upsample_nearest(h))
+          h = Conv(h.shape[-1], 3, upsample=True, **kw)(h)
         resolution *= 2
     assert not skips
 
