@@ -63,18 +63,23 @@ def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding=None, lhs_d
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _canonical_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _canonical_conv(x: jax.Array, kernel: jax.Array, stride: int, pad_first: bool = False) -> jax.Array:
   return _conv_nhwc(x, kernel, stride)
 
 
-def _canonical_conv_fwd(x, kernel, stride):
+def _canonical_conv_fwd(x, kernel, stride, pad_first=False):
   return _conv_nhwc(x, kernel, stride), (x, kernel)
 
 
-def _canonical_conv_bwd(stride, residuals, dy):
+def _canonical_conv_bwd(stride, pad_first, residuals, dy):
   """The gradients of y = conv(x, kernel) as jax.lax's transpose rules compute them (the paddings of
-  `_conv_general_vjp_lhs_padding` / `_rhs_padding`), each written as an NHWC/HWIO conv. dy: [B,Ho,Wo,Cout]."""
+  `_conv_general_vjp_lhs_padding` / `_rhs_padding`), each written as an NHWC/HWIO conv. dy: [B,Ho,Wo,Cout].
+  `pad_first`: the kernel gradient's conv reads x padded beforehand instead of padding inside it. For the 2x2
+  kernels of `upsample_conv` XLA:CPU took 1.2 s for [32,16,16,64] -> 256 with the padding inside, 15 ms padded
+  beforehand; the 3x3 convs keep the padding inside (not measured the other way). Its four taps' windows of x as
+  one dot with dy instead took 52 ms in fmnist_small's step (a transposed copy of the windows and a
+  single-threaded dot): 1.03x more step time than the conv (README lever table)."""
   x, kernel = residuals
   k, pad, size = kernel.shape[0], kernel.shape[0] // 2, x.shape[1:3]
   dilated_out = [stride * (n - 1) + 1 for n in dy.shape[1:3]]  # dy's extent on x's grid
@@ -83,8 +88,10 @@ def _canonical_conv_bwd(stride, residuals, dy):
   dx = _conv_nhwc(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 1,
                   [(before, n + k - 1 - d - before) for n, d in zip(size, dilated_out)], lhs_dilation=(stride,) * 2)
   # dkernel: Cin as the batch, B as the contracted feature, dy as a [Ho,Wo,B,Cout] kernel dilated by the stride.
-  dkernel = _conv_nhwc(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), 1,
-                       [(pad, d - n + k - pad - 1) for n, d in zip(size, dilated_out)],
+  lhs, lhs_padding = x, [(pad, d - n + k - pad - 1) for n, d in zip(size, dilated_out)]
+  if pad_first:
+    lhs, lhs_padding = jnp.pad(x, ((0, 0), *lhs_padding, (0, 0))), [(0, 0), (0, 0)]
+  dkernel = _conv_nhwc(lhs.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), 1, lhs_padding,
                        rhs_dilation=(stride,) * 2)  # [Cin,k,k,Cout]
   return dx.astype(x.dtype), dkernel.transpose(1, 2, 0, 3).astype(kernel.dtype)
 
@@ -430,36 +437,11 @@ def upsample_conv(x: jax.Array, phases: jax.Array) -> jax.Array:
   pixel and channel pair instead of 36 (x (H+1)(W+1)/HW for the border), and the upsampled input is never made."""
   b, h, w, _ = x.shape
   cout = phases.shape[-1] // 4
-  y4 = _phase_conv(x, phases) if jax.default_backend() == "cpu" else _conv_nhwc(x, phases, 1)
+  # [B,H+1,W+1,4*Cout]: a 2x2 kernel with padding 1 on each side
+  y4 = _canonical_conv(x, phases, 1, True) if jax.default_backend() == "cpu" else _conv_nhwc(x, phases, 1)
   y4 = y4.reshape(b, h + 1, w + 1, 2, 2, cout)  # [B,H+1,W+1,a,c,Cout]
   rows = [jnp.stack([y4[:, a:a + h, c:c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]  # [B,H,W,c,Cout]
   return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, cout)  # [B,H,a,W,c,Cout] -> [B,2H,2W,Cout]
-
-
-@jax.custom_vjp
-def _phase_conv(x: jax.Array, phases: jax.Array) -> jax.Array:
-  """XLA's 2x2 conv of x [B,H,W,Cin] with phases [2,2,Cin,N], padding 1 on each side -> [B,H+1,W+1,N]."""
-  return _conv_nhwc(x, phases, 1)
-
-
-def _phase_conv_fwd(x, phases):
-  return _conv_nhwc(x, phases, 1), (x, phases)
-
-
-def _phase_conv_bwd(residuals, dy):
-  """The gradients in `_canonical_conv_bwd`'s NHWC/HWIO form, dy: [B,H+1,W+1,N]. dx: a valid conv of dy with the
-  flipped, transposed kernel. The kernel's: a valid conv of x padded beforehand (Cin as the batch) with dy as the
-  kernel. With the padding inside that conv instead, XLA:CPU took 1.2 s for [32,16,16,64] -> 256 (15 ms padded
-  beforehand); the four taps' windows of x as one dot with dy took 52 ms in fmnist_small's step (a transposed
-  copy of the windows and a single-threaded dot), the conv 1.03x less step time (README lever table)."""
-  x, phases = residuals
-  dx = _conv_nhwc(dy, phases[::-1, ::-1].transpose(0, 1, 3, 2), 1, [(0, 0), (0, 0)])
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B,H+2,W+2,Cin]
-  dphases = _conv_nhwc(padded.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), 1, [(0, 0), (0, 0)])  # [Cin,2,2,N]
-  return dx.astype(x.dtype), dphases.transpose(1, 2, 0, 3).astype(phases.dtype)
-
-
-_phase_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
 
 
 # Conv(upsample=True) through `upsample_conv` on CPU where the upsampled conv would be XLA's (not where 'auto' gives
