@@ -272,3 +272,23 @@ def test_an_upsampling_conv_has_a_plain_convs_parameters_and_output(monkeypatch,
   assert ("f32[2,2,8,48]" in jaxpr) == (subpixel and jax.default_backend() == "cpu")  # the 2x2 sub-pixel kernel
   np.testing.assert_allclose(fused.apply(params, x), plain.apply(params, layers.upsample_nearest(x)),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_group_norms_per_channel_expansion_as_a_dot_is_the_repeat(monkeypatch):
+  """On CPU the [B,G] -> [B,C] expansion of GroupNorm's statistics (and its backward's coefficients) is a dot with
+  the group-membership matrix (layers.GROUP_MEMBERSHIP_DOT; why in layers._per_channel); output and gradients are
+  jnp.repeat's, at 3 channels per group."""
+  from diffusion_jax.models import layers
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 48)) * 3 + 2
+  norm = GroupNorm(num_groups=16, silu=True)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), norm.init(jax.random.key(1), x))
+  cotangent = jax.random.normal(jax.random.key(3), x.shape)
+  loss = lambda p, x: jnp.vdot(norm.apply(p, x), cotangent)
+  results = {}
+  for dot in (True, False):
+    monkeypatch.setattr(layers, "GROUP_MEMBERSHIP_DOT", dot)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x))
+    assert ("f32[16,48]" in jaxpr) == (dot and jax.default_backend() == "cpu")  # the membership matrix
+    results[dot] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
