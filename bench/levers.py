@@ -108,10 +108,11 @@ def mfu(flops: float, seconds: float, peak_tflops: float) -> str:
 def time_steps(run: dict, steps: int) -> None:
   """`steps` calls of a variant's compiled step on its own (donated) state, each timed to the result."""
   for _ in range(steps):
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
     jax.block_until_ready(metrics)
     run["times"].append(time.perf_counter() - t0)
+    run.setdefault("cpu_s", []).append(time.process_time() - cpu0)  # every thread's CPU time in the step
 
 
 def time_pipelined(run: dict, steps: int) -> None:
@@ -215,7 +216,8 @@ def main():
     rows.append(dict(variant=label, compile_s=f"{run['compile_s']:.1f}", ms_per_step=f"{med * 1e3:.2f}",
                      images_per_s=f"{run['batch_size'] / med:.0f}", vs_first=f"{first / med:.3f}x",
                      mfu=mfu(run['flops'], med, args.peak_tflops),
-                     gflop=f"{run['flops'] / 1e9:.0f}", temp_mb=f"{run['temp_mb']:.0f}"))
+                     gflop=f"{run['flops'] / 1e9:.0f}", temp_mb=f"{run['temp_mb']:.0f}",
+                     cores_busy=f"{sum(run['cpu_s']) / sum(run['times']):.2f}"))
     if args.pipelined:
       piped = float(np.median(run["pipelined"]))
       rows[-1].update(ms_pipelined=f"{piped * 1e3:.2f}", mfu_pipelined=mfu(run['flops'], piped, args.peak_tflops))
