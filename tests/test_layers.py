@@ -292,3 +292,17 @@ def test_group_norms_per_channel_expansion_as_a_dot_is_the_repeat(monkeypatch):
     results[dot] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
   for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_interleave_parities_written_out_backward_is_autodiffs():
+  """layers.interleave_parities' backward (each parity plane padded by its offset) equals autodiff's of its forward,
+  at odd sizes; the forward puts y4[:, i+a, j+c, a, c] at output pixel (2i+a, 2j+c)."""
+  from diffusion_jax.models import layers
+  y4 = jax.random.normal(jax.random.key(0), (2, 4, 6, 2, 2, 3))
+  out = layers.interleave_parities(y4)
+  assert out.shape == (2, 6, 10, 3)
+  np.testing.assert_array_equal(out[:, 2 * 1 + 1, 2 * 4 + 0], y4[:, 2, 4, 1, 0])
+  cotangent = jax.random.normal(jax.random.key(1), out.shape)
+  ours = jax.vjp(layers.interleave_parities, y4)[1](cotangent)
+  autodiff = jax.vjp(layers.interleave_parities.fun, y4)[1](cotangent)
+  np.testing.assert_array_equal(ours[0], autodiff[0])
