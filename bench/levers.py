@@ -17,7 +17,8 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
                        layers.tensordot_x_first's x-first form
   wtile:M              Winograd's output tile F(M x M, 3x3) for the convs that conv_impl gives Winograd (2 or 4)
   layers:NAME=VALUE    diffusion_jax.models.layers.NAME set to the Python literal VALUE while the variant is traced
---profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace);
+--profile traces 3 steps of each variant and prints where its time goes (bench/common.summarize_trace; its
+optimized HLO is written beside the trace as compiled_hlo.txt, to read op names against);
 --pipelined adds each round's steps dispatched back to back and waited on once (as the training loop runs);
 --budget-s stops compiling further variants after that many seconds (under a device's time limit).
 """
@@ -235,7 +236,10 @@ def main():
         run["state"], metrics = run["compiled"](run["state"], run["batch"], run["key"], None)
       jax.block_until_ready(metrics)
       jax.profiler.stop_trace()
-      categories, ops = summarize_trace(trace_dir, run["compiled"].as_text(), 3, top=15)
+      hlo_text = run["compiled"].as_text()
+      with open(f"{trace_dir}/compiled_hlo.txt", "w") as f:  # to read the trace's op names against
+        f.write(hlo_text)
+      categories, ops = summarize_trace(trace_dir, hlo_text, 3, top=15)
       print(f"\nwhere the time goes: {label}\n")
       print_table(categories)
       print()

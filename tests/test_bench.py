@@ -143,3 +143,21 @@ def test_levers_stops_compiling_past_its_budget_and_still_prints_the_table():
   assert out.returncode == 0, out.stderr[-2000:]
   assert "variant late: not compiled, past --budget-s 0.001" in out.stdout
   assert re.search(r"^\| base \| [\d.]+ \| [\d.]+ \|", out.stdout, re.M) and "| late |" not in out.stdout
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_profile_categories_split_convolutions_into_forward_and_both_gradients(wide):
+  """bench/common.py's profile tables: each of a conv's three convolutions (forward, input gradient, filter
+  gradient) named as such, whether XLA:CPU runs it alone (Eigen, the wide models' options) or in a YNNPACK fusion."""
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import jax
+  import jax.numpy as jnp
+  from common import _hlo_categories
+
+  from diffusion_jax.models import layers
+  x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+  loss = lambda x, kernel: jnp.sum(layers.xla_conv(x, kernel) ** 2)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile(
+      layers.WIDE_MODEL_CPU_XLA_OPTIONS if wide else {})
+  kinds = sorted(kind for kind, _ in _hlo_categories(compiled.as_text()).values() if kind.startswith("conv"))
+  assert kinds == ["conv filter gradient", "conv forward", "conv input gradient"]
