@@ -161,3 +161,20 @@ def test_profile_categories_split_convolutions_into_forward_and_both_gradients(w
       layers.WIDE_MODEL_CPU_XLA_OPTIONS if wide else {})
   kinds = sorted(kind for kind, _ in _hlo_categories(compiled.as_text()).values() if kind.startswith("conv"))
   assert kinds == ["conv filter gradient", "conv forward", "conv input gradient"]
+
+
+def test_xla_cpu_repros_time_each_slow_form_and_its_workaround():
+  """bench/xla_cpu_repros.py at tiny shapes: one row per case, both forms timed (the gloo case over 2 processes)."""
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": ROOT}
+  out = subprocess.run([sys.executable, "bench/xla_cpu_repros.py", "--small", "--reps", "1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ") and " ms " not in line]
+  rows = [r for r in rows if r[0] != "| case" and not r[0].startswith("|---")]
+  assert [r[0].lstrip("| ") for r in rows] == ["repeat_broadcast", "conv2x2_filter_grad", "conv_grad_in_scan",
+                                               "gloo_tuple_all_reduce"]
+  for r in rows:
+    assert float(r[2]) > 0 and float(r[4]) > 0 and r[5].endswith("x")
+  bad = subprocess.run([sys.executable, "bench/xla_cpu_repros.py", "--cases", "nope"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "--cases nope: expected some of repeat_broadcast," in bad.stderr
