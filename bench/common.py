@@ -16,6 +16,21 @@ def host_memory_as_main() -> None:
   host_memory.reuse_freed_heap()
 
 
+def median_ms(fn, *args, steps: int) -> float:
+  """Median milliseconds of `steps` calls of fn(*args), each waited on, after one call (the compile)."""
+  import time
+
+  import jax
+  import numpy as np
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
 def print_table(rows: list[dict]) -> None:
   keys = list(rows[0])
   print("| " + " | ".join(keys) + " |")

@@ -8,28 +8,17 @@ normalization shapes [B,H,W,C] with 32 groups, and the speed-up. Both compute th
 from __future__ import annotations
 
 import argparse
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import print_table
+from common import median_ms, print_table
 
 from diffusion_jax.models.layers import GroupNorm
 
 # (size, channels): fmnist_small's and ddpm_cifar10's normalizations (64 at 32x32: a skip concatenation).
 SHAPES = [(32, 32), (32, 64), (16, 64), (16, 128), (8, 64), (32, 128), (32, 256)]
-
-
-def median_ms(fn, *args, steps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
 
 
 def main():

@@ -16,36 +16,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
-
-# case -> (what XLA:CPU is slow at, the workaround here, upstream status)
-CASES = {
-    "repeat_broadcast": (
-        "a [B,G] -> [B,C] jnp.repeat fused into an activation-sized multiply-add (c // k per element, not vectorised)",
-        "layers._per_channel: the expansion as a dot with the [G,C] membership matrix", "not yet reported"),
-    "conv2x2_filter_grad": (
-        "the filter gradient of a 2x2 conv with its padding inside the gradient conv",
-        "layers._canonical_conv_bwd(pad_first=True): x padded beforehand", "not yet reported"),
-    "conv_grad_in_scan": (
-        "autodiff's conv filter gradient inside lax.scan (ConvCanonicalization skips loop bodies)",
-        "layers.xla_conv: both gradients as explicit NHWC/HWIO convs", "jax-ml/jax#12868"),
-    "gloo_tuple_all_reduce": (
-        "a tuple all-reduce over gloo (multi-process CPU), one buffer at a time: the step's 184 gradient tensors",
-        "none in the package yet: the same floats as one array (a prototype flattened the step's gradients)",
-        "not yet reported"),
-}
-
-
-def median_ms(fn, reps: int) -> float:
-  fn()  # after the compile
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)) * 1e3
+from common import host_memory_as_main, median_ms, print_table
 
 
 def repeat_broadcast(small: bool, reps: int) -> tuple[float, float]:
@@ -57,14 +30,12 @@ def repeat_broadcast(small: bool, reps: int) -> tuple[float, float]:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((b, hw, hw, c), np.float32))
   mul, add = (jnp.asarray(rng.standard_normal((b, g), np.float32)) for _ in range(2))
-  membership = jnp.repeat(jnp.eye(g, dtype=jnp.float32), c // g, axis=1)  # [G,C]
-  expand = {"slow": lambda v: jnp.repeat(v, c // g, axis=1),
-            "workaround": lambda v: jnp.dot(v, membership, precision=jax.lax.Precision.HIGHEST)}
+  expand = {"slow": lambda v: jnp.repeat(v, c // g, axis=1), "workaround": lambda v: layers._per_channel(v, c)}
   out = {}
   for form, fn in expand.items():
     f = jax.jit(lambda x, m, a: x * fn(m)[:, None, None, :] + fn(a)[:, None, None, :]).lower(x, mul, add).compile(
         layers.WIDE_MODEL_CPU_XLA_OPTIONS)
-    out[form] = median_ms(lambda: jax.block_until_ready(f(x, mul, add)), reps)
+    out[form] = median_ms(f, x, mul, add, steps=reps)
   return out["slow"], out["workaround"]
 
 
@@ -82,7 +53,7 @@ def conv2x2_filter_grad(small: bool, reps: int) -> tuple[float, float]:
   for form, pad_first in (("slow", False), ("workaround", True)):
     grad = lambda x, k, dy, p=pad_first: jax.vjp(lambda k: layers._canonical_conv(x, k, 1, p), k)[1](dy)[0]
     f = jax.jit(grad).lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
-    out[form] = median_ms(lambda: jax.block_until_ready(f(x, kernel, dy)), reps)
+    out[form] = median_ms(f, x, kernel, dy, steps=reps)
   return out["slow"], out["workaround"]
 
 
@@ -102,7 +73,7 @@ def conv_grad_in_scan(small: bool, reps: int) -> tuple[float, float]:
       body = lambda total, micro: (total + jax.grad(lambda k: jnp.sum(conv(micro, k) ** 2))(kernel), None)
       return jax.lax.scan(body, jnp.zeros_like(kernel), x)[0]
     f = jax.jit(accumulated_grad).lower(kernel, x).compile()
-    out[form] = median_ms(lambda: jax.block_until_ready(f(kernel, x)), reps)
+    out[form] = median_ms(f, kernel, x, steps=reps)
   return out["slow"], out["workaround"]
 
 
@@ -137,13 +108,31 @@ def gloo_worker(port: str, process_id: int, reps: int, small: bool) -> None:
   reduce = jax.jit(lambda xs: jax.tree.map(lambda x: jnp.sum(x, 0), xs), out_shardings=NamedSharding(mesh, P()))
   out = {}
   for form, arrays in (("tuple", [local(n) for n in sizes]), ("flat", [local(total)])):
-    out[form] = median_ms(lambda: jax.block_until_ready(reduce(arrays)), reps)
+    out[form] = median_ms(reduce, arrays, steps=reps)
   if process_id == 0:
     print(json.dumps(out), flush=True)
 
 
-RUNNERS = {"repeat_broadcast": repeat_broadcast, "conv2x2_filter_grad": conv2x2_filter_grad,
-           "conv_grad_in_scan": conv_grad_in_scan, "gloo_tuple_all_reduce": gloo_tuple_all_reduce}
+# case -> (its runner, giving (slow ms, workaround ms); what XLA:CPU is slow at; the workaround here; upstream)
+CASES = {
+    "repeat_broadcast": (
+        repeat_broadcast,
+        "a [B,G] -> [B,C] jnp.repeat fused into an activation-sized multiply-add (c // k per element, not vectorised)",
+        "layers._per_channel: the expansion as a dot with the [G,C] membership matrix", "not yet reported"),
+    "conv2x2_filter_grad": (
+        conv2x2_filter_grad,
+        "the filter gradient of a 2x2 conv with its padding inside the gradient conv",
+        "layers._canonical_conv_bwd(pad_first=True): x padded beforehand", "not yet reported"),
+    "conv_grad_in_scan": (
+        conv_grad_in_scan,
+        "autodiff's conv filter gradient inside lax.scan (ConvCanonicalization skips loop bodies)",
+        "layers.xla_conv: both gradients as explicit NHWC/HWIO convs", "jax-ml/jax#12868"),
+    "gloo_tuple_all_reduce": (
+        gloo_tuple_all_reduce,
+        "a tuple all-reduce over gloo (multi-process CPU), one buffer at a time: the step's 184 gradient tensors",
+        "none in the package yet: the same floats as one array (a prototype flattened the step's gradients)",
+        "not yet reported"),
+}
 
 
 def main(argv=None) -> None:
@@ -161,13 +150,11 @@ def main(argv=None) -> None:
   if unknown:
     raise SystemExit(f"--cases {','.join(unknown)}: expected some of {','.join(CASES)}")
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from common import host_memory_as_main, print_table
   host_memory_as_main()  # page faults of freshly mapped buffers would otherwise dominate the small ops
   rows = []
   for name in names:
-    slow, fast = RUNNERS[name](args.small, args.reps)
-    what, workaround, upstream = CASES[name]
+    runner, what, workaround, upstream = CASES[name]
+    slow, fast = runner(args.small, args.reps)
     rows.append({"case": name, "XLA:CPU is slow at": what, "slow ms": f"{slow:.2f}", "workaround": workaround,
                  "workaround ms": f"{fast:.2f}", "slow / workaround": f"{slow / fast:.1f}x", "upstream": upstream})
     print(f"{name}: {slow:.2f} vs {fast:.2f} ms", flush=True)
