@@ -16,6 +16,14 @@ def host_memory_as_main() -> None:
   host_memory.reuse_freed_heap()
 
 
+def free_port() -> int:
+  """A free local TCP port: the coordinator of a bench's local processes (jax.distributed or torch's)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def median_ms(fn, *args, steps: int) -> float:
   """Median milliseconds of `steps` calls of fn(*args), each waited on, after one call (the compile)."""
   import time

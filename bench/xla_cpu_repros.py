@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
-from common import host_memory_as_main, median_ms, print_table
+from common import free_port, host_memory_as_main, median_ms, print_table
 
 
 def repeat_broadcast(small: bool, reps: int) -> tuple[float, float]:
@@ -79,9 +78,7 @@ def conv_grad_in_scan(small: bool, reps: int) -> tuple[float, float]:
 
 def gloo_tuple_all_reduce(small: bool, reps: int) -> tuple[float, float]:
   """Two local processes (this script as --gloo-worker), gloo collectives, one CPU device each."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   cmd = lambda pid: [sys.executable, os.path.abspath(__file__), "--gloo-worker", str(port), str(pid), str(reps)] + (
       ["--small"] if small else [])
@@ -130,7 +127,7 @@ CASES = {
     "gloo_tuple_all_reduce": (
         gloo_tuple_all_reduce,
         "a tuple all-reduce over gloo (multi-process CPU), one buffer at a time: the step's 184 gradient tensors",
-        "none in the package yet: the same floats as one array (a prototype flattened the step's gradients)",
+        "train_state.flat_reduced_value_and_grad: the gradients as one flat array (bench/processes.py)",
         "not yet reported"),
 }
 

@@ -193,7 +193,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   path, sep, variant = spec.partition(":")
   if not path.endswith(".py"):
     path = os.path.join(CONFIGS_DIR, path + ".py")
-  argv = ["load_config", f"--config={path}{sep}{variant}", *(f"--config.{o}" for o in overrides)]
+  # The last override of a key wins (a script's own on top of a case's): config_flags, given a tuple-valued key
+  # twice, merged the two (model.ch_mult=(1,2,2) then (1,) gave (1,2,2,1)).
+  last = {o.partition("=")[0]: o for o in overrides}
+  argv = ["load_config", f"--config={path}{sep}{variant}", *(f"--config.{o}" for o in last.values())]
   flag_values = flags.FlagValues()
   # config_flags finds the override flags in the argv it is given at definition time.
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, lock_config=True,

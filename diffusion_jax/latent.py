@@ -22,8 +22,8 @@ from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.loop import run_loop
 from diffusion_jax.models import layers
 from diffusion_jax.models.autoencoder import AutoencoderKL, autoencoder_loss
-from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, global_to_host, host_to_global,
-                                         partition_rules_from_config, replicated)
+from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, flat_gradient_reduce, global_to_host,
+                                         host_to_global, partition_rules_from_config, replicated)
 from diffusion_jax.train_state import (AutoencoderState, abstract_on_mesh, accumulated_value_and_grad,
                                       apply_gradients, guard_nonfinite, init_into, init_on_mesh)
 
@@ -48,11 +48,12 @@ def autoencoder_dir(config: ml_collections.ConfigDict, workdir: str | epath.Path
 
 def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array], base_key: jax.Array, *,
                            model: AutoencoderKL, tx, kl_weight: float, rec_loss: str, learning_rate_fn,
-                           skip_nonfinite: bool = False, grad_accum_steps: int = 1
+                           skip_nonfinite: bool = False, grad_accum_steps: int = 1, flat_reduce_mesh=None
                            ) -> tuple[AutoencoderState, dict[str, jax.Array]]:
   """One step on images [B,H,W,C]: reconstruction + kl_weight * KL (LDM stage 1); key = fold_in(base, step).
   skip_nonfinite (nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state.
-  grad_accum_steps: the gradient over that many micro-batches (train_state.accumulated_value_and_grad)."""
+  grad_accum_steps: the gradient over that many micro-batches (train_state.accumulated_value_and_grad);
+  flat_reduce_mesh: averaged across the devices as one flat vector (as train.train_step's)."""
   key = jax.random.fold_in(base_key, state.step)
 
   def loss_fn(params, micro, posterior_key):  # a posterior key per micro-batch (accumulated_value_and_grad)
@@ -61,7 +62,7 @@ def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array],
     return terms["loss"], terms
 
   (_, terms), grads = accumulated_value_and_grad(loss_fn, state.params, {"image": batch["image"]}, key,
-                                                 grad_accum_steps)
+                                                 grad_accum_steps, flat_reduce_mesh)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
   new_state = AutoencoderState(step=state.step + 1, params=params, opt_state=opt_state)
   new_state, guard = guard_nonfinite(terms["loss"], grads, new_state, state, skip_nonfinite)
@@ -120,7 +121,8 @@ def prepare_autoencoder(config: ml_collections.ConfigDict, model: AutoencoderKL,
     step_fn = jax.jit(functools.partial(autoencoder_train_step, model=model, tx=tx, kl_weight=a.kl_weight,
                                         rec_loss=a.rec_loss, learning_rate_fn=lr,
                                         skip_nonfinite=optim.nan_policy == "skip",
-                                        grad_accum_steps=optim.grad_accum_steps),
+                                        grad_accum_steps=optim.grad_accum_steps,
+                                        flat_reduce_mesh=mesh if flat_gradient_reduce(shardings.params) else None),
                       in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0,
                       compiler_options=layers.model_step_compiler_options(

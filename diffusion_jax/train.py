@@ -27,8 +27,8 @@ from diffusion_jax.config_check import check_config, check_resume, check_workdir
 from diffusion_jax.data import make_batches, real_images
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet, layers
-from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, host_to_global, make_mesh,
-                                         partition_rules_from_config, replicated)
+from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, flat_gradient_reduce, host_to_global,
+                                         make_mesh, partition_rules_from_config, replicated)
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
 from diffusion_jax.train_state import (TrainState, abstract_on_mesh, accumulated_value_and_grad, apply_gradients,
                                       ema_update, guard_nonfinite, init_into, init_on_mesh)
@@ -76,7 +76,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
                tx: optax.GradientTransformation, schedule: D.Schedule, diffusion: build.DiffusionSettings,
                condition: C.ConditionSpec, ema_decay: float, learning_rate_fn, skip_nonfinite: bool = False,
                text_module=None, image_condition: IC.ImageConditionSpec = IC.ImageConditionSpec(),
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1, flat_reduce_mesh=None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch {"image": [B,H,W,C], "label": [B], "concat": [B,H,W,c],
   "caption_ids" / "caption_mask": [B,L]}; key = fold_in(base_key, step). Text models draw a caption of each
   example's class from `text_table`, or (per-image captions) encode the batch's own with `text_module`.
@@ -84,7 +84,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   skip_nonfinite (optim.nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state.
   grad_accum_steps (optim.grad_accum_steps): the gradient of the whole batch, computed over that many
   micro-batches one after another (train_state.accumulated_value_and_grad); t and noise are drawn for the
-  whole batch first, so the step is the unaccumulated one up to float summation order (dropout aside)."""
+  whole batch first, so the step is the unaccumulated one up to float summation order (dropout aside).
+  flat_reduce_mesh: each device computes its rows' gradient and they are averaged as one flat vector
+  (train_state.flat_reduced_value_and_grad; compile_train_step's choice, parallel.mesh.flat_gradient_reduce)."""
   key = jax.random.fold_in(base_key, state.step)
   key_t, key_noise, key_dropout, key_uncond = jax.random.split(key, 4)
   x_start = batch["image"]
@@ -109,7 +111,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   if len(batched_cond) != len(cond) and grad_accum_steps > 1:
     raise ValueError(f"conditions {sorted(set(cond) - set(batched_cond))} have no [B] axis to split into micro-batches")
   micro = {"x_start": x_start, "t": t, "noise": noise, "weights": weights, "cond": cond}
-  (loss, terms), grads = accumulated_value_and_grad(loss_fn, state.params, micro, key_dropout, grad_accum_steps)
+  (loss, terms), grads = accumulated_value_and_grad(loss_fn, state.params, micro, key_dropout, grad_accum_steps,
+                                                    flat_reduce_mesh)
   params, opt_state = apply_gradients(state.params, state.opt_state, grads, tx)
   history = state.loss_history
   if diffusion.timestep_sampler == "importance":
@@ -125,14 +128,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
 
 
 def compile_train_step(parts: build.Components, mesh, state_shardings, *, batch_size: int = 0, donate: bool = True,
-                       text_module=None):
+                       text_module=None, flat_reduce: bool | None = None):
   """jit(state, batch, base_key, text_table) -> (state, metrics): batch sharded over the data axis, state as
   given, the caption table or caption encoder (None unless text-conditional) replicated. `batch_size` (the global
-  batch) picks XLA:CPU's convolutions with the model's width (layers.step_compiler_options); 0: by width alone."""
+  batch) picks XLA:CPU's convolutions with the model's width (layers.step_compiler_options); 0: by width alone.
+  flat_reduce: the gradients averaged as one flat vector (train_state.flat_reduced_value_and_grad); None: where
+  parallel.mesh.flat_gradient_reduce says (multi-process CPU, replicated parameters)."""
+  if flat_reduce is None:
+    flat_reduce = flat_gradient_reduce(state_shardings.params)
   step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule, text_module=text_module,
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
                            learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip",
-                           image_condition=parts.image_condition, grad_accum_steps=parts.optim.grad_accum_steps)
+                           image_condition=parts.image_condition, grad_accum_steps=parts.optim.grad_accum_steps,
+                           flat_reduce_mesh=mesh if flat_reduce else None)
   options = layers.model_step_compiler_options(parts.model, batch_size, mesh.size, parts.input_shape)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0 if donate else (),

@@ -177,3 +177,20 @@ def test_xla_cpu_repros_time_each_slow_form_and_its_workaround():
   bad = subprocess.run([sys.executable, "bench/xla_cpu_repros.py", "--cases", "nope"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "--cases nope: expected some of repeat_broadcast," in bad.stderr
+
+
+@pytest.mark.slow  # 50 s on 2 cores (2 processes compile 2 steps each); the 2-process test checks the flat step
+def test_processes_times_both_gradient_reductions_over_two_gloo_processes():
+  """bench/processes.py on a tiny U-Net over 2 local processes: a row per form, both timed; bad input is one line."""
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": ROOT}
+  tiny = ["--set=model.ch=8", "--set=model.ch_mult=(1,)", "--set=model.attn_resolutions=()", "--set=data.image_size=8"]
+  out = subprocess.run([sys.executable, "bench/processes.py", "--no-peer", "--batch", "4", "--steps", "1",
+                        "--rounds", "1", *tiny], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| fmnist_small")]
+  assert [r[1] for r in rows] == ["this project, gradients as one flat vector (the default here)",
+                                  "this project, XLA's tuple all-reduce (one buffer per parameter)"]
+  assert all(float(r[2]) > 0 and r[4].endswith("x") for r in rows)
+  bad = subprocess.run([sys.executable, "bench/processes.py", "--processes", "3"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "--processes 3: expected at least 2, dividing the global batch" in bad.stderr

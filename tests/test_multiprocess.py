@@ -87,6 +87,10 @@ def test_two_processes_match_one_and_restore_a_checkpoint_written_on_another_mes
   losses = [np.array(printed(out, "FSDP_LOSSES")) for out in outs]
   np.testing.assert_allclose(losses[0], losses[1], rtol=0)
   np.testing.assert_allclose(losses[0], single, rtol=1e-5)
+  # Replicated over both processes, the gradients averaged as one flat vector (one gloo all-reduce): the same.
+  for out in outs:
+    np.testing.assert_allclose(printed(out, "DP_LOSSES"), single, rtol=1e-5)
+    assert printed(out, "FLAT_REDUCE_TRACES") == [1.0], "the multi-process CPU step should reduce one flat vector"
   # The checkpoint written on one process (data 2 x fsdp 4 of 8 devices) restores onto it leaf for leaf.
   for out in outs:
     assert_restored(out)

@@ -19,12 +19,12 @@ def data_dir(tmp_path_factory):
   return write_fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
 
 
-def _setup(config, devices):
+def _setup(config, devices, flat_reduce=None):
   mesh = make_mesh(devices)
   parts = build.build_components(config)
   state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
                                               parts.schedule.num_timesteps)
-  step = train.compile_train_step(parts, mesh, shardings, donate=False)
+  step = train.compile_train_step(parts, mesh, shardings, donate=False, flat_reduce=flat_reduce)
   return mesh, state, step
 
 
@@ -78,14 +78,16 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_step(data
 @pytest.mark.parametrize("loss,variance", [("simple", "fixed_large"), ("hybrid", "learned_range")])
 def test_sharded_step_equals_single_device(data_dir, loss, variance):
   assert jax.device_count() == 8, "conftest sets 8 host CPU devices"
-  """... and with the gradient accumulated over micro-batches (optim.grad_accum_steps: the same step)."""
+  """... and with the gradient accumulated over micro-batches (optim.grad_accum_steps: the same step), and with the
+  gradients averaged as one flat vector (what multi-process CPU runs take: train_state.flat_reduced_value_and_grad)."""
   config = tiny_config(data_dir)
   config.diffusion.loss, config.diffusion.variance = loss, variance
   outs = []
-  runs = [(jax.devices()[:1], 1), (jax.devices(), 1)] + ([(jax.devices(), 2)] if loss == "hybrid" else [])
-  for devices, accum in runs:
+  runs = [(jax.devices()[:1], 1, None), (jax.devices(), 1, None)] + (
+      [(jax.devices(), 2, None), (jax.devices(), 2, True)] if loss == "hybrid" else [(jax.devices(), 1, True)])
+  for devices, accum, flat_reduce in runs:
     config.optim.grad_accum_steps = accum
-    mesh, state, step = _setup(config, devices)
+    mesh, state, step = _setup(config, devices, flat_reduce)
     batch = jax.device_put(_batch(data_dir, 16), batch_sharding(mesh))
     for _ in range(2):
       state, metrics = step(state, batch, jax.random.key(1), None)

@@ -152,6 +152,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def flat_gradient_reduce(param_shardings: Any) -> bool:
+  """Whether a train step averages its gradients across the devices as one flat vector
+  (train_state.flat_reduced_value_and_grad) rather than XLA's per-parameter tuple all-reduce: on CPU when the
+  devices span processes (gloo collectives, which reduce a tuple one buffer at a time) and every parameter is
+  replicated. Within one process XLA:CPU's in-memory all-reduce of the tuple is fast, and sharded parameters are
+  gathered and scattered by XLA's partitioner."""
+  return (jax.default_backend() == "cpu" and jax.process_count() > 1
+          and all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings)))
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE, mesh_axis=FSDP_AXIS) -> P:
   """Where one array of the state lives: split over `mesh_axis` (of `fsdp` devices) along its largest axis that
   the fsdp size divides (a conv kernel [3,3,Cin,Cout]: Cout or Cin), or replicated when it is small or nothing
