@@ -193,10 +193,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   path, sep, variant = spec.partition(":")
   if not path.endswith(".py"):
     path = os.path.join(CONFIGS_DIR, path + ".py")
-  # The last override of a key wins (a script's own on top of a case's): config_flags, given a tuple-valued key
-  # twice, merged the two (model.ch_mult=(1,2,2) then (1,) gave (1,2,2,1)).
-  last = {o.partition("=")[0]: o for o in overrides}
-  argv = ["load_config", f"--config={path}{sep}{variant}", *(f"--config.{o}" for o in last.values())]
+  argv = ["load_config", f"--config={path}{sep}{variant}", *(f"--config.{o}" for o in overrides)]
   flag_values = flags.FlagValues()
   # config_flags finds the override flags in the argv it is given at definition time.
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, lock_config=True,
@@ -216,15 +213,25 @@ class ConfigError(ValueError):
 
 def parse_config_flags(flag_values, argv: Sequence[str]) -> list[str]:
   """`flag_values(argv)`, with any failure to load the config file or apply an override raised as ConfigError:
-  one line naming the file and line, the unknown key and the closest valid key path, or the bad value."""
+  one line naming the file and line, the unknown key and the closest valid key path, or the bad value. Of a
+  `--config.key=value` given more than once the last wins (see last_override_wins)."""
   try:
-    args = flag_values(list(argv))
+    args = flag_values(last_override_wins(argv))
     # config_flags defers some load errors (a missing file) to the config's first use: surface them now.
     if "config" in flag_values and not isinstance(flag_values.config, ml_collections.ConfigDict):
       raise OSError(f"config file not loaded: {flag_values['config'].serialize()}")
     return args
   except Exception as e:  # config_flags raises KeyError, AttributeError, OSError, SyntaxError, flags.Error
     raise ConfigError(explain_config_error(e, argv)) from None
+
+
+def last_override_wins(argv: Sequence[str]) -> list[str]:
+  """argv without the earlier `--config.key=value` of a key given again: as absl does for any other flag. Why:
+  config_flags, given a tuple-valued key twice, merged the two (`--config.model.ch_mult=(1,2,2)` then `=(1,)` gave
+  (1,2,2,1)), which a launch script adding its own override to a shared list would meet."""
+  key_of = lambda arg: arg.partition("=")[0] if arg.startswith("--config.") and "=" in arg else None
+  last = {key_of(arg): i for i, arg in enumerate(argv) if key_of(arg)}
+  return [arg for i, arg in enumerate(argv) if not key_of(arg) or last[key_of(arg)] == i]
 
 
 def explain_config_error(error: BaseException, argv: Sequence[str]) -> str:

@@ -138,7 +138,8 @@ def test_load_config_parses_overrides_as_main_does():
   assert config.model.ch == 16 and config.sample.prompt == "a | b" and config.sample.num_steps == 20
   assert tuple(config.autoencoder.model.ch_mult) == (1, 2) and config.optim.learning_rate == 3e-4
   assert config.model.num_classes == 10
-  # A key given again (a script's override on top of a case's): the last wins, tuples too (config_flags merged them).
+  # A key given again (a script's override on top of a case's): the last wins, tuples too (config_flags merged them;
+  # main parses its argv through the same parse_config_flags).
   config = load_config("cifar10_ddpm", ["model.ch_mult=(1,2,2)", "model.attn_resolutions=(8,)", "model.ch_mult=(1,)"])
   assert tuple(config.model.ch_mult) == (1,) and tuple(config.model.attn_resolutions) == (8,)
   with pytest.raises(Exception, match="modle"):
