@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,13 +34,22 @@ def run_side(side: str, case: str, args) -> dict:
                      "--processes", str(args.processes), "--steps", str(args.steps), "--rounds", str(args.rounds),
                      "--threads", str(args.threads), "--batch", str(batch_size(case, args))] + [
                      f"--set={item}" for item in args.set]
-  procs = [subprocess.Popen(cmd(pid), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for pid in range(args.processes)]
-  outs = [p.communicate(timeout=3600) for p in procs]
-  for pid, (p, (_, err)) in enumerate(zip(procs, outs)):
+  with tempfile.TemporaryDirectory() as tmp:
+    # Each worker's output to a file: a pipe left unread while another worker is waited on could fill and stall it.
+    logs = [open(os.path.join(tmp, f"{pid}.log"), "w+") for pid in range(args.processes)]
+    procs = [subprocess.Popen(cmd(pid), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+             for pid, log in enumerate(logs)]
+    for p in procs:
+      p.wait(timeout=3600)
+    outs = []
+    for log in logs:
+      log.seek(0)
+      outs.append(log.read())
+      log.close()
+  for pid, (p, out) in enumerate(zip(procs, outs)):
     if p.returncode:
-      raise SystemExit(f"{side} worker {pid} failed (exit status {p.returncode}): {err[-2000:]}")
-  return json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("{")))
+      raise SystemExit(f"{side} worker {pid} failed (exit status {p.returncode}): {out[-2000:]}")
+  return json.loads(next(line for line in outs[0].splitlines() if line.startswith("{")))
 
 
 def ours_worker(case_name: str, port: int, pid: int, args) -> dict:

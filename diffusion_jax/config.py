@@ -226,12 +226,24 @@ def parse_config_flags(flag_values, argv: Sequence[str]) -> list[str]:
 
 
 def last_override_wins(argv: Sequence[str]) -> list[str]:
-  """argv without the earlier `--config.key=value` of a key given again: as absl does for any other flag. Why:
+  """argv without the earlier occurrences of a `--config.key=value` (or `--config.key value`) whose key is given
+  again: the last wins, as absl does for any other flag (an earlier value is then never parsed). Why:
   config_flags, given a tuple-valued key twice, merged the two (`--config.model.ch_mult=(1,2,2)` then `=(1,)` gave
-  (1,2,2,1)), which a launch script adding its own override to a shared list would meet."""
-  key_of = lambda arg: arg.partition("=")[0] if arg.startswith("--config.") and "=" in arg else None
-  last = {key_of(arg): i for i, arg in enumerate(argv) if key_of(arg)}
-  return [arg for i, arg in enumerate(argv) if not key_of(arg) or last[key_of(arg)] == i]
+  (1,2,2,1)), which a launch script adding its own override to a shared list would meet. Overrides inside a
+  --flagfile are left as they are."""
+  spans = []  # (key, first index, one past the last) of each override in argv
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config.") and "=" in arg:
+      spans.append((arg.partition("=")[0], i, i + 1))
+    elif arg.startswith("--config.") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+      spans.append((arg, i, i + 2))  # the two-token form
+      i += 1
+    i += 1
+  last = {key: start for key, start, _ in spans}
+  dropped = {j for key, start, end in spans if last[key] != start for j in range(start, end)}
+  return [arg for j, arg in enumerate(argv) if j not in dropped]
 
 
 def explain_config_error(error: BaseException, argv: Sequence[str]) -> str:

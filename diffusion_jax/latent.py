@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
 from diffusion_jax import checkpoint, images as image_io
 from diffusion_jax.build import OptimSettings, build_optimizer, image_shape as config_image_shape
@@ -48,7 +49,8 @@ def autoencoder_dir(config: ml_collections.ConfigDict, workdir: str | epath.Path
 
 def autoencoder_train_step(state: AutoencoderState, batch: dict[str, jax.Array], base_key: jax.Array, *,
                            model: AutoencoderKL, tx, kl_weight: float, rec_loss: str, learning_rate_fn,
-                           skip_nonfinite: bool = False, grad_accum_steps: int = 1, flat_reduce_mesh=None
+                           skip_nonfinite: bool = False, grad_accum_steps: int = 1,
+                           flat_reduce_mesh: Mesh | None = None
                            ) -> tuple[AutoencoderState, dict[str, jax.Array]]:
   """One step on images [B,H,W,C]: reconstruction + kl_weight * KL (LDM stage 1); key = fold_in(base, step).
   skip_nonfinite (nan_policy='skip'): a step with a NaN/inf loss or gradient keeps the old state.

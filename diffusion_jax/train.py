@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
 from diffusion_jax import build, checkpoint, conditioning as C, image_condition as IC, latent, loop
 from diffusion_jax import diffusion as D
@@ -76,7 +77,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
                tx: optax.GradientTransformation, schedule: D.Schedule, diffusion: build.DiffusionSettings,
                condition: C.ConditionSpec, ema_decay: float, learning_rate_fn, skip_nonfinite: bool = False,
                text_module=None, image_condition: IC.ImageConditionSpec = IC.ImageConditionSpec(),
-               grad_accum_steps: int = 1, flat_reduce_mesh=None) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1, flat_reduce_mesh: Mesh | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch {"image": [B,H,W,C], "label": [B], "concat": [B,H,W,c],
   "caption_ids" / "caption_mask": [B,L]}; key = fold_in(base_key, step). Text models draw a caption of each
   example's class from `text_table`, or (per-image captions) encode the batch's own with `text_module`.
@@ -136,6 +138,9 @@ def compile_train_step(parts: build.Components, mesh, state_shardings, *, batch_
   parallel.mesh.flat_gradient_reduce says (multi-process CPU, replicated parameters)."""
   if flat_reduce is None:
     flat_reduce = flat_gradient_reduce(state_shardings.params)
+  elif flat_reduce and not all(s.is_fully_replicated for s in jax.tree.leaves(state_shardings.params)):
+    raise ValueError("flat_reduce=True needs every parameter replicated (each device reduces the whole gradient); "
+                     "these parameters are sharded (config.mesh.fsdp / partition_rules): pass flat_reduce=None")
   step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule, text_module=text_module,
                            diffusion=parts.diffusion, condition=parts.condition, ema_decay=parts.optim.ema_decay,
                            learning_rate_fn=parts.learning_rate_fn, skip_nonfinite=parts.optim.nan_policy == "skip",

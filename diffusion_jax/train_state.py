@@ -3,6 +3,7 @@ eval_shape -> shardings -> jit(init, out_shardings) (big_vision's pattern)."""
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Sequence
 
 import flax
@@ -95,7 +96,8 @@ def accumulated_value_and_grad(loss_fn: Callable[[Any, Any, jax.Array], tuple[ja
 
 
 def flat_reduced_value_and_grad(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], params: Any,
-                                batch: Any, key: jax.Array, steps: int, mesh: Mesh) -> tuple[tuple[jax.Array, Any], Any]:
+                                batch: Any, key: jax.Array, steps: int, mesh: Mesh
+                                ) -> tuple[tuple[jax.Array, Any], Any]:
   """accumulated_value_and_grad over `mesh`, each device on its own rows of the batch (shard_map), then the
   gradients averaged across the devices as ONE flat vector (ravel, pmean, unravel): a single all-reduce of one
   buffer instead of the tuple of one buffer per parameter that XLA's partitioner and all-reduce combiner make.
@@ -111,7 +113,8 @@ def flat_reduced_value_and_grad(loss_fn: Callable[[Any, Any, jax.Array], tuple[j
   row counts: the global mean), [B] aux gathered back in row order. Each device's key is fold_in(key, its index)
   so its rows draw their own dropout or posterior noise: the same distribution as the partitioned step's one draw
   over the global batch, not the same bits."""
-  b = jax.tree.leaves(batch)[0].shape[0]
+  # The batch size: the leading size most leaves share (a condition without a [B] axis is replicated).
+  b = collections.Counter(x.shape[0] for x in jax.tree.leaves(batch) if x.ndim).most_common(1)[0][0]
   batch_specs = jax.tree.map(lambda x: P(BATCH_AXES) if x.ndim and x.shape[0] == b else P(), batch)
 
   def per_device(params, rows, key):

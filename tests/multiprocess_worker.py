@@ -1,9 +1,10 @@
 """One process of an N-process CPU job (run by test_multiprocess.py): 2 local devices each, gloo collectives.
 
 argv: port process_id num_processes data_dir workdir checkpoint_workdir [job]. Prints the losses of 3 train steps
-FSDP-sharded across every process (FSDP_LOSSES), and with 2 processes replicated across both (DP_LOSSES), restores the checkpoint that the test wrote on one process
-(8 devices, fsdp=4) onto this job's FSDP mesh and checks every leaf against the test's copy (RESTORED); with `job`
-instead runs the whole job, latent and text-conditional (LATENT_SCALE).
+FSDP-sharded across every process (FSDP_LOSSES), and with 2 processes replicated across both (DP_LOSSES), restores
+the checkpoint that the test wrote on one process (8 devices, fsdp=4) onto this job's FSDP mesh and checks every
+leaf against the test's copy (RESTORED); with `job` instead runs the whole job, latent and text-conditional
+(LATENT_SCALE).
 """
 
 import os
@@ -55,9 +56,11 @@ if not whole_job:
     from diffusion_jax import train_state
     flat_traces, flat_fn = [], train_state.flat_reduced_value_and_grad
     train_state.flat_reduced_value_and_grad = lambda *a, **k: flat_traces.append(1) or flat_fn(*a, **k)
-    print("DP_LOSSES", " ".join(f"{x:.8f}" for x in run_steps(config, num_steps=3)), flush=True)
+    try:
+      print("DP_LOSSES", " ".join(f"{x:.8f}" for x in run_steps(config, num_steps=3)), flush=True)
+    finally:
+      train_state.flat_reduced_value_and_grad = flat_fn
     print("FLAT_REDUCE_TRACES", len(flat_traces), flush=True)
-    train_state.flat_reduced_value_and_grad = flat_fn
     print(f"at {time.time() - start:.1f}s", flush=True)
 
   # Topology-agnostic restore: written by one process on 8 devices (data 2 x fsdp 4), read here onto fsdp=devices.

@@ -142,5 +142,10 @@ def test_load_config_parses_overrides_as_main_does():
   # main parses its argv through the same parse_config_flags).
   config = load_config("cifar10_ddpm", ["model.ch_mult=(1,2,2)", "model.attn_resolutions=(8,)", "model.ch_mult=(1,)"])
   assert tuple(config.model.ch_mult) == (1,) and tuple(config.model.attn_resolutions) == (8,)
+  from diffusion_jax.config import last_override_wins  # main's argv: the two-token form too, other flags kept
+  argv = ["m", "--config=c.py", "--config.a=1", "--config.b", "(1,2)", "--workdir=w", "--config.a=2", "--config.b=(3,)",
+          "--config.flag", "--other"]
+  assert last_override_wins(argv) == ["m", "--config=c.py", "--workdir=w", "--config.a=2", "--config.b=(3,)",
+                                      "--config.flag", "--other"]
   with pytest.raises(Exception, match="modle"):
     load_config("latent", ["modle.ch=3"])

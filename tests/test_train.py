@@ -99,6 +99,19 @@ def test_sharded_step_equals_single_device(data_dir, loss, variance):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_flat_gradient_reduce_refuses_sharded_parameters(data_dir):
+  """flat_reduce=True reduces each device's whole gradient: with FSDP-sharded parameters it is one clear error."""
+  config = tiny_config(data_dir)
+  config.model.ch = 32  # kernels of 1024+ elements: FSDP splits them
+  mesh = make_mesh(data=4, fsdp=2)
+  parts = build.build_components(config)
+  state, shardings = train.create_train_state(parts.model, parts.tx, jax.random.key(0), parts.input_shape, mesh,
+                                              parts.schedule.num_timesteps)
+  assert not all(s.is_fully_replicated for s in jax.tree.leaves(shardings.params))
+  with pytest.raises(ValueError, match="flat_reduce=True needs every parameter replicated"):
+    train.compile_train_step(parts, mesh, shardings, flat_reduce=True)
+
+
 def test_train_step_compiles_once_and_moves_ema_by_its_formula(data_dir, monkeypatch):
   counter = TraceCounter(train.train_step)
   monkeypatch.setattr(train, "train_step", counter)

@@ -157,7 +157,8 @@ def flat_gradient_reduce(param_shardings: Any) -> bool:
   (train_state.flat_reduced_value_and_grad) rather than XLA's per-parameter tuple all-reduce: on CPU when the
   devices span processes (gloo collectives, which reduce a tuple one buffer at a time) and every parameter is
   replicated. Within one process XLA:CPU's in-memory all-reduce of the tuple is fast, and sharded parameters are
-  gathered and scattered by XLA's partitioner."""
+  gathered and scattered by XLA's partitioner. With mesh.shard_optimizer_state (ZeRO-1) the gradient is still one
+  vector, but the updated parameters are gathered from the optimizer's shards one buffer each (not measured)."""
   return (jax.default_backend() == "cpu" and jax.process_count() > 1
           and all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings)))
 
