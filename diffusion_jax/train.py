@@ -28,8 +28,8 @@ from diffusion_jax.config_check import check_config, check_resume, check_workdir
 from diffusion_jax.data import make_batches, real_images
 from diffusion_jax.keys import RunKeys, data_seed
 from diffusion_jax.models import UNet, layers
-from diffusion_jax.parallel.mesh import (PartitionRule, batch_sharding, flat_gradient_reduce, host_to_global,
-                                         make_mesh, partition_rules_from_config, replicated)
+from diffusion_jax.parallel.mesh import (PartitionRule, all_replicated, batch_sharding, flat_gradient_reduce,
+                                         host_to_global, make_mesh, partition_rules_from_config, replicated)
 from diffusion_jax.sampling import SampleSettings, make_sample_fn, sample_images, write_samples
 from diffusion_jax.train_state import (TrainState, abstract_on_mesh, accumulated_value_and_grad, apply_gradients,
                                       ema_update, guard_nonfinite, init_into, init_on_mesh)
@@ -138,7 +138,7 @@ def compile_train_step(parts: build.Components, mesh, state_shardings, *, batch_
   parallel.mesh.flat_gradient_reduce says (multi-process CPU, replicated parameters)."""
   if flat_reduce is None:
     flat_reduce = flat_gradient_reduce(state_shardings.params)
-  elif flat_reduce and not all(s.is_fully_replicated for s in jax.tree.leaves(state_shardings.params)):
+  elif flat_reduce and not all_replicated(state_shardings.params):
     raise ValueError("flat_reduce=True needs every parameter replicated (each device reduces the whole gradient); "
                      "these parameters are sharded (config.mesh.fsdp / partition_rules): pass flat_reduce=None")
   step = functools.partial(train_step, model=parts.model, tx=parts.tx, schedule=parts.schedule, text_module=text_module,

@@ -159,8 +159,12 @@ def flat_gradient_reduce(param_shardings: Any) -> bool:
   replicated. Within one process XLA:CPU's in-memory all-reduce of the tuple is fast, and sharded parameters are
   gathered and scattered by XLA's partitioner. With mesh.shard_optimizer_state (ZeRO-1) the gradient is still one
   vector, but the updated parameters are gathered from the optimizer's shards one buffer each (not measured)."""
-  return (jax.default_backend() == "cpu" and jax.process_count() > 1
-          and all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings)))
+  return jax.default_backend() == "cpu" and jax.process_count() > 1 and all_replicated(param_shardings)
+
+
+def all_replicated(shardings: Any) -> bool:
+  """Whether every leaf's sharding holds the whole array on every device (what a flat gradient reduce needs)."""
+  return all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE, mesh_axis=FSDP_AXIS) -> P:
