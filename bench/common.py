@@ -3,6 +3,8 @@ diffusion_jax.config.load_config, exactly as main's --config.a.b flags), a table
 
 from __future__ import annotations
 
+from typing import Callable
+
 from diffusion_jax.config import load_config  # noqa: F401  (the scripts' one config loader)
 
 
@@ -22,6 +24,31 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def run_local_processes(command_of: Callable[[int], list[str]], count: int, env: dict, what: str,
+                        timeout_s: float) -> dict:
+  """Run `count` local processes (command_of(process id)) to the end, each within timeout_s; process 0's JSON
+  line. Each one's output goes to a file: a pipe left unread while another process is waited on could fill and
+  stall it past gloo's 30 s peer limit. A failed process is one SystemExit line naming it, with its output's tail."""
+  import json
+  import os
+  import subprocess
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    logs = [open(os.path.join(tmp, f"{pid}.log"), "w+") for pid in range(count)]
+    procs = [subprocess.Popen(command_of(pid), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+             for pid, log in enumerate(logs)]
+    outs = []
+    for p, log in zip(procs, logs):
+      p.wait(timeout=timeout_s)
+      log.seek(0)
+      outs.append(log.read())
+      log.close()
+  for pid, (p, out) in enumerate(zip(procs, outs)):
+    if p.returncode:
+      raise SystemExit(f"{what} {pid} failed (exit status {p.returncode}): {out[-2000:]}")
+  return json.loads(next(line for line in outs[0].splitlines() if line.startswith("{")))
 
 
 def median_ms(fn, *args, steps: int) -> float:

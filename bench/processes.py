@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
-from common import free_port, print_table
+from common import free_port, print_table, run_local_processes
 
 
 def run_side(side: str, case: str, args) -> dict:
@@ -34,22 +32,7 @@ def run_side(side: str, case: str, args) -> dict:
                      "--processes", str(args.processes), "--steps", str(args.steps), "--rounds", str(args.rounds),
                      "--threads", str(args.threads), "--batch", str(batch_size(case, args))] + [
                      f"--set={item}" for item in args.set]
-  with tempfile.TemporaryDirectory() as tmp:
-    # Each worker's output to a file: a pipe left unread while another worker is waited on could fill and stall it.
-    logs = [open(os.path.join(tmp, f"{pid}.log"), "w+") for pid in range(args.processes)]
-    procs = [subprocess.Popen(cmd(pid), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-             for pid, log in enumerate(logs)]
-    for p in procs:
-      p.wait(timeout=3600)
-    outs = []
-    for log in logs:
-      log.seek(0)
-      outs.append(log.read())
-      log.close()
-  for pid, (p, out) in enumerate(zip(procs, outs)):
-    if p.returncode:
-      raise SystemExit(f"{side} worker {pid} failed (exit status {p.returncode}): {out[-2000:]}")
-  return json.loads(next(line for line in outs[0].splitlines() if line.startswith("{")))
+  return run_local_processes(cmd, args.processes, env, f"{side} worker", timeout_s=3600)
 
 
 def ours_worker(case_name: str, port: int, pid: int, args) -> dict:
@@ -138,8 +121,9 @@ def main(argv=None):
     parser.error(f"--processes {args.processes}: expected at least 2, dividing the global batch of each case")
   if args.set and not args.no_peer:
     parser.error(f"--set {args.set} changes this project's U-Net only: add --no-peer")
-  if not args.no_peer and vs_peers.peer_available():
-    print(f"no peer ({vs_peers.peer_available()}); this project's rows only. {vs_peers.PEER_INSTALL}")
+  why_no_peer = "" if args.no_peer else vs_peers.peer_available()
+  if why_no_peer:
+    print(f"no peer ({why_no_peer}); this project's rows only. {vs_peers.PEER_INSTALL}")
     args.no_peer = True
   rows = []
   for name in names:

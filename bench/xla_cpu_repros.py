@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
-from common import free_port, host_memory_as_main, median_ms, print_table
+from common import free_port, host_memory_as_main, median_ms, print_table, run_local_processes
 
 
 def repeat_broadcast(small: bool, reps: int) -> tuple[float, float]:
@@ -82,13 +81,7 @@ def gloo_tuple_all_reduce(small: bool, reps: int) -> tuple[float, float]:
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   cmd = lambda pid: [sys.executable, os.path.abspath(__file__), "--gloo-worker", str(port), str(pid), str(reps)] + (
       ["--small"] if small else [])
-  procs = [subprocess.Popen(cmd(pid), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for pid in (0, 1)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    if p.returncode:
-      raise SystemExit(f"a gloo worker failed (exit status {p.returncode}): {err[-2000:]}")
-  result = json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("{")))
+  result = run_local_processes(cmd, 2, env, "gloo worker", timeout_s=600)
   return result["tuple"], result["flat"]
 
 
