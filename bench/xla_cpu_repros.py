@@ -1,7 +1,8 @@
 """XLA:CPU's slow spots that this project works around, each timed as the slow form and as the workaround, so
 the upstream reports have a self-contained repro and a jax upgrade shows which workaround has become needless.
 
-python bench/xla_cpu_repros.py [--cases repeat_broadcast,conv2x2_filter_grad,conv_grad_in_scan,gloo_tuple_all_reduce]
+python bench/xla_cpu_repros.py [--cases repeat_broadcast,conv2x2_filter_grad,conv_grad_in_scan,conv3x3_filter_grad,
+  gloo_tuple_all_reduce]
   [--reps 5] [--small]
 
 One CPU device per case (two local processes for the gloo case). --small runs tiny shapes once (the test's mode:
@@ -11,12 +12,24 @@ the table is printed, the numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import numpy as np
 from common import free_port, host_memory_as_main, median_ms, print_table, run_local_processes
+
+
+@contextlib.contextmanager
+def xla_filter_grads():
+  """XLA's own conv filter gradients while tracing (not diffusion_jax.models.native's): the cases below time XLA."""
+  from diffusion_jax.models import layers
+  before, layers.NATIVE_FILTER_GRAD = layers.NATIVE_FILTER_GRAD, False
+  try:
+    yield
+  finally:
+    layers.NATIVE_FILTER_GRAD = before
 
 
 def repeat_broadcast(small: bool, reps: int) -> tuple[float, float]:
@@ -50,7 +63,8 @@ def conv2x2_filter_grad(small: bool, reps: int) -> tuple[float, float]:
   out = {}
   for form, pad_first in (("slow", False), ("workaround", True)):
     grad = lambda x, k, dy, p=pad_first: jax.vjp(lambda k: layers._canonical_conv(x, k, 1, p), k)[1](dy)[0]
-    f = jax.jit(grad).lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
+    with xla_filter_grads():
+      f = jax.jit(grad).lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
     out[form] = median_ms(f, x, kernel, dy, steps=reps)
   return out["slow"], out["workaround"]
 
@@ -70,8 +84,32 @@ def conv_grad_in_scan(small: bool, reps: int) -> tuple[float, float]:
     def accumulated_grad(kernel, x, conv=conv):
       body = lambda total, micro: (total + jax.grad(lambda k: jnp.sum(conv(micro, k) ** 2))(kernel), None)
       return jax.lax.scan(body, jnp.zeros_like(kernel), x)[0]
-    f = jax.jit(accumulated_grad).lower(kernel, x).compile()
+    with xla_filter_grads():
+      f = jax.jit(accumulated_grad).lower(kernel, x).compile()
     out[form] = median_ms(f, kernel, x, steps=reps)
+  return out["slow"], out["workaround"]
+
+
+def conv3x3_filter_grad(small: bool, reps: int) -> tuple[float, float]:
+  import jax
+  import jax.numpy as jnp
+
+  from diffusion_jax.models import layers, native
+  b, hw, cin, cout = (2, 4, 8, 16) if small else (32, 32, 96, 32)  # fmnist_small's 32x32 skip concat -> 32
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((b, hw, hw, cin), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
+  dy = jnp.asarray(rng.standard_normal((b, hw, hw, cout), np.float32))
+  if not native.available():
+    raise SystemExit(f"--cases conv3x3_filter_grad: the native kernel is unavailable here "
+                     f"({native.unavailable_reason()})")
+  grads = {"slow": jax.jit(lambda x, k, dy: jax.vjp(lambda k: layers._canonical_conv(x, k, 1), k)[1](dy)[0]),
+           "workaround": jax.jit(lambda x, k, dy: native.conv_filter_grad(x, dy, 3, 1))}
+  out = {}
+  for form, grad in grads.items():
+    with xla_filter_grads():
+      f = grad.lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
+    out[form] = median_ms(f, x, kernel, dy, steps=reps)
   return out["slow"], out["workaround"]
 
 
@@ -117,6 +155,11 @@ CASES = {
         conv_grad_in_scan,
         "autodiff's conv filter gradient inside lax.scan (ConvCanonicalization skips loop bodies)",
         "layers.xla_conv: both gradients as explicit NHWC/HWIO convs", "jax-ml/jax#12868"),
+    "conv3x3_filter_grad": (
+        conv3x3_filter_grad,
+        "the filter gradient of a narrow 3x3 conv (Eigen's contraction over B*H*W into [9 Cin, Cout]): ~60% of its "
+        "forward's rate", "diffusion_jax.models.native.conv_filter_grad: an AVX-512 kernel (XLA FFI)",
+        "not yet reported"),
     "gloo_tuple_all_reduce": (
         gloo_tuple_all_reduce,
         "a tuple all-reduce over gloo (multi-process CPU), one buffer at a time: the step's 184 gradient tensors",
@@ -127,7 +170,8 @@ CASES = {
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--cases", default=None, help="default: every case this host can run (the native kernel's "
+                      "needs x86-64 with AVX-512 and a C++ compiler)")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--small", action="store_true", help="tiny shapes, for the test")
   parser.add_argument("--gloo-worker", nargs=3, metavar=("PORT", "PROCESS_ID", "REPS"), help=argparse.SUPPRESS)
@@ -135,6 +179,12 @@ def main(argv=None) -> None:
   if args.gloo_worker:
     port, process_id, reps = args.gloo_worker
     return gloo_worker(port, int(process_id), int(reps), args.small)
+  if args.cases is None:
+    from diffusion_jax.models import native
+    skip = native.host_unsupported_reason()
+    if skip:
+      print(f"conv3x3_filter_grad: not run ({skip})")
+    args.cases = ",".join(n for n in CASES if not (skip and n == "conv3x3_filter_grad"))
   names = [n for n in args.cases.split(",") if n]
   unknown = [n for n in names if n not in CASES]
   if unknown:

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import native
+
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "winograd_wgrad")
 # 'auto' takes Winograd's forward and filter gradient (conv_winograd_wgrad) on CPU for 3x3 convs with at least this
 # many input and output channels, XLA's conv elsewhere: on an Intel Xeon host the ddpm_cifar10 b16 step took 1.51x
@@ -63,6 +65,11 @@ def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding=None, lhs_d
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+# The 3x3 filter gradients through `native.conv3x3_filter_grad` (a C++ kernel for AVX-512 CPUs) where it takes
+# them, XLA's conv elsewhere: per conv 1.1-1.9x XLA:CPU's at fmnist_small's shapes on one core (README lever table).
+NATIVE_FILTER_GRAD = True
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _canonical_conv(x: jax.Array, kernel: jax.Array, stride: int, pad_first: bool = False) -> jax.Array:
   return _conv_nhwc(x, kernel, stride)
@@ -88,6 +95,8 @@ def _canonical_conv_bwd(stride, pad_first, residuals, dy):
   dx = _conv_nhwc(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 1,
                   [(before, n + k - 1 - d - before) for n, d in zip(size, dilated_out)], lhs_dilation=(stride,) * 2)
   # dkernel: Cin as the batch, B as the contracted feature, dy as a [Ho,Wo,B,Cout] kernel dilated by the stride.
+  if NATIVE_FILTER_GRAD and stride == 1 and native.takes_conv_filter_grad(x, dy, k, pad):
+    return dx.astype(x.dtype), native.conv_filter_grad(x, dy, k, pad).astype(kernel.dtype)
   lhs, lhs_padding = x, [(pad, d - n + k - pad - 1) for n, d in zip(size, dilated_out)]
   if pad_first:
     lhs, lhs_padding = jnp.pad(x, ((0, 0), *lhs_padding, (0, 0))), [(0, 0), (0, 0)]

@@ -1,0 +1,152 @@
+"""diffusion_jax.models.native: the C++ filter gradient of 2x2 / 3x3 convs (an XLA FFI custom call on CPU) against
+XLA's in float64, under a mesh, vmap, scan and shard_map, as the U-Net's layers use it, and its fallback."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion_jax.models import layers, native
+
+# Skipped only where the host cannot run the kernels at all (no AVX-512, no compiler); a failing build fails.
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or native.host_unsupported_reason() is not None,
+                                reason=f"native CPU kernels not for this host: {native.host_unsupported_reason()}")
+
+
+def conv(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def reference_filter_grad(x, dy, kernel_size, padding):
+  """autodiff's kernel gradient of XLA's conv, in float64."""
+  with jax.enable_x64():
+    x64, dy64 = (jnp.asarray(np.asarray(a), jnp.float64) for a in (x, dy))
+    zero = jnp.zeros((kernel_size, kernel_size, x.shape[-1], dy.shape[-1]), jnp.float64)
+    return np.asarray(jax.vjp(lambda k: conv(x64, k, padding), zero)[1](dy64)[0])
+
+
+def inputs(shape, kernel_size, padding, cout, seed=0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  out = [n + 2 * padding - kernel_size + 1 for n in shape[1:3]]
+  return jax.random.normal(kx, shape), jax.random.normal(ky, (shape[0], *out, cout))
+
+
+def close(got, ref):
+  np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_the_kernels_build_on_this_host():
+  assert native.available(), native.unavailable_reason()
+
+
+SHAPES = [
+    ((2, 8, 8, 8), 16),     # the smallest input block the kernels take
+    ((3, 7, 5, 20), 32),    # odd sizes; 20 input channels: a partial block of 12
+    ((2, 6, 9, 13), 48),    # 3 output vectors; 13 = 8 + a partial block of 5
+    ((2, 5, 6, 70), 64),    # 4 output vectors; 70 = 11 blocks of 6 + 4
+    ((1, 4, 4, 9), 128),    # several output blocks of 64
+    ((2, 3, 33, 24), 16),   # one output vector, blocks of 24; rows longer than a chunk's 256 pixels / width
+]
+
+
+@pytest.mark.parametrize("shape,cout,kernel_size,padding",
+                         [(*case, 3, 1) for case in SHAPES] + [(*case, 2, 1) for case in SHAPES]
+                         + [(*SHAPES[1], 3, 0), (*SHAPES[1], 2, 0), (*SHAPES[1], 3, 2)])
+def test_filter_grad_is_xlas(shape, cout, kernel_size, padding):
+  x, dy = inputs(shape, kernel_size, padding, cout)
+  assert native.takes_conv_filter_grad(x, dy, kernel_size, padding)
+  got = jax.jit(native.conv_filter_grad, static_argnums=(2, 3))(x, dy, kernel_size, padding)
+  assert got.shape == (kernel_size, kernel_size, shape[-1], cout) and got.dtype == jnp.float32
+  close(got, reference_filter_grad(x, dy, kernel_size, padding))
+
+
+@pytest.mark.parametrize("x_shape,cout,kernel_size,padding,dtype", [
+    ((2, 8, 8, 4), 16, 3, 1, jnp.float32),    # fewer input channels than MIN_INPUT_CHANNELS (a stem)
+    ((2, 8, 8, 8), 24, 3, 1, jnp.float32),    # output channels not a multiple of 16
+    ((2, 8, 8, 8), 16, 5, 2, jnp.float32),    # 5x5
+    ((2, 8, 8, 8), 16, 3, 1, jnp.bfloat16),
+])
+def test_shapes_and_dtypes_it_does_not_take(x_shape, cout, kernel_size, padding, dtype):
+  x, dy = (a.astype(dtype) for a in inputs(x_shape, kernel_size, padding, cout))
+  assert not native.takes_conv_filter_grad(x, dy, kernel_size, padding)
+
+
+def test_a_batch_split_over_a_mesh_sums_each_devices_rows_without_gathering_them():
+  """On 8 host devices with the batch split (as the data-parallel train step): each device's rows, then one
+  all-reduce of the [K,K,Cin,Cout] result; x and dy are never gathered."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x, dy = inputs((16, 6, 6, 12), 3, 1, 32)
+  split = NamedSharding(mesh, P("data"))
+  f = jax.jit(lambda x, dy: native.conv_filter_grad(x, dy, 3, 1))
+  xs, dys = jax.device_put(x, split), jax.device_put(dy, split)
+  got = f(xs, dys)
+  close(got, reference_filter_grad(x, dy, 3, 1))
+  hlo = f.lower(xs, dys).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  assert re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} all-reduce\(", hlo) and "f32[3,3,12,32]" in hlo
+  assert re.search(r'custom_call_target="' + native.FFI_TARGET, hlo)
+  # and inside shard_map (the multi-process flat gradient reduce computes each device's gradient there)
+  per_device = jax.shard_map(lambda x, dy: jax.lax.psum(native.conv_filter_grad(x, dy, 3, 1), "data"), mesh=mesh,
+                             in_specs=(P("data"), P("data")), out_specs=P(), check_vma=False)
+  close(jax.jit(per_device)(xs, dys), reference_filter_grad(x, dy, 3, 1))
+
+
+def test_vmap_and_scan():
+  x, dy = inputs((4, 6, 6, 8), 2, 1, 16)
+  vmapped = jax.jit(jax.vmap(lambda x, dy: native.conv_filter_grad(x, dy, 2, 1)))(x.reshape(2, 2, 6, 6, 8),
+                                                                                  dy.reshape(2, 2, 7, 7, 16))
+  for i in range(2):
+    close(vmapped[i], reference_filter_grad(x[2 * i:2 * i + 2], dy[2 * i:2 * i + 2], 2, 1))
+  unbatched = jax.vmap(lambda x: native.conv_filter_grad(x, dy, 2, 1))(x[None])  # dy not mapped
+  close(unbatched[0], reference_filter_grad(x, dy, 2, 1))
+
+  def accumulated(x, dy):
+    return jax.lax.scan(lambda total, pair: (total + native.conv_filter_grad(*pair, 2, 1), None),
+                        jnp.zeros((2, 2, 8, 16)), (x.reshape(2, 2, 6, 6, 8), dy.reshape(2, 2, 7, 7, 16)))[0]
+  close(jax.jit(accumulated)(x, dy), reference_filter_grad(x, dy, 2, 1))
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_the_unets_convs_take_it_and_keep_their_gradients(monkeypatch, upsample):
+  """layers.Conv's kernel gradient (3x3, and the sub-pixel upsampling conv's 2x2) through the native kernel equals
+  the one through XLA's conv (`layers.NATIVE_FILTER_GRAD = False`), and the compiled step calls it."""
+  conv_layer = layers.Conv(32, upsample=upsample, conv_impl="xla")
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  params = conv_layer.init(jax.random.key(1), x)
+  weights = jax.random.normal(jax.random.key(2), conv_layer.apply(params, x).shape)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv_layer.apply(p, x)) * weights), (0, 1)))
+  native_grads = grad(params, x)
+  assert native.FFI_TARGET in grad.lower(params, x).compile().as_text()
+  monkeypatch.setattr(layers, "NATIVE_FILTER_GRAD", False)
+  xla_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv_layer.apply(p, x)) * weights), (0, 1)))(params, x)
+  for a, b in zip(jax.tree.leaves(native_grads), jax.tree.leaves(xla_grads)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_a_host_that_cannot_build_them_keeps_xlas_and_says_why(monkeypatch, tmp_path, caplog):
+  """Switched off, or a compiler that fails: `available()` is False with the reason, a warning names the
+  compiler's failure, and the layers' gradients go through XLA's conv."""
+  try:
+    monkeypatch.setenv("DJ_NATIVE_KERNELS", "0")
+    native._load.cache_clear()
+    assert not native.available() and native.unavailable_reason() == "DJ_NATIVE_KERNELS=0"
+    monkeypatch.delenv("DJ_NATIVE_KERNELS")
+    monkeypatch.setenv("CXX", "false")  # exits 1 on any arguments
+    monkeypatch.setenv("DJ_NATIVE_CACHE", str(tmp_path))  # nothing built here yet
+    native._load.cache_clear()
+    assert not native.available() and "false failed on conv_filter_grad.cc" in native.unavailable_reason()
+    assert "XLA's are used instead" in caplog.text
+    x, dy = inputs((2, 8, 8, 8), 3, 1, 16)
+    assert not native.takes_conv_filter_grad(x, dy, 3, 1)
+    grad = jax.jit(jax.grad(lambda k: jnp.sum(layers.xla_conv(x, k) * dy)))
+    kernel = jnp.zeros((3, 3, 8, 16))
+    assert native.FFI_TARGET not in grad.lower(kernel).compile().as_text()
+    close(grad(kernel), reference_filter_grad(x, dy, 3, 1))
+  finally:
+    monkeypatch.undo()
+    native._load.cache_clear()
+  assert native.available()
