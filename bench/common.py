@@ -155,7 +155,8 @@ def conv_direction(text: str) -> str:
 
 def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Each instruction of an optimized HLO module -> ('conv forward' / 'conv input gradient' / 'conv filter
-  gradient' (conv_direction) / 'matmul' / 'reduce' / 'copy/transpose' / 'elementwise' from what its fused
+  gradient' (conv_direction; '... (native)' for diffusion_jax.models.native's custom calls) /
+  'matmul' / 'reduce' / 'copy/transpose' / 'elementwise' from what its fused
   computation (or the instruction itself) contains, its output shape)."""
   import re
   bodies, current = {}, None
@@ -168,6 +169,11 @@ def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
       bodies[current].append(line)
 
   def category(text: str) -> str:
+    if "diffusion_jax_conv_filter_grad" in text:  # diffusion_jax.models.native's FFI custom calls
+      return "conv filter gradient (native)"
+    if "diffusion_jax_conv2d" in text:
+      op_name = (re.search(r'op_name="([^"]*)"', text) or [None, ""])[1]
+      return "conv input gradient (native)" if "transpose(" in op_name else "conv forward (native)"
     if re.search(r" convolution\(|cudnn\$conv|__cudnn\$conv", text):
       return conv_direction(text)
     if re.search(r" dot\(|cublas|gemm|__triton", text):

@@ -1,5 +1,6 @@
-"""diffusion_jax.models.native: the C++ filter gradient of 2x2 / 3x3 convs (an XLA FFI custom call on CPU) against
-XLA's in float64, under a mesh, vmap, scan and shard_map, as the U-Net's layers use it, and its fallback."""
+"""diffusion_jax.models.native: the C++ 2x2 / 3x3 stride-1 convs and their filter gradients (XLA FFI custom calls on
+CPU) against XLA's in float64, under a mesh, vmap, scan and shard_map, as the U-Net's layers use them, and the
+fallback where they cannot be built."""
 
 import re
 
@@ -64,6 +65,24 @@ def test_filter_grad_is_xlas(shape, cout, kernel_size, padding):
   close(got, reference_filter_grad(x, dy, kernel_size, padding))
 
 
+def reference_conv(x, kernel, padding):
+  with jax.enable_x64():
+    return np.asarray(conv(*(jnp.asarray(np.asarray(a), jnp.float64) for a in (x, kernel)), padding))
+
+
+@pytest.mark.parametrize("shape,cout,kernel_size,padding",
+                         [(*case, 3, 1) for case in SHAPES] + [(*case, 2, 1) for case in SHAPES]
+                         + [(*SHAPES[1], 3, 0), (*SHAPES[1], 2, 0), (*SHAPES[1], 3, 2)])
+def test_conv_is_xlas(shape, cout, kernel_size, padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, shape[-1], cout))
+  assert native.takes_conv(x, kernel, padding)
+  got = jax.jit(native.conv, static_argnums=2)(x, kernel, padding)
+  ref = reference_conv(x, kernel, padding)
+  assert got.shape == ref.shape and got.dtype == jnp.float32
+  close(got, ref)
+
+
 @pytest.mark.parametrize("x_shape,cout,kernel_size,padding,dtype", [
     ((2, 8, 8, 4), 16, 3, 1, jnp.float32),    # fewer input channels than MIN_INPUT_CHANNELS (a stem)
     ((2, 8, 8, 8), 24, 3, 1, jnp.float32),    # output channels not a multiple of 16
@@ -73,6 +92,7 @@ def test_filter_grad_is_xlas(shape, cout, kernel_size, padding):
 def test_shapes_and_dtypes_it_does_not_take(x_shape, cout, kernel_size, padding, dtype):
   x, dy = (a.astype(dtype) for a in inputs(x_shape, kernel_size, padding, cout))
   assert not native.takes_conv_filter_grad(x, dy, kernel_size, padding)
+  assert not native.takes_conv(x, jnp.zeros((kernel_size, kernel_size, x_shape[-1], cout), dtype), padding)
 
 
 def test_a_batch_split_over_a_mesh_sums_each_devices_rows_without_gathering_them():
@@ -88,7 +108,15 @@ def test_a_batch_split_over_a_mesh_sums_each_devices_rows_without_gathering_them
   hlo = f.lower(xs, dys).compile().as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo
   assert re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} all-reduce\(", hlo) and "f32[3,3,12,32]" in hlo
-  assert re.search(r'custom_call_target="' + native.FFI_TARGET, hlo)
+  assert re.search(r'custom_call_target="' + native.FILTER_GRAD_TARGET, hlo)
+  # the conv itself: each device its own rows, no collective at all
+  kernel = jax.random.normal(jax.random.key(3), (3, 3, 12, 32))
+  forward = jax.jit(lambda x, kernel: native.conv(x, kernel, 1))
+  y = forward(xs, kernel)
+  close(y, reference_conv(x, kernel, 1))
+  assert y.sharding.spec[0] == "data"
+  hlo = forward.lower(xs, kernel).compile().as_text()
+  assert native.CONV_TARGET in hlo and not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
   # and inside shard_map (the multi-process flat gradient reduce computes each device's gradient there)
   per_device = jax.shard_map(lambda x, dy: jax.lax.psum(native.conv_filter_grad(x, dy, 3, 1), "data"), mesh=mesh,
                              in_specs=(P("data"), P("data")), out_specs=P(), check_vma=False)
@@ -108,21 +136,29 @@ def test_vmap_and_scan():
     return jax.lax.scan(lambda total, pair: (total + native.conv_filter_grad(*pair, 2, 1), None),
                         jnp.zeros((2, 2, 8, 16)), (x.reshape(2, 2, 6, 6, 8), dy.reshape(2, 2, 7, 7, 16)))[0]
   close(jax.jit(accumulated)(x, dy), reference_filter_grad(x, dy, 2, 1))
+  kernel = jax.random.normal(jax.random.key(3), (2, 2, 8, 16))
+  close(jax.vmap(lambda x: native.conv(x, kernel, 1))(x.reshape(2, 2, 6, 6, 8)).reshape(4, 7, 7, 16),
+        reference_conv(x, kernel, 1))
 
 
 @pytest.mark.parametrize("upsample", [False, True])
 def test_the_unets_convs_take_it_and_keep_their_gradients(monkeypatch, upsample):
-  """layers.Conv's kernel gradient (3x3, and the sub-pixel upsampling conv's 2x2) through the native kernel equals
-  the one through XLA's conv (`layers.NATIVE_FILTER_GRAD = False`), and the compiled step calls it."""
+  """layers.Conv (3x3, and the sub-pixel upsampling conv's 2x2) through the native kernels, its value and both
+  gradients, equals the same through XLA's convs (`layers.NATIVE_CONV = NATIVE_FILTER_GRAD = False`), and the
+  compiled step calls both kernels."""
   conv_layer = layers.Conv(32, upsample=upsample, conv_impl="xla")
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
   params = conv_layer.init(jax.random.key(1), x)
   weights = jax.random.normal(jax.random.key(2), conv_layer.apply(params, x).shape)
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv_layer.apply(p, x)) * weights), (0, 1)))
-  native_grads = grad(params, x)
-  assert native.FFI_TARGET in grad.lower(params, x).compile().as_text()
+  native_grads, native_y = grad(params, x), jax.jit(conv_layer.apply)(params, x)
+  hlo = grad.lower(params, x).compile().as_text()
+  assert native.FILTER_GRAD_TARGET in hlo and len(re.findall(native.CONV_TARGET, hlo)) == 2  # forward, input grad
   monkeypatch.setattr(layers, "NATIVE_FILTER_GRAD", False)
+  monkeypatch.setattr(layers, "NATIVE_CONV", False)
   xla_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv_layer.apply(p, x)) * weights), (0, 1)))(params, x)
+  assert native.CONV_TARGET not in jax.jit(conv_layer.apply).lower(params, x).compile().as_text()
+  close(native_y, np.asarray(jax.jit(conv_layer.apply)(params, x), np.float64))
   for a, b in zip(jax.tree.leaves(native_grads), jax.tree.leaves(xla_grads)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
 
@@ -138,13 +174,14 @@ def test_a_host_that_cannot_build_them_keeps_xlas_and_says_why(monkeypatch, tmp_
     monkeypatch.setenv("CXX", "false")  # exits 1 on any arguments
     monkeypatch.setenv("DJ_NATIVE_CACHE", str(tmp_path))  # nothing built here yet
     native._load.cache_clear()
-    assert not native.available() and "false failed on conv_filter_grad.cc" in native.unavailable_reason()
+    assert not native.available() and "false failed on conv.cc" in native.unavailable_reason()
     assert "XLA's are used instead" in caplog.text
     x, dy = inputs((2, 8, 8, 8), 3, 1, 16)
-    assert not native.takes_conv_filter_grad(x, dy, 3, 1)
-    grad = jax.jit(jax.grad(lambda k: jnp.sum(layers.xla_conv(x, k) * dy)))
     kernel = jnp.zeros((3, 3, 8, 16))
-    assert native.FFI_TARGET not in grad.lower(kernel).compile().as_text()
+    assert not native.takes_conv_filter_grad(x, dy, 3, 1) and not native.takes_conv(x, kernel, 1)
+    grad = jax.jit(jax.grad(lambda k: jnp.sum(layers.xla_conv(x, k) * dy)))
+    hlo = grad.lower(kernel).compile().as_text()
+    assert native.FILTER_GRAD_TARGET not in hlo and native.CONV_TARGET not in hlo
     close(grad(kernel), reference_filter_grad(x, dy, 3, 1))
   finally:
     monkeypatch.undo()

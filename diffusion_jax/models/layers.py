@@ -68,15 +68,29 @@ def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding=None, lhs_d
 # The 3x3 filter gradients through `native.conv3x3_filter_grad` (a C++ kernel for AVX-512 CPUs) where it takes
 # them, XLA's conv elsewhere: per conv 1.1-1.9x XLA:CPU's at fmnist_small's shapes on one core (README lever table).
 NATIVE_FILTER_GRAD = True
+# The stride-1 2x2 / 3x3 convs themselves and their input gradients through `native.conv` (a direct convolution
+# for AVX-512 CPUs) where it takes them, XLA's conv elsewhere (README lever table).
+NATIVE_CONV = True
+
+
+def _stride1_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """The stride-1 conv of x padded by `padding` on each side: `native.conv` where it takes it, else XLA's."""
+  if NATIVE_CONV and native.takes_conv(x, kernel, padding):
+    return native.conv(x, kernel, padding)
+  return _conv_nhwc(x, kernel, 1, [(padding, padding)] * 2)
+
+
+def _forward_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  return _stride1_conv(x, kernel, kernel.shape[0] // 2) if stride == 1 else _conv_nhwc(x, kernel, stride)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _canonical_conv(x: jax.Array, kernel: jax.Array, stride: int, pad_first: bool = False) -> jax.Array:
-  return _conv_nhwc(x, kernel, stride)
+  return _forward_conv(x, kernel, stride)
 
 
 def _canonical_conv_fwd(x, kernel, stride, pad_first=False):
-  return _conv_nhwc(x, kernel, stride), (x, kernel)
+  return _forward_conv(x, kernel, stride), (x, kernel)
 
 
 def _canonical_conv_bwd(stride, pad_first, residuals, dy):
@@ -92,8 +106,12 @@ def _canonical_conv_bwd(stride, pad_first, residuals, dy):
   dilated_out = [stride * (n - 1) + 1 for n in dy.shape[1:3]]  # dy's extent on x's grid
   # dx: dy dilated by the stride, against the kernel flipped in space with Cin and Cout swapped ([k,k,Cout,Cin]).
   before = k - pad - 1
-  dx = _conv_nhwc(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 1,
-                  [(before, n + k - 1 - d - before) for n, d in zip(size, dilated_out)], lhs_dilation=(stride,) * 2)
+  flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+  if stride == 1:  # then the padding after is `before` too
+    dx = _stride1_conv(dy, flipped, before)
+  else:
+    dx = _conv_nhwc(dy, flipped, 1, [(before, n + k - 1 - d - before) for n, d in zip(size, dilated_out)],
+                    lhs_dilation=(stride,) * 2)
   # dkernel: Cin as the batch, B as the contracted feature, dy as a [Ho,Wo,B,Cout] kernel dilated by the stride.
   if NATIVE_FILTER_GRAD and stride == 1 and native.takes_conv_filter_grad(x, dy, k, pad):
     return dx.astype(x.dtype), native.conv_filter_grad(x, dy, k, pad).astype(kernel.dtype)

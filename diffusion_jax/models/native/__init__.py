@@ -1,9 +1,11 @@
 """CPU kernels written here in C++ as XLA FFI custom calls, built with the system's C++ compiler on first use.
 
-Today one: the filter gradient of a 3x3 or 2x2 stride-1 conv (`conv_filter_grad`, AVX-512). XLA:CPU's own ran
-at 40-100 GFLOP/s per core on the narrow convs of small U-Nets, about 60% of its forward's rate; this one at
-105-130 (README, "Faster than PyTorch?"). Where it cannot be used (no compiler, no AVX-512, a shape it does not
-take, `DJ_NATIVE_KERNELS=0`) the callers keep XLA's: `available()` says which and `unavailable_reason()` why.
+Today: the stride-1 2x2 / 3x3 conv (`conv`, a direct convolution) and its filter gradient (`conv_filter_grad`),
+for x86-64 CPUs with AVX-512; layers.xla_conv takes them for the convs and both gradients of small U-Nets. XLA:CPU's
+(Eigen's) filter gradient of those narrow convs ran at 40-100 GFLOP/s per core, about 60% of its forward's rate
+(this one: 105-130), and its convs at 67-112 (this one: 90-130); README, "Faster than PyTorch?". Where they cannot
+be used (no compiler, no AVX-512, a shape they do not take, `DJ_NATIVE_KERNELS=0`) the callers keep XLA's:
+`available()` says which and `unavailable_reason()` why.
 
 The library is compiled once per (source, jaxlib, compiler, CPU flags) into `$DJ_NATIVE_CACHE` (default
 ~/.cache/diffusion_jax/native), as torch.utils.cpp_extension.load does: a wheel built for one CPU could not use
@@ -30,8 +32,9 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-SOURCE = Path(__file__).with_name("conv_filter_grad.cc")
-FFI_TARGET = "diffusion_jax_conv_filter_grad"
+SOURCE = Path(__file__).with_name("conv.cc")
+FILTER_GRAD_TARGET = "diffusion_jax_conv_filter_grad"
+CONV_TARGET = "diffusion_jax_conv2d"
 COMPILE_TIMEOUT_S = 300
 # Fewer input channels than this keep XLA's filter gradient: the kernel pads each block of input channels to its
 # register block (6-24), so a 1- or 3-channel stem would do up to 24x the multiply-adds.
@@ -103,7 +106,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
   try:
     path = _build(compiler)
     library = ctypes.CDLL(str(path))
-    jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.ConvFilterGrad), platform="cpu")
+    jax.ffi.register_ffi_target(FILTER_GRAD_TARGET, jax.ffi.pycapsule(library.ConvFilterGrad), platform="cpu")
+    jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(library.Conv), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     logging.warning("diffusion_jax native CPU kernels unavailable, XLA's are used instead: %s", e)
     return None, str(e)
@@ -119,18 +123,40 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
+def _takes(x: jax.Array, other: jax.Array, kernel_size: int, padding: int, out_channels: int) -> bool:
+  """The conditions both kernels share: CPU, float32, [B,H,W,C] operands, a 2x2 / 3x3 kernel, stride 1."""
+  return (jax.default_backend() == "cpu" and kernel_size in (2, 3) and 0 <= padding < kernel_size
+          and x.dtype == jnp.float32 and other.dtype == jnp.float32 and x.ndim == 4 and other.ndim == 4
+          and x.shape[3] >= MIN_INPUT_CHANNELS and out_channels % OUTPUT_CHANNEL_MULTIPLE == 0 and available())
+
+
+def output_size(x_shape: tuple[int, ...], kernel_size: int, padding: int) -> list[int]:
+  """[Ho, Wo] of a stride-1 KxK conv of x [B,H,W,C] padded by `padding` on each side."""
+  return [n + 2 * padding - kernel_size + 1 for n in x_shape[1:3]]
+
+
+def takes_conv(x: jax.Array, kernel: jax.Array, padding: int) -> bool:
+  """Whether `conv` takes this x [B,H,W,Cin], kernel [K,K,Cin,Cout] on this backend."""
+  k = kernel.shape[0] if kernel.ndim == 4 else 0
+  return (_takes(x, kernel, k, padding, kernel.shape[-1]) and kernel.shape[1] == k and kernel.shape[2] == x.shape[3]
+          and min(output_size(x.shape, k, padding)) > 0)
+
+
 def takes_conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> bool:
   """Whether `conv_filter_grad` takes this x [B,H,W,Cin], dy [B,Ho,Wo,Cout] on this backend."""
-  size = [n + 2 * padding - kernel_size + 1 for n in x.shape[1:3]] if x.ndim == 4 else None
-  return (jax.default_backend() == "cpu" and kernel_size in (2, 3) and 0 <= padding < kernel_size
-          and x.dtype == jnp.float32 and dy.dtype == jnp.float32 and dy.ndim == 4 and x.ndim == 4
-          and x.shape[0] == dy.shape[0] and list(dy.shape[1:3]) == size and x.shape[3] >= MIN_INPUT_CHANNELS
-          and dy.shape[3] % OUTPUT_CHANNEL_MULTIPLE == 0 and available())
+  return (_takes(x, dy, kernel_size, padding, dy.shape[-1]) and x.shape[0] == dy.shape[0]
+          and list(dy.shape[1:3]) == output_size(x.shape, kernel_size, padding))
+
+
+def _local_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  out = jax.ShapeDtypeStruct((x.shape[0], *output_size(x.shape, kernel.shape[0], padding), kernel.shape[3]),
+                             jnp.float32)
+  return jax.ffi.ffi_call(CONV_TARGET, out)(x, kernel, padding=np.int64(padding))
 
 
 def _local_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> jax.Array:
   out = jax.ShapeDtypeStruct((kernel_size, kernel_size, x.shape[3], dy.shape[3]), jnp.float32)
-  return jax.ffi.ffi_call(FFI_TARGET, out, vmap_method="sequential")(x, dy, padding=np.int64(padding))
+  return jax.ffi.ffi_call(FILTER_GRAD_TARGET, out)(x, dy, padding=np.int64(padding))
 
 
 def _batch_axes(sharding) -> tuple:
@@ -141,31 +167,74 @@ def _batch_axes(sharding) -> tuple:
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _batch_split(mesh, axes: tuple) -> NamedSharding:
+  return NamedSharding(mesh, P(axes if axes else None, None, None, None))
+
+
+@functools.partial(custom_partitioning, static_argnums=(2,))
+def _partitioned_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  return _local_conv(x, kernel, padding)
+
+
+def _partition_conv(padding, mesh, arg_shapes, result_shape):
+  """Each device convolves its own rows of the batch (the only dimension left split) with the whole kernel."""
+  split = _batch_split(mesh, _batch_axes(arg_shapes[0].sharding))
+  return mesh, lambda x, kernel: _local_conv(x, kernel, padding), split, (split, NamedSharding(mesh, P()))
+
+
+_partitioned_conv.def_partition(
+    partition=_partition_conv,
+    infer_sharding_from_operands=lambda padding, mesh, arg_shapes, result_shape: _batch_split(
+        mesh, _batch_axes(arg_shapes[0].sharding)),
+    sharding_rule="b h w i, k l i o -> b p q o", need_replication_factors=("h", "w", "i", "k", "l", "o", "p", "q"))
+
+
 @functools.partial(custom_partitioning, static_argnums=(2, 3))
 def _partitioned_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> jax.Array:
   return _local_filter_grad(x, dy, kernel_size, padding)
 
 
-def _partition(kernel_size, padding, mesh, arg_shapes, result_shape):
+def _partition_filter_grad(kernel_size, padding, mesh, arg_shapes, result_shape):
   """Each device's rows of the batch (the only dimension left split), then the sum over the batch's axes: the
   contraction over B that a data-parallel step's filter gradient is."""
   axes = _batch_axes(arg_shapes[0].sharding)
-  operand = NamedSharding(mesh, P(axes if axes else None, None, None, None))
 
   def lower(x, dy):
     dw = _local_filter_grad(x, dy, kernel_size, padding)
     return jax.lax.psum(dw, axes) if axes else dw
 
-  return mesh, lower, NamedSharding(mesh, P()), (operand, operand)
+  split = _batch_split(mesh, axes)
+  return mesh, lower, NamedSharding(mesh, P()), (split, split)
 
 
-def _infer(kernel_size, padding, mesh, arg_shapes, result_shape):
-  return NamedSharding(mesh, P())
+_partitioned_filter_grad.def_partition(
+    partition=_partition_filter_grad,
+    infer_sharding_from_operands=lambda kernel_size, padding, mesh, arg_shapes, result_shape: NamedSharding(mesh, P()),
+    sharding_rule="b h w i, b p q o -> k l i o", reduction_factors=("b",),
+    need_replication_factors=("h", "w", "i", "p", "q", "o"))
 
 
-_partitioned_filter_grad.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
-                                       sharding_rule="b h w i, b p q o -> k l i o", reduction_factors=("b",),
-                                       need_replication_factors=("h", "w", "p", "q"))
+def _mapped_over_vmap(fn):
+  """fn(a, b) with a vmap rule: custom_partitioning has none, so map over the vmapped axis (one call each)."""
+
+  @jax.custom_batching.custom_vmap
+  def call(a, b):
+    return fn(a, b)
+
+  @call.def_vmap
+  def _(axis_size: int, in_batched: list[bool], a: jax.Array, b: jax.Array):
+    a, b = (v if batched else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, batched in zip((a, b), in_batched))
+    return jax.lax.map(lambda pair: fn(*pair), (a, b)), True
+
+  return call
+
+
+def conv(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.Array:
+  """y [B,Ho,Wo,Cout] = the stride-1 conv of x [B,H,W,Cin] padded by `padding` on each side with kernel
+  [K,K,Cin,Cout] (NHWC / HWIO; Ho = H + 2 padding - K + 1), XLA's conv_general_dilated's value (a direct
+  convolution, not differentiable itself: layers.xla_conv gives it gradients). Under a mesh each device convolves
+  its own rows of the batch. Check `takes_conv` first."""
+  return _mapped_over_vmap(lambda x, kernel: _partitioned_conv(x, kernel, padding))(x, kernel)
 
 
 def conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int = 3, padding: int = 1) -> jax.Array:
@@ -173,15 +242,4 @@ def conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int = 3, padding:
   and dy [B,Ho,Wo,Cout], Ho = H + 2 padding - K + 1: dw[kh,kw,i,o] = sum_{b,oh,ow} x[b,oh+kh-P,ow+kw-P,i]
   dy[b,oh,ow,o]. Under a mesh each device sums its own rows of the batch and the partial sums are added over the
   batch's mesh axes; under `jax.vmap` one call per mapped element. Check `takes_conv_filter_grad` first."""
-
-  @jax.custom_batching.custom_vmap
-  def filter_grad(x, dy):
-    return _partitioned_filter_grad(x, dy, kernel_size, padding)
-
-  @filter_grad.def_vmap
-  def _(axis_size: int, in_batched: list[bool], x: jax.Array, dy: jax.Array):
-    # custom_partitioning has no batching rule: map over the vmapped axis (x, dy: [N,B,H,W,C] where batched).
-    x, dy = (a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip((x, dy), in_batched))
-    return jax.lax.map(lambda pair: _partitioned_filter_grad(*pair, kernel_size, padding), (x, dy)), True
-
-  return filter_grad(x, dy)
+  return _mapped_over_vmap(lambda x, dy: _partitioned_filter_grad(x, dy, kernel_size, padding))(x, dy)
