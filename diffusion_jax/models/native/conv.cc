@@ -133,35 +133,44 @@ void Pick(int K, int Co, RangeFn* fn, int* cb) {
 // ---------------------------------------------------------------- the convolution itself
 // out[b,oh,ow,co] = sum_{kh,kw,ci} x[b, oh+kh-P, ow+kw-P, ci] * w[kh,kw,ci,co], Ho = H + 2P - K + 1 (Wo likewise).
 // A direct convolution: PB consecutive output pixels of one row x NB*16 output channels in registers (PB*NB = 24);
-// per (tap, ci) NB loads of w, PB broadcasts of x, PB*NB FMAs. xp: one image zero-padded, [Ho+K-1, Wp, Ci] with
-// Wp >= Wo+K-1+PB, so a last partial block of pixels reads zeros (its extra outputs are not stored).
+// per (tap, ci) NB loads of w, PB broadcasts of x, PB*NB FMAs. A row's last Wo % PB pixels go in blocks of 8, 4, 2
+// and 1 (a whole block there would compute up to 3x the pixels at 7x7). xp: one image zero-padded,
+// [Ho+K-1, Wo+K-1, Ci].
+template <int K, int NB, int PB>
+void ForwardBlock(const float* xp, int Wp, const float* w, float* out, int Wo, int Ci, int Co, int oh, int w0,
+                  int o0) {
+  __m512 acc[PB][NB];
+  for (int p = 0; p < PB; ++p)
+    for (int j = 0; j < NB; ++j) acc[p][j] = _mm512_setzero_ps();
+  for (int kh = 0; kh < K; ++kh) {
+    for (int kw = 0; kw < K; ++kw) {
+      const float* xr = xp + (static_cast<size_t>(oh + kh) * Wp + w0 + kw) * Ci;
+      const float* wr = w + static_cast<size_t>(kh * K + kw) * Ci * Co + o0;
+      for (int ci = 0; ci < Ci; ++ci) {
+        __m512 wv[NB];
+        for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(wr + static_cast<size_t>(ci) * Co + j * 16);
+        for (int p = 0; p < PB; ++p) {
+          const __m512 xv = _mm512_set1_ps(xr[static_cast<size_t>(p) * Ci + ci]);
+          for (int j = 0; j < NB; ++j) acc[p][j] = _mm512_fmadd_ps(xv, wv[j], acc[p][j]);
+        }
+      }
+    }
+  }
+  float* dst = out + (static_cast<size_t>(oh) * Wo + w0) * Co + o0;
+  for (int p = 0; p < PB; ++p)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(dst + static_cast<size_t>(p) * Co + j * 16, acc[p][j]);
+}
+
 template <int K, int NB, int PB>
 void ForwardImage(const float* xp, int Wp, const float* w, float* out, int Ho, int Wo, int Ci, int Co) {
   for (int oh = 0; oh < Ho; ++oh) {
     for (int o0 = 0; o0 < Co; o0 += NB * 16) {
-      for (int w0 = 0; w0 < Wo; w0 += PB) {
-        __m512 acc[PB][NB];
-        for (int p = 0; p < PB; ++p)
-          for (int j = 0; j < NB; ++j) acc[p][j] = _mm512_setzero_ps();
-        for (int kh = 0; kh < K; ++kh) {
-          for (int kw = 0; kw < K; ++kw) {
-            const float* xr = xp + (static_cast<size_t>(oh + kh) * Wp + w0 + kw) * Ci;
-            const float* wr = w + static_cast<size_t>(kh * K + kw) * Ci * Co + o0;
-            for (int ci = 0; ci < Ci; ++ci) {
-              __m512 wv[NB];
-              for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(wr + static_cast<size_t>(ci) * Co + j * 16);
-              for (int p = 0; p < PB; ++p) {
-                const __m512 xv = _mm512_set1_ps(xr[static_cast<size_t>(p) * Ci + ci]);
-                for (int j = 0; j < NB; ++j) acc[p][j] = _mm512_fmadd_ps(xv, wv[j], acc[p][j]);
-              }
-            }
-          }
-        }
-        float* dst = out + (static_cast<size_t>(oh) * Wo + w0) * Co + o0;
-        for (int p = 0; p < PB; ++p)
-          if (w0 + p < Wo)
-            for (int j = 0; j < NB; ++j) _mm512_storeu_ps(dst + static_cast<size_t>(p) * Co + j * 16, acc[p][j]);
-      }
+      int w0 = 0;
+      for (; w0 + PB <= Wo; w0 += PB) ForwardBlock<K, NB, PB>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
+      if (PB > 8) for (; w0 + 8 <= Wo; w0 += 8) ForwardBlock<K, NB, 8>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
+      for (; w0 + 4 <= Wo; w0 += 4) ForwardBlock<K, NB, 4>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
+      for (; w0 + 2 <= Wo; w0 += 2) ForwardBlock<K, NB, 2>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
+      for (; w0 < Wo; ++w0) ForwardBlock<K, NB, 1>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
     }
   }
 }
@@ -169,11 +178,11 @@ void ForwardImage(const float* xp, int Wp, const float* w, float* out, int Ho, i
 using ForwardFn = void (*)(const float*, int, const float*, float*, int, int, int, int);
 
 template <int K>
-void PickForwardFor(int Co, ForwardFn* fn, int* pb) {
-  if (Co % 64 == 0) { *fn = ForwardImage<K, 4, 6>; *pb = 6; }
-  else if (Co % 48 == 0) { *fn = ForwardImage<K, 3, 8>; *pb = 8; }
-  else if (Co % 32 == 0) { *fn = ForwardImage<K, 2, 12>; *pb = 12; }
-  else { *fn = ForwardImage<K, 1, 24>; *pb = 24; }
+ForwardFn PickForwardFor(int Co) {
+  if (Co % 64 == 0) return ForwardImage<K, 4, 6>;
+  if (Co % 48 == 0) return ForwardImage<K, 3, 8>;
+  if (Co % 32 == 0) return ForwardImage<K, 2, 12>;
+  return ForwardImage<K, 1, 24>;
 }
 
 
@@ -250,11 +259,8 @@ static ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const int B = static_cast<int>(xd[0]), H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
   const int Ci = static_cast<int>(xd[3]), Co = static_cast<int>(yd[3]), P = static_cast<int>(padding);
   const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(k);
-  ForwardFn fn;
-  int pb;
-  if (K == 2) PickForwardFor<2>(Co, &fn, &pb);
-  else PickForwardFor<3>(Co, &fn, &pb);
-  const int Hp = Ho + K - 1, Wp = Wo + K - 1 + pb;
+  const ForwardFn fn = K == 2 ? PickForwardFor<2>(Co) : PickForwardFor<3>(Co);
+  const int Hp = Ho + K - 1, Wp = Wo + K - 1;
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* ys = y->typed_data();
   ParallelFor(pool, B, [=](int b) {
