@@ -153,6 +153,26 @@ def conv_direction(text: str) -> str:
   return "conv input gradient"
 
 
+def native_conv_flops(compiled_hlo_text: str, devices: int) -> float:
+  """FLOPs of diffusion_jax.models.native's custom calls in a compiled (per-device) program, times `devices`: XLA's
+  cost analysis counts none for a custom call, so the bench scripts add these to it. Each is 2 B Ho Wo K K Ci Co
+  (a conv: x [B,H,W,Ci], w [K,K,Ci,Co] -> y [B,Ho,Wo,Co]; a filter gradient: x, dy [B,Ho,Wo,Co] -> dw)."""
+  import re
+  total = 0
+  for line in compiled_hlo_text.splitlines():
+    target = re.search(r'custom_call_target="(diffusion_jax_conv2d|diffusion_jax_conv_filter_grad)"', line)
+    shapes = re.search(r"operand_layout_constraints=\{f32\[([\d,]+)\](?:\{[\d,]*\})?, f32\[([\d,]+)\]", line)
+    out = re.search(r"= f32\[([\d,]+)\]", line)
+    if not (target and shapes and out):
+      continue
+    x, second, result = ([int(d) for d in g.split(",")] for g in (*shapes.groups(), out.group(1)))
+    if target.group(1) == "diffusion_jax_conv2d":  # second: w [K,K,Ci,Co]; result: y [B,Ho,Wo,Co]
+      total += 2 * result[0] * result[1] * result[2] * second[0] * second[1] * second[2] * second[3]
+    else:  # second: dy [B,Ho,Wo,Co]; result: dw [K,K,Ci,Co]
+      total += 2 * second[0] * second[1] * second[2] * result[0] * result[1] * result[2] * result[3]
+  return float(total * devices)
+
+
 def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Each instruction of an optimized HLO module -> ('conv forward' / 'conv input gradient' / 'conv filter
   gradient' (conv_direction; '... (native)' for diffusion_jax.models.native's custom calls) /

@@ -163,6 +163,25 @@ def test_profile_categories_split_convolutions_into_forward_and_both_gradients(w
   assert kinds == ["conv filter gradient", "conv forward", "conv input gradient"]
 
 
+def test_profile_categories_and_flops_of_the_native_convs():
+  """The native kernels' custom calls: named by direction in the profile tables, and their FLOPs (which XLA's cost
+  analysis counts as 0) added by native_conv_flops: 2 B H W 9 Cin Cout for each of the three."""
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import jax
+  import jax.numpy as jnp
+  from common import _hlo_categories, native_conv_flops
+
+  from diffusion_jax.models import layers, native
+  if native.host_unsupported_reason():
+    pytest.skip(f"native CPU kernels not for this host: {native.host_unsupported_reason()}")
+  x, kernel = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 32))
+  loss = lambda x, kernel: jnp.sum(layers.xla_conv(x, kernel) ** 2)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  kinds = sorted(kind for kind, _ in _hlo_categories(text).values() if kind.startswith("conv"))
+  assert kinds == ["conv filter gradient (native)", "conv forward (native)", "conv input gradient (native)"]
+  assert native_conv_flops(text, devices=2) == 2 * 3 * 2 * (2 * 8 * 8 * 9 * 16 * 32)
+
+
 def test_xla_cpu_repros_time_each_slow_form_and_its_workaround():
   """bench/xla_cpu_repros.py at tiny shapes: one row per case, both forms timed (the gloo case over 2 processes)."""
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": ROOT}
