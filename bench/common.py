@@ -155,21 +155,29 @@ def conv_direction(text: str) -> str:
 
 def native_conv_flops(compiled_hlo_text: str, devices: int) -> float:
   """FLOPs of diffusion_jax.models.native's custom calls in a compiled (per-device) program, times `devices`: XLA's
-  cost analysis counts none for a custom call, so the bench scripts add these to it. Each is 2 B Ho Wo K K Ci Co
-  (a conv: x [B,H,W,Ci], w [K,K,Ci,Co] -> y [B,Ho,Wo,Co]; a filter gradient: x, dy [B,Ho,Wo,Co] -> dw)."""
+  cost analysis counts none for a custom call, so the bench scripts add these to it. Counted as XLA counts a conv:
+  2 B Ci Co per (output pixel, tap) that reads inside x, not the zero padding (a conv: x [B,H,W,Ci], w [K,K,Ci,Co]
+  -> y [B,Ho,Wo,Co]; a filter gradient: x, dy [B,Ho,Wo,Co] -> dw [K,K,Ci,Co])."""
   import re
+
+  def taps_inside(out: int, size: int, k: int, pad: int) -> int:  # (output index, tap) pairs reading inside x
+    return sum(1 for o in range(out) for t in range(k) if 0 <= o + t - pad < size)
+
   total = 0
   for line in compiled_hlo_text.splitlines():
     target = re.search(r'custom_call_target="(diffusion_jax_conv2d|diffusion_jax_conv_filter_grad)"', line)
     shapes = re.search(r"operand_layout_constraints=\{f32\[([\d,]+)\](?:\{[\d,]*\})?, f32\[([\d,]+)\]", line)
     out = re.search(r"= f32\[([\d,]+)\]", line)
-    if not (target and shapes and out):
+    pad = re.search(r"padding = (\d+)", line)
+    if not (target and shapes and out and pad):
       continue
     x, second, result = ([int(d) for d in g.split(",")] for g in (*shapes.groups(), out.group(1)))
     if target.group(1) == "diffusion_jax_conv2d":  # second: w [K,K,Ci,Co]; result: y [B,Ho,Wo,Co]
-      total += 2 * result[0] * result[1] * result[2] * second[0] * second[1] * second[2] * second[3]
+      k, out_hw, cout = second[0], result[1:3], second[3]
     else:  # second: dy [B,Ho,Wo,Co]; result: dw [K,K,Ci,Co]
-      total += 2 * second[0] * second[1] * second[2] * result[0] * result[1] * result[2] * result[3]
+      k, out_hw, cout = result[0], second[1:3], result[3]
+    p = int(pad.group(1))
+    total += 2 * x[0] * x[3] * cout * taps_inside(out_hw[0], x[1], k, p) * taps_inside(out_hw[1], x[2], k, p)
   return float(total * devices)
 
 
