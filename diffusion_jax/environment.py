@@ -24,6 +24,9 @@ VARIABLES = {
                       "on several host devices the system's jemalloc preloaded; diffusion_jax.host_memory), 'glibc' "
                       "(the same without jemalloc), 'jemalloc' (the same as 'tuned') or 'default' (the C library "
                       "and JAX as they are)",
+    "DJ_NATIVE_KERNELS": "'1' (the default: diffusion_jax.models.native's C++ CPU convolutions where they apply) "
+                         "or '0' (XLA's everywhere)",
+    "DJ_NATIVE_CACHE": "the folder the native CPU kernels are compiled into (default ~/.cache/diffusion_jax/native)",
 }
 DEFAULT_INIT_TIMEOUT = 300.0
 
@@ -68,6 +71,8 @@ def read_environment(env: Mapping[str, str] | None = None) -> Environment:
     raise _bad("DJ_TRACEBACK", traceback)
   if env.get("DJ_HOST_MEMORY", "tuned") not in host_memory.MODES:
     raise _bad("DJ_HOST_MEMORY", env["DJ_HOST_MEMORY"])
+  if env.get("DJ_NATIVE_KERNELS", "1") not in ("0", "1"):
+    raise _bad("DJ_NATIVE_KERNELS", env["DJ_NATIVE_KERNELS"])
   auto = env.get("DJ_DISTRIBUTED", "")
   if auto not in ("", "auto"):
     raise _bad("DJ_DISTRIBUTED", auto)

@@ -187,3 +187,10 @@ def test_a_host_that_cannot_build_them_keeps_xlas_and_says_why(monkeypatch, tmp_
     monkeypatch.undo()
     native._load.cache_clear()
   assert native.available()
+
+
+def test_the_environment_variables_are_known_and_checked():
+  from diffusion_jax.environment import read_environment
+  assert read_environment({"DJ_NATIVE_KERNELS": "0", "DJ_NATIVE_CACHE": "/tmp/x"}) == read_environment({})
+  with pytest.raises(ValueError, match=r"DJ_NATIVE_KERNELS='off' is invalid: expected '1' \(the default"):
+    read_environment({"DJ_NATIVE_KERNELS": "off"})

@@ -156,6 +156,7 @@ def test_wide_models_train_step_options_leave_convolutions_to_xla_on_cpu(monkeyp
     return sum(" convolution(" in bodies.get(name, "") for name in called)
 
   x, w = jnp.ones((2, 8, 8, 128)), jnp.ones((3, 3, 128, 128))
+  monkeypatch.setattr(layers, "NATIVE_CONV", False)  # XLA's own conv (not diffusion_jax.models.native's)
   lowered = jax.jit(lambda x, w: layers.xla_conv(x, w) + 1.0 + x).lower(x, w)
   assert convs_in_ynn(lowered.compile().as_text()) == 1  # XLA:CPU's default: YNNPACK's
   assert convs_in_ynn(lowered.compile(compiler_options=options).as_text()) == 0
