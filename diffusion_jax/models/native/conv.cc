@@ -215,50 +215,57 @@ void ParallelFor(ffi::ThreadPool& pool, int tasks, Fn fn) {
   state->cv.wait(lock, [&] { return state->done == state->tasks; });
 }
 
+// Whether x [B,H,W,Ci], a kernel [K,K,Ci,Co] and an output [B,Ho,Wo,Co] are a stride-1 KxK conv padded by P on
+// each side (Ho = H + 2P - K + 1) that the kernels here take: K 2 or 3, 0 <= P < K, Co a multiple of 16.
+template <typename Dims>
+bool ConvShapesFit(const Dims& xd, const Dims& kd, const Dims& yd, int64_t padding) {
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4) return false;
+  const int64_t k = kd[0];
+  return (k == 2 || k == 3) && kd[1] == k && 0 <= padding && padding < k && xd[0] == yd[0] &&
+         yd[1] == xd[1] + 2 * padding - k + 1 && yd[2] == xd[2] + 2 * padding - k + 1 && kd[2] == xd[3] &&
+         kd[3] == yd[3] && yd[3] % 16 == 0;
+}
+
+// Both handlers' signature: XLA's intra-op pool, two float32 arrays in, one out, the padding as an attribute.
+auto TwoArraysAndPadding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("padding");
+}
+
 }  // namespace
 
 static ffi::Error ConvFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                      ffi::ResultBuffer<ffi::F32> dw, int64_t padding) {
   const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
-  const bool ranks = xd.size() == 4 && yd.size() == 4 && wd.size() == 4;
-  const int64_t k = ranks ? wd[0] : 0;
-  if (!ranks || (k != 2 && k != 3) || wd[1] != k || xd[0] != yd[0] || yd[1] != xd[1] + 2 * padding - k + 1 ||
-      yd[2] != xd[2] + 2 * padding - k + 1 || wd[2] != xd[3] || wd[3] != yd[3] || yd[3] % 16 != 0 || padding < 0 ||
-      padding >= k)
+  if (!ConvShapesFit(xd, wd, yd, padding))
     return ffi::Error::InvalidArgument("conv_filter_grad: expected x [B,H,W,Cin], dy [B,H+2P-K+1,W+2P-K+1,Cout] "
                                        "with Cout a multiple of 16, dw [K,K,Cin,Cout], K 2 or 3, 0 <= P < K");
   const Shape s{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(xd[2]), static_cast<int>(yd[1]),
                 static_cast<int>(yd[2]), static_cast<int>(xd[3]), static_cast<int>(yd[3]), static_cast<int>(padding)};
   RangeFn fn;
   int cb;
-  Pick(static_cast<int>(k), s.Co, &fn, &cb);
+  Pick(static_cast<int>(wd[0]), s.Co, &fn, &cb);
   const float *xp = x.typed_data(), *dyp = dy.typed_data();
   float* dwp = dw->typed_data();
   ParallelFor(pool, (s.Ci + cb - 1) / cb, [=](int blk) { fn(xp, dyp, dwp, s, blk, blk + 1); });
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvFilterGrad, ConvFilterGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvFilterGrad, ConvFilterGradImpl, TwoArraysAndPadding());
 
 static ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t padding) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  const bool ranks = xd.size() == 4 && yd.size() == 4 && wd.size() == 4;
-  const int64_t k = ranks ? wd[0] : 0;
-  if (!ranks || (k != 2 && k != 3) || wd[1] != k || xd[0] != yd[0] || yd[1] != xd[1] + 2 * padding - k + 1 ||
-      yd[2] != xd[2] + 2 * padding - k + 1 || wd[2] != xd[3] || wd[3] != yd[3] || yd[3] % 16 != 0 || padding < 0 ||
-      padding >= k)
+  if (!ConvShapesFit(xd, wd, yd, padding))
     return ffi::Error::InvalidArgument("conv: expected x [B,H,W,Cin], w [K,K,Cin,Cout] with Cout a multiple of 16, "
                                        "y [B,H+2P-K+1,W+2P-K+1,Cout], K 2 or 3, 0 <= P < K");
   const int B = static_cast<int>(xd[0]), H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
   const int Ci = static_cast<int>(xd[3]), Co = static_cast<int>(yd[3]), P = static_cast<int>(padding);
-  const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(k);
+  const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(wd[0]);
   const ForwardFn fn = K == 2 ? PickForwardFor<2>(Co) : PickForwardFor<3>(Co);
   const int Hp = Ho + K - 1, Wp = Wo + K - 1;
   const float *xs = x.typed_data(), *ws = w.typed_data();
@@ -273,10 +280,4 @@ static ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv, ConvImpl, TwoArraysAndPadding());
