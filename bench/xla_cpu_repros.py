@@ -22,14 +22,16 @@ from common import free_port, host_memory_as_main, median_ms, print_table, run_l
 
 
 @contextlib.contextmanager
-def xla_filter_grads():
-  """XLA's own conv filter gradients while tracing (not diffusion_jax.models.native's): the cases below time XLA."""
+def xla_convs():
+  """XLA's own convs and conv gradients while tracing (not diffusion_jax.models.native's): the cases below time
+  XLA."""
   from diffusion_jax.models import layers
-  before, layers.NATIVE_FILTER_GRAD = layers.NATIVE_FILTER_GRAD, False
+  before = layers.NATIVE_CONV, layers.NATIVE_FILTER_GRAD
+  layers.NATIVE_CONV = layers.NATIVE_FILTER_GRAD = False
   try:
     yield
   finally:
-    layers.NATIVE_FILTER_GRAD = before
+    layers.NATIVE_CONV, layers.NATIVE_FILTER_GRAD = before
 
 
 def repeat_broadcast(small: bool, reps: int) -> tuple[float, float]:
@@ -63,7 +65,7 @@ def conv2x2_filter_grad(small: bool, reps: int) -> tuple[float, float]:
   out = {}
   for form, pad_first in (("slow", False), ("workaround", True)):
     grad = lambda x, k, dy, p=pad_first: jax.vjp(lambda k: layers._canonical_conv(x, k, 1, p), k)[1](dy)[0]
-    with xla_filter_grads():
+    with xla_convs():
       f = jax.jit(grad).lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
     out[form] = median_ms(f, x, kernel, dy, steps=reps)
   return out["slow"], out["workaround"]
@@ -84,7 +86,7 @@ def conv_grad_in_scan(small: bool, reps: int) -> tuple[float, float]:
     def accumulated_grad(kernel, x, conv=conv):
       body = lambda total, micro: (total + jax.grad(lambda k: jnp.sum(conv(micro, k) ** 2))(kernel), None)
       return jax.lax.scan(body, jnp.zeros_like(kernel), x)[0]
-    with xla_filter_grads():
+    with xla_convs():
       f = jax.jit(accumulated_grad).lower(kernel, x).compile()
     out[form] = median_ms(f, kernel, x, steps=reps)
   return out["slow"], out["workaround"]
@@ -107,7 +109,7 @@ def conv3x3_filter_grad(small: bool, reps: int) -> tuple[float, float]:
            "workaround": jax.jit(lambda x, k, dy: native.conv_filter_grad(x, dy, 3, 1))}
   out = {}
   for form, grad in grads.items():
-    with xla_filter_grads():
+    with xla_convs():
       f = grad.lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
     out[form] = median_ms(f, x, kernel, dy, steps=reps)
   return out["slow"], out["workaround"]

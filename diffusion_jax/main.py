@@ -73,9 +73,11 @@ def main(argv):
   from diffusion_jax import train
   from diffusion_jax.data import DataNotFoundError
   from diffusion_jax.loop import TrainingInterrupted
+  from diffusion_jax.models import native
   from diffusion_jax.parallel.multihost import maybe_initialize_distributed
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache")))
+  native.keep_compilation_cache_hits()
   try:
     maybe_initialize_distributed(env)
     if jax.process_index() > 0:  # one log for the job: process 0's (the others still print warnings and errors)

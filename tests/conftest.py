@@ -15,4 +15,7 @@ import jax  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax_cache"))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+from diffusion_jax.models import native  # noqa: E402
+
+native.keep_compilation_cache_hits()  # as main does: multi-device programs with the native kernels hit the cache
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -2,6 +2,7 @@
 CPU) against XLA's in float64, under a mesh, vmap, scan and shard_map, as the U-Net's layers use them, and the
 fallback where they cannot be built."""
 
+import os
 import re
 
 import jax
@@ -51,6 +52,7 @@ SHAPES = [
     ((2, 5, 6, 70), 64),    # 4 output vectors; 70 = 11 blocks of 6 + 4
     ((1, 4, 4, 9), 128),    # several output blocks of 64
     ((2, 3, 33, 24), 16),   # one output vector, blocks of 24; rows longer than a chunk's 256 pixels / width
+    ((1, 9, 7, 16), 32),    # one image: the conv's rows in bands, one per task, the last one shorter
 ]
 
 
@@ -88,6 +90,7 @@ def test_conv_is_xlas(shape, cout, kernel_size, padding):
     ((2, 8, 8, 8), 24, 3, 1, jnp.float32),    # output channels not a multiple of 16
     ((2, 8, 8, 8), 16, 5, 2, jnp.float32),    # 5x5
     ((2, 8, 8, 8), 16, 3, 1, jnp.bfloat16),
+    ((2, 1, 1, 8), 16, 2, 0, jnp.float32),    # an empty output
 ])
 def test_shapes_and_dtypes_it_does_not_take(x_shape, cout, kernel_size, padding, dtype):
   x, dy = (a.astype(dtype) for a in inputs(x_shape, kernel_size, padding, cout))
@@ -131,6 +134,9 @@ def test_vmap_and_scan():
     close(vmapped[i], reference_filter_grad(x[2 * i:2 * i + 2], dy[2 * i:2 * i + 2], 2, 1))
   unbatched = jax.vmap(lambda x: native.conv_filter_grad(x, dy, 2, 1))(x[None])  # dy not mapped
   close(unbatched[0], reference_filter_grad(x, dy, 2, 1))
+  nested = jax.vmap(jax.vmap(lambda x, dy: native.conv_filter_grad(x, dy, 2, 1)))(x.reshape(2, 1, 2, 6, 6, 8),
+                                                                                dy.reshape(2, 1, 2, 7, 7, 16))
+  close(nested[1, 0], reference_filter_grad(x[2:], dy[2:], 2, 1))
 
   def accumulated(x, dy):
     return jax.lax.scan(lambda total, pair: (total + native.conv_filter_grad(*pair, 2, 1), None),
@@ -194,3 +200,37 @@ def test_the_environment_variables_are_known_and_checked():
   assert read_environment({"DJ_NATIVE_KERNELS": "0", "DJ_NATIVE_CACHE": "/tmp/x"}) == read_environment({})
   with pytest.raises(ValueError, match=r"DJ_NATIVE_KERNELS='off' is invalid: expected '1' \(the default"):
     read_environment({"DJ_NATIVE_KERNELS": "off"})
+
+
+CACHE_PROBE = """
+import os, sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from diffusion_jax.models import layers, native
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+if sys.argv[2] == "keep":
+  native.keep_compilation_cache_hits()
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+x = jax.device_put(jnp.ones((4, 8, 8, 16)), NamedSharding(mesh, P("data")))
+grad = jax.jit(jax.grad(lambda k, x: jnp.sum(layers.xla_conv(x, k) ** 2), (0, 1)))
+assert native.FILTER_GRAD_TARGET in grad.lower(jnp.ones((3, 3, 16, 32)), x).compile().as_text()
+grad(jnp.ones((3, 3, 16, 32)), x)
+print(len(os.listdir(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_multi_device_program_with_the_kernels_hits_the_compilation_cache_in_the_next_process(tmp_path, keep):
+  """With keep_compilation_cache_hits (as main and the tests' conftest call it) a second process finds the first
+  one's compiled 2-device step in the persistent cache; without it JAX's key holds the custom_partitioning object's
+  id and every process compiles and writes the program anew."""
+  import subprocess
+  import sys
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  run = lambda: subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path), "keep" if keep else "no"],
+                               env=env, capture_output=True, text=True, timeout=300)
+  first, second = run(), run()
+  assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+  entries = int(first.stdout.split()[-1]), int(second.stdout.split()[-1])
+  assert (entries[1] == entries[0]) == keep, entries

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import shutil
@@ -123,6 +124,17 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
+def keep_compilation_cache_hits() -> None:
+  """Let JAX's persistent compilation cache hit for programs that call these kernels under a mesh of several
+  devices. JAX puts the id of each `custom_partitioning` call's Python object into its HLO, and so into the cache
+  key, unless `jax_remove_custom_partitioning_ptr_from_cache_key` is set: without it every new process compiled a
+  multi-device train step afresh (a probe: one new cache entry per run). Setting it is safe for this package's
+  partitioned calls, each determined by what the HLO holds (the operands' and result's shapes, hence K and the
+  padding, and its Shardy rule), but not for a program whose custom_partitioning calls differ only in their Python
+  callbacks; so main and the tests call this where they set the cache directory, and a library import does not."""
+  jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
+
+
 def _takes(x: jax.Array, other: jax.Array, kernel_size: int, padding: int, out_channels: int) -> bool:
   """The conditions both kernels share: CPU, float32, [B,H,W,C] operands, a 2x2 / 3x3 kernel, stride 1."""
   return (jax.default_backend() == "cpu" and kernel_size in (2, 3) and 0 <= padding < kernel_size
@@ -145,7 +157,7 @@ def takes_conv(x: jax.Array, kernel: jax.Array, padding: int) -> bool:
 def takes_conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> bool:
   """Whether `conv_filter_grad` takes this x [B,H,W,Cin], dy [B,Ho,Wo,Cout] on this backend."""
   return (_takes(x, dy, kernel_size, padding, dy.shape[-1]) and x.shape[0] == dy.shape[0]
-          and list(dy.shape[1:3]) == output_size(x.shape, kernel_size, padding))
+          and list(dy.shape[1:3]) == output_size(x.shape, kernel_size, padding) and min(dy.shape[1:3]) > 0)
 
 
 def _local_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
@@ -198,6 +210,8 @@ def _partition_filter_grad(kernel_size, padding, mesh, arg_shapes, result_shape)
   """Each device's rows of the batch (the only dimension left split), then the sum over the batch's axes: the
   contraction over B that a data-parallel step's filter gradient is."""
   axes = _batch_axes(arg_shapes[0].sharding)
+  if arg_shapes[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+    axes = ()  # a batch the devices do not divide would be padded, and the padding rows summed: gather it instead
 
   def lower(x, dy):
     dw = _local_filter_grad(x, dy, kernel_size, padding)
@@ -224,7 +238,7 @@ def _mapped_over_vmap(fn):
   @call.def_vmap
   def _(axis_size: int, in_batched: list[bool], a: jax.Array, b: jax.Array):
     a, b = (v if batched else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, batched in zip((a, b), in_batched))
-    return jax.lax.map(lambda pair: fn(*pair), (a, b)), True
+    return jax.lax.map(lambda pair: call(*pair), (a, b)), True  # `call`: a vmap around this one maps again
 
   return call
 

@@ -134,8 +134,8 @@ void Pick(int K, int Co, RangeFn* fn, int* cb) {
 // out[b,oh,ow,co] = sum_{kh,kw,ci} x[b, oh+kh-P, ow+kw-P, ci] * w[kh,kw,ci,co], Ho = H + 2P - K + 1 (Wo likewise).
 // A direct convolution: PB consecutive output pixels of one row x NB*16 output channels in registers (PB*NB = 24);
 // per (tap, ci) NB loads of w, PB broadcasts of x, PB*NB FMAs. A row's last Wo % PB pixels go in blocks of 8, 4, 2
-// and 1 (a whole block there would compute up to 3x the pixels at 7x7). xp: one image zero-padded,
-// [Ho+K-1, Wo+K-1, Ci].
+// and 1 (a whole block there would compute up to 3x the pixels at 7x7). xp: the input rows of Ho output rows of one
+// image, zero-padded, [Ho+K-1, Wo+K-1, Ci]; out: those output rows.
 template <int K, int NB, int PB>
 void ForwardBlock(const float* xp, int Wp, const float* w, float* out, int Wo, int Ci, int Co, int oh, int w0,
                   int o0) {
@@ -223,7 +223,7 @@ bool ConvShapesFit(const Dims& xd, const Dims& kd, const Dims& yd, int64_t paddi
   const int64_t k = kd[0];
   return (k == 2 || k == 3) && kd[1] == k && 0 <= padding && padding < k && xd[0] == yd[0] &&
          yd[1] == xd[1] + 2 * padding - k + 1 && yd[2] == xd[2] + 2 * padding - k + 1 && kd[2] == xd[3] &&
-         kd[3] == yd[3] && yd[3] % 16 == 0;
+         kd[3] == yd[3] && yd[3] % 16 == 0 && yd[1] > 0 && yd[2] > 0;
 }
 
 // Both handlers' signature: XLA's intra-op pool, two float32 arrays in, one out, the padding as an attribute.
@@ -267,15 +267,26 @@ static ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const int Ci = static_cast<int>(xd[3]), Co = static_cast<int>(yd[3]), P = static_cast<int>(padding);
   const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(wd[0]);
   const ForwardFn fn = K == 2 ? PickForwardFor<2>(Co) : PickForwardFor<3>(Co);
-  const int Hp = Ho + K - 1, Wp = Wo + K - 1;
+  const int Wp = Wo + K - 1;
+  // Tasks: bands of each image's output rows, enough for every thread of the pool (2 per thread) even when a
+  // device holds 1-2 images (sampling, evaluation); one band per image at larger batches.
+  const int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+  const int bands = std::min(Ho, std::max(1, (2 * threads + B - 1) / B));
+  const int band_rows = (Ho + bands - 1) / bands;
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* ys = y->typed_data();
-  ParallelFor(pool, B, [=](int b) {
-    std::vector<float> xp(static_cast<size_t>(Hp) * Wp * Ci, 0.0f);  // this image, zero-padded
-    for (int h = 0; h < H; ++h)
-      std::memcpy(xp.data() + (static_cast<size_t>(h + P) * Wp + P) * Ci,
-                  xs + (static_cast<size_t>(b) * H + h) * W * Ci, sizeof(float) * W * Ci);
-    fn(xp.data(), Wp, ws, ys + static_cast<size_t>(b) * Ho * Wo * Co, Ho, Wo, Ci, Co);
+  ParallelFor(pool, B * bands, [=](int task) {
+    const int b = task / bands, oh0 = (task % bands) * band_rows, rows = std::min(band_rows, Ho - oh0);
+    if (rows <= 0) return;
+    // the band's input rows, zero-padded: padded row r is x's row oh0 + r - P
+    std::vector<float> xp(static_cast<size_t>(rows + K - 1) * Wp * Ci, 0.0f);
+    for (int r = 0; r < rows + K - 1; ++r) {
+      const int h = oh0 + r - P;
+      if (h >= 0 && h < H)
+        std::memcpy(xp.data() + (static_cast<size_t>(r) * Wp + P) * Ci,
+                    xs + (static_cast<size_t>(b) * H + h) * W * Ci, sizeof(float) * W * Ci);
+    }
+    fn(xp.data(), Wp, ws, ys + (static_cast<size_t>(b) * Ho + oh0) * Wo * Co, rows, Wo, Ci, Co);
   });
   return ffi::Error::Success();
 }
