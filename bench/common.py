@@ -160,19 +160,21 @@ def native_conv_flops(compiled_hlo_text: str, devices: int) -> float:
   -> y [B,Ho,Wo,Co]; a filter gradient: x, dy [B,Ho,Wo,Co] -> dw [K,K,Ci,Co])."""
   import re
 
+  from diffusion_jax.models import native
+
   def taps_inside(out: int, size: int, k: int, pad: int) -> int:  # (output index, tap) pairs reading inside x
     return sum(1 for o in range(out) for t in range(k) if 0 <= o + t - pad < size)
 
   total = 0
   for line in compiled_hlo_text.splitlines():
-    target = re.search(r'custom_call_target="(diffusion_jax_conv2d|diffusion_jax_conv_filter_grad)"', line)
+    target = re.search(f'custom_call_target="({native.CONV_TARGET}|{native.FILTER_GRAD_TARGET})"', line)
     shapes = re.search(r"operand_layout_constraints=\{f32\[([\d,]+)\](?:\{[\d,]*\})?, f32\[([\d,]+)\]", line)
     out = re.search(r"= f32\[([\d,]+)\]", line)
     pad = re.search(r"padding = (\d+)", line)
     if not (target and shapes and out and pad):
       continue
     x, second, result = ([int(d) for d in g.split(",")] for g in (*shapes.groups(), out.group(1)))
-    if target.group(1) == "diffusion_jax_conv2d":  # second: w [K,K,Ci,Co]; result: y [B,Ho,Wo,Co]
+    if target.group(1) == native.CONV_TARGET:  # second: w [K,K,Ci,Co]; result: y [B,Ho,Wo,Co]
       k, out_hw, cout = second[0], result[1:3], second[3]
     else:  # second: dy [B,Ho,Wo,Co]; result: dw [K,K,Ci,Co]
       k, out_hw, cout = result[0], second[1:3], result[3]
@@ -196,10 +198,12 @@ def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
     elif current:
       bodies[current].append(line)
 
+  from diffusion_jax.models import native
+
   def category(text: str) -> str:
-    if "diffusion_jax_conv_filter_grad" in text:  # diffusion_jax.models.native's FFI custom calls
+    if native.FILTER_GRAD_TARGET in text:  # diffusion_jax.models.native's FFI custom calls
       return "conv filter gradient (native)"
-    if "diffusion_jax_conv2d" in text:
+    if native.CONV_TARGET in text:
       op_name = (re.search(r'op_name="([^"]*)"', text) or [None, ""])[1]
       return "conv input gradient (native)" if "transpose(" in op_name else "conv forward (native)"
     if re.search(r" convolution\(|cudnn\$conv|__cudnn\$conv", text):

@@ -12,26 +12,12 @@ the table is printed, the numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 
 import numpy as np
 from common import free_port, host_memory_as_main, median_ms, print_table, run_local_processes
-
-
-@contextlib.contextmanager
-def xla_convs():
-  """XLA's own convs and conv gradients while tracing (not diffusion_jax.models.native's): the cases below time
-  XLA."""
-  from diffusion_jax.models import layers
-  before = layers.NATIVE_CONV, layers.NATIVE_FILTER_GRAD
-  layers.NATIVE_CONV = layers.NATIVE_FILTER_GRAD = False
-  try:
-    yield
-  finally:
-    layers.NATIVE_CONV, layers.NATIVE_FILTER_GRAD = before
 
 
 def repeat_broadcast(small: bool, reps: int) -> tuple[float, float]:
@@ -65,7 +51,7 @@ def conv2x2_filter_grad(small: bool, reps: int) -> tuple[float, float]:
   out = {}
   for form, pad_first in (("slow", False), ("workaround", True)):
     grad = lambda x, k, dy, p=pad_first: jax.vjp(lambda k: layers._canonical_conv(x, k, 1, p), k)[1](dy)[0]
-    with xla_convs():
+    with layers.native_convs(False):  # the cases time XLA's own convs
       f = jax.jit(grad).lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
     out[form] = median_ms(f, x, kernel, dy, steps=reps)
   return out["slow"], out["workaround"]
@@ -86,7 +72,7 @@ def conv_grad_in_scan(small: bool, reps: int) -> tuple[float, float]:
     def accumulated_grad(kernel, x, conv=conv):
       body = lambda total, micro: (total + jax.grad(lambda k: jnp.sum(conv(micro, k) ** 2))(kernel), None)
       return jax.lax.scan(body, jnp.zeros_like(kernel), x)[0]
-    with xla_convs():
+    with layers.native_convs(False):  # the cases time XLA's own convs
       f = jax.jit(accumulated_grad).lower(kernel, x).compile()
     out[form] = median_ms(f, kernel, x, steps=reps)
   return out["slow"], out["workaround"]
@@ -109,7 +95,7 @@ def conv3x3_filter_grad(small: bool, reps: int) -> tuple[float, float]:
            "workaround": jax.jit(lambda x, k, dy: native.conv_filter_grad(x, dy, 3, 1))}
   out = {}
   for form, grad in grads.items():
-    with xla_convs():
+    with layers.native_convs(False):  # the cases time XLA's own convs
       f = grad.lower(x, kernel, dy).compile(layers.WIDE_MODEL_CPU_XLA_OPTIONS)
     out[form] = median_ms(f, x, kernel, dy, steps=reps)
   return out["slow"], out["workaround"]

@@ -1,6 +1,5 @@
 """bench/: the scripts run and print their tables (so they cannot rot); timings are never asserted."""
 
-import contextlib
 import os
 import re
 import subprocess
@@ -164,17 +163,6 @@ def test_profile_categories_split_convolutions_into_forward_and_both_gradients(w
   assert kinds == ["conv filter gradient", "conv forward", "conv input gradient"]
 
 
-@contextlib.contextmanager
-def layers_native(on: bool):
-  from diffusion_jax.models import layers
-  before = layers.NATIVE_CONV, layers.NATIVE_FILTER_GRAD
-  layers.NATIVE_CONV = layers.NATIVE_FILTER_GRAD = on
-  try:
-    yield
-  finally:
-    layers.NATIVE_CONV, layers.NATIVE_FILTER_GRAD = before
-
-
 def test_profile_categories_and_flops_of_the_native_convs():
   """The native kernels' custom calls: named by direction in the profile tables, and their FLOPs (which XLA's cost
   analysis counts as 0) added by native_conv_flops as XLA counts its own convs (the taps reading padding left out)."""
@@ -191,7 +179,7 @@ def test_profile_categories_and_flops_of_the_native_convs():
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
   kinds = sorted(kind for kind, _ in _hlo_categories(text).values() if kind.startswith("conv"))
   assert kinds == ["conv filter gradient (native)", "conv forward (native)", "conv input gradient (native)"]
-  with layers_native(False):
+  with layers.native_convs(False):
     xla = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).cost_analysis()["flops"]
   # 22 of the 8 x 3 (output, tap) pairs per axis read inside x
   assert native_conv_flops(text, devices=2) == 2 * 3 * 2 * (2 * 22 * 22 * 16 * 32)

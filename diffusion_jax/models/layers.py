@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -65,12 +66,26 @@ def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding=None, lhs_d
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-# The 3x3 filter gradients through `native.conv3x3_filter_grad` (a C++ kernel for AVX-512 CPUs) where it takes
-# them, XLA's conv elsewhere: per conv 1.1-1.9x XLA:CPU's at fmnist_small's shapes on one core (README lever table).
+# The stride-1 2x2 / 3x3 filter gradients through `native.conv_filter_grad` (a C++ kernel for AVX-512 CPUs) where
+# it takes them, XLA's conv elsewhere: per conv 1.2-1.9x XLA:CPU's at fmnist_small's shapes on one core (README
+# lever table).
 NATIVE_FILTER_GRAD = True
 # The stride-1 2x2 / 3x3 convs themselves and their input gradients through `native.conv` (a direct convolution
 # for AVX-512 CPUs) where it takes them, XLA's conv elsewhere (README lever table).
 NATIVE_CONV = True
+
+
+@contextlib.contextmanager
+def native_convs(enabled: bool):
+  """NATIVE_CONV and NATIVE_FILTER_GRAD both set to `enabled` while tracing inside (benchmarks and tests that time
+  or check XLA's own convs against the native kernels)."""
+  global NATIVE_CONV, NATIVE_FILTER_GRAD
+  before = NATIVE_CONV, NATIVE_FILTER_GRAD
+  NATIVE_CONV = NATIVE_FILTER_GRAD = enabled
+  try:
+    yield
+  finally:
+    NATIVE_CONV, NATIVE_FILTER_GRAD = before
 
 
 def _stride1_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:

@@ -48,6 +48,7 @@ def cache_dir() -> Path:
   return Path(os.environ.get("DJ_NATIVE_CACHE") or Path.home() / ".cache" / "diffusion_jax" / "native")
 
 
+@functools.cache
 def _cpu_flags() -> str:
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
