@@ -89,13 +89,47 @@ def test_conv_is_xlas(shape, cout, kernel_size, padding):
     ((2, 8, 8, 4), 16, 3, 1, jnp.float32),    # fewer input channels than MIN_INPUT_CHANNELS (a stem)
     ((2, 8, 8, 8), 24, 3, 1, jnp.float32),    # output channels not a multiple of 16
     ((2, 8, 8, 8), 16, 5, 2, jnp.float32),    # 5x5
-    ((2, 8, 8, 8), 16, 3, 1, jnp.bfloat16),
+    ((2, 8, 8, 8), 16, 3, 1, jnp.float16),
     ((2, 1, 1, 8), 16, 2, 0, jnp.float32),    # an empty output
 ])
 def test_shapes_and_dtypes_it_does_not_take(x_shape, cout, kernel_size, padding, dtype):
   x, dy = (a.astype(dtype) for a in inputs(x_shape, kernel_size, padding, cout))
   assert not native.takes_conv_filter_grad(x, dy, kernel_size, padding)
   assert not native.takes_conv(x, jnp.zeros((kernel_size, kernel_size, x_shape[-1], cout), dtype), padding)
+
+
+def test_mixed_dtypes_and_bfloat16_without_amx_are_not_taken(monkeypatch):
+  x, dy = inputs((2, 8, 8, 8), 3, 1, 16)
+  assert not native.takes_conv_filter_grad(x.astype(jnp.bfloat16), dy, 3, 1)
+  assert not native.takes_conv(x, jnp.zeros((3, 3, 8, 16), jnp.bfloat16), 1)
+  monkeypatch.setattr(native, "amx_available", lambda: False)
+  x, dy = x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
+  assert not native.takes_conv_filter_grad(x, dy, 3, 1)
+  assert not native.takes_conv(x, jnp.zeros((3, 3, 8, 16), jnp.bfloat16), 1)
+
+
+needs_amx = pytest.mark.skipif(not native.amx_available(), reason="the bfloat16 kernels need a CPU with AMX")
+# Channel counts around the AMX kernels' blocks: 32 input channels per tile (8-70: zero-padded to 32 or 96), 16 or
+# 32 output channels per pass; widths around the 32 positions of a tile pair; one image in bands.
+BF16_SHAPES = SHAPES + [((2, 32, 32, 32), 32), ((1, 16, 16, 64), 64), ((2, 8, 8, 40), 48), ((3, 5, 17, 96), 16)]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape,cout,kernel_size,padding",
+                         [(*case, 3, 1) for case in BF16_SHAPES] + [(*case, 2, 1) for case in BF16_SHAPES[:7]]
+                         + [(*SHAPES[1], 3, 0), (*SHAPES[1], 2, 0), (*SHAPES[1], 3, 2)])
+def test_bfloat16_kernels_sum_exact_products_in_float32(shape, cout, kernel_size, padding):
+  """bfloat16 x, w / dy (AMX): each product exact, summed in float32, so float64's value of the same bfloat16
+  numbers to float32's rounding; the result float32."""
+  x, dy = (a.astype(jnp.bfloat16) for a in inputs(shape, kernel_size, padding, cout))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, shape[-1], cout)).astype(jnp.bfloat16)
+  assert native.takes_conv(x, kernel, padding) and native.takes_conv_filter_grad(x, dy, kernel_size, padding)
+  y = jax.jit(native.conv, static_argnums=2)(x, kernel, padding)
+  dw = jax.jit(native.conv_filter_grad, static_argnums=(2, 3))(x, dy, kernel_size, padding)
+  assert y.dtype == dw.dtype == jnp.float32
+  as32 = lambda a: a.astype(jnp.float32)
+  close(y, reference_conv(as32(x), as32(kernel), padding))
+  close(dw, reference_filter_grad(as32(x), as32(dy), kernel_size, padding))
 
 
 def test_a_batch_split_over_a_mesh_sums_each_devices_rows_without_gathering_them():
@@ -126,6 +160,21 @@ def test_a_batch_split_over_a_mesh_sums_each_devices_rows_without_gathering_them
   close(jax.jit(per_device)(xs, dys), reference_filter_grad(x, dy, 3, 1))
 
 
+@needs_amx
+def test_bfloat16_under_a_mesh_each_device_its_own_rows():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x, dy = (a.astype(jnp.bfloat16) for a in inputs((16, 6, 6, 32), 3, 1, 32))
+  kernel = jax.random.normal(jax.random.key(3), (3, 3, 32, 32)).astype(jnp.bfloat16)
+  split = NamedSharding(mesh, P("data"))
+  xs, dys = jax.device_put(x, split), jax.device_put(dy, split)
+  as32 = lambda a: a.astype(jnp.float32)
+  close(jax.jit(lambda x, dy: native.conv_filter_grad(x, dy, 3, 1))(xs, dys),
+        reference_filter_grad(as32(x), as32(dy), 3, 1))
+  y = jax.jit(lambda x, kernel: native.conv(x, kernel, 1))(xs, kernel)
+  close(y, reference_conv(as32(x), as32(kernel), 1))
+  assert y.sharding.spec[0] == "data"
+
+
 def test_vmap_and_scan():
   x, dy = inputs((4, 6, 6, 8), 2, 1, 16)
   vmapped = jax.jit(jax.vmap(lambda x, dy: native.conv_filter_grad(x, dy, 2, 1)))(x.reshape(2, 2, 6, 6, 8),
@@ -147,26 +196,35 @@ def test_vmap_and_scan():
         reference_conv(x, kernel, 1))
 
 
-@pytest.mark.parametrize("upsample", [False, True])
-def test_the_unets_convs_take_it_and_keep_their_gradients(monkeypatch, upsample):
+@pytest.mark.parametrize("upsample,dtype", [(False, jnp.float32), (True, jnp.float32),
+                                            pytest.param(False, jnp.bfloat16, marks=needs_amx),
+                                            pytest.param(True, jnp.bfloat16, marks=needs_amx)])
+def test_the_unets_convs_take_it_and_keep_their_gradients(monkeypatch, upsample, dtype):
   """layers.Conv (3x3, and the sub-pixel upsampling conv's 2x2) through the native kernels, its value and both
   gradients, equals the same through XLA's convs (`layers.NATIVE_CONV = NATIVE_FILTER_GRAD = False`), and the
-  compiled step calls both kernels."""
-  conv_layer = layers.Conv(32, upsample=upsample, conv_impl="xla")
+  compiled step calls both kernels. In bfloat16 (model.dtype) both round each conv's float32 sums to bfloat16."""
+  conv_layer = layers.Conv(32, upsample=upsample, conv_impl="xla", dtype=dtype)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
   params = conv_layer.init(jax.random.key(1), x)
   weights = jax.random.normal(jax.random.key(2), conv_layer.apply(params, x).shape)
-  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv_layer.apply(p, x)) * weights), (0, 1)))
+  loss = lambda p, x: jnp.sum(jnp.sin(conv_layer.apply(p, x).astype(jnp.float32)) * weights)
+  grad = jax.jit(jax.grad(loss, (0, 1)))
   native_grads, native_y = grad(params, x), jax.jit(conv_layer.apply)(params, x)
   hlo = grad.lower(params, x).compile().as_text()
-  assert native.FILTER_GRAD_TARGET in hlo and len(re.findall(native.CONV_TARGET, hlo)) == 2  # forward, input grad
+  conv_target, filter_grad_target = ((native.CONV_TARGET, native.FILTER_GRAD_TARGET) if dtype == jnp.float32 else
+                                     (native.CONV_BF16_TARGET, native.FILTER_GRAD_BF16_TARGET))
+  assert f'"{filter_grad_target}"' in hlo and len(re.findall(f'"{conv_target}"', hlo)) == 2  # forward, input grad
+  assert native_y.dtype == dtype
   monkeypatch.setattr(layers, "NATIVE_FILTER_GRAD", False)
   monkeypatch.setattr(layers, "NATIVE_CONV", False)
-  xla_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv_layer.apply(p, x)) * weights), (0, 1)))(params, x)
+  xla_grads = jax.jit(jax.grad(loss, (0, 1)))(params, x)
   assert native.CONV_TARGET not in jax.jit(conv_layer.apply).lower(params, x).compile().as_text()
-  close(native_y, np.asarray(jax.jit(conv_layer.apply)(params, x), np.float64))
+  xla_y = np.asarray(jax.jit(conv_layer.apply)(params, x), np.float64)
+  tolerance = 2e-6 if dtype == jnp.float32 else 1e-2  # bfloat16: an ulp of the rounded sums, either side
+  np.testing.assert_allclose(np.asarray(native_y, np.float64), xla_y, rtol=0, atol=tolerance * np.abs(xla_y).max())
   for a, b in zip(jax.tree.leaves(native_grads), jax.tree.leaves(xla_grads)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(a, b, rtol=0, atol=5 * tolerance * np.abs(b).max())
 
 
 def test_a_host_that_cannot_build_them_keeps_xlas_and_says_why(monkeypatch, tmp_path, caplog):

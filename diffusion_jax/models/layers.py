@@ -91,7 +91,7 @@ def native_convs(enabled: bool):
 def _stride1_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
   """The stride-1 conv of x padded by `padding` on each side: `native.conv` where it takes it, else XLA's."""
   if NATIVE_CONV and native.takes_conv(x, kernel, padding):
-    return native.conv(x, kernel, padding)
+    return native.conv(x, kernel, padding).astype(x.dtype)  # bfloat16 operands: float32 sums, rounded as XLA's
   return _conv_nhwc(x, kernel, 1, [(padding, padding)] * 2)
 
 

@@ -36,6 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 SOURCE = Path(__file__).with_name("conv.cc")
 FILTER_GRAD_TARGET = "diffusion_jax_conv_filter_grad"
 CONV_TARGET = "diffusion_jax_conv2d"
+# The same two for bfloat16 operands (float32 sums and result) on CPUs with AMX (Intel Sapphire Rapids and later).
+FILTER_GRAD_BF16_TARGET = "diffusion_jax_conv_filter_grad_bf16"
+CONV_BF16_TARGET = "diffusion_jax_conv2d_bf16"
 COMPILE_TIMEOUT_S = 300
 # Fewer input channels than this keep XLA's filter gradient: the kernel pads each block of input channels to its
 # register block (6-24), so a 1- or 3-channel stem would do up to 24x the multiply-adds.
@@ -110,6 +113,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library = ctypes.CDLL(str(path))
     jax.ffi.register_ffi_target(FILTER_GRAD_TARGET, jax.ffi.pycapsule(library.ConvFilterGrad), platform="cpu")
     jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(library.Conv), platform="cpu")
+    jax.ffi.register_ffi_target(FILTER_GRAD_BF16_TARGET, jax.ffi.pycapsule(library.ConvFilterGradBf16),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(CONV_BF16_TARGET, jax.ffi.pycapsule(library.ConvBf16), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     logging.warning("diffusion_jax native CPU kernels unavailable, XLA's are used instead: %s", e)
     return None, str(e)
@@ -125,6 +131,15 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
+@functools.cache
+def amx_available() -> bool:
+  """Whether the bfloat16 kernels can run here: the float32 ones are, the CPU has AMX's tiles and bfloat16
+  products, and Linux granted this process the tile state (asked once, process-wide)."""
+  flags = _cpu_flags().split()
+  return (available() and "amx_tile" in flags and "amx_bf16" in flags
+          and _load()[0].EnableAmx() == 0)
+
+
 def keep_compilation_cache_hits() -> None:
   """Let JAX's persistent compilation cache hit for programs that call these kernels under a mesh of several
   devices. JAX puts the id of each `custom_partitioning` call's Python object into its HLO, and so into the cache
@@ -137,10 +152,12 @@ def keep_compilation_cache_hits() -> None:
 
 
 def _takes(x: jax.Array, other: jax.Array, kernel_size: int, padding: int, out_channels: int) -> bool:
-  """The conditions both kernels share: CPU, float32, [B,H,W,C] operands, a 2x2 / 3x3 kernel, stride 1."""
-  return (jax.default_backend() == "cpu" and kernel_size in (2, 3) and 0 <= padding < kernel_size
-          and x.dtype == jnp.float32 and other.dtype == jnp.float32 and x.ndim == 4 and other.ndim == 4
-          and x.shape[3] >= MIN_INPUT_CHANNELS and out_channels % OUTPUT_CHANNEL_MULTIPLE == 0 and available())
+  """The conditions both kernels share: CPU, [B,H,W,C] operands both float32 (or both bfloat16 where the CPU has
+  AMX), a 2x2 / 3x3 kernel, stride 1."""
+  dtype_fits = x.dtype == other.dtype and (x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and amx_available()))
+  return (jax.default_backend() == "cpu" and kernel_size in (2, 3) and 0 <= padding < kernel_size and dtype_fits
+          and x.ndim == 4 and other.ndim == 4 and x.shape[3] >= MIN_INPUT_CHANNELS
+          and out_channels % OUTPUT_CHANNEL_MULTIPLE == 0 and available())
 
 
 def output_size(x_shape: tuple[int, ...], kernel_size: int, padding: int) -> list[int]:
@@ -164,12 +181,14 @@ def takes_conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, paddin
 def _local_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
   out = jax.ShapeDtypeStruct((x.shape[0], *output_size(x.shape, kernel.shape[0], padding), kernel.shape[3]),
                              jnp.float32)
-  return jax.ffi.ffi_call(CONV_TARGET, out)(x, kernel, padding=np.int64(padding))
+  target = CONV_BF16_TARGET if x.dtype == jnp.bfloat16 else CONV_TARGET
+  return jax.ffi.ffi_call(target, out)(x, kernel, padding=np.int64(padding))
 
 
 def _local_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> jax.Array:
   out = jax.ShapeDtypeStruct((kernel_size, kernel_size, x.shape[3], dy.shape[3]), jnp.float32)
-  return jax.ffi.ffi_call(FILTER_GRAD_TARGET, out)(x, dy, padding=np.int64(padding))
+  target = FILTER_GRAD_BF16_TARGET if x.dtype == jnp.bfloat16 else FILTER_GRAD_TARGET
+  return jax.ffi.ffi_call(target, out)(x, dy, padding=np.int64(padding))
 
 
 def _batch_axes(sharding) -> tuple:
