@@ -41,6 +41,7 @@ class _Coder(nn.Module):
   mid_attention: bool = True
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
+  conv_precision: str = "float32"  # or "bfloat16": the convs' operands (layers.CONV_PRECISIONS)
 
 
 class Encoder(_Coder):
@@ -50,7 +51,7 @@ class Encoder(_Coder):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+    kw = dict(conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision)
     h = Conv(self.ch, 3, **kw)(x.astype(self.dtype))
     resolution = x.shape[1]
     for level, mult in enumerate(self.ch_mult):
@@ -77,7 +78,7 @@ class Decoder(_Coder):
 
   @nn.compact
   def __call__(self, z: jax.Array, *, train: bool = False) -> jax.Array:
-    kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+    kw = dict(conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision)
     z = Conv(z.shape[-1], 1, **kw, name="post_quant_conv")(z.astype(self.dtype))
     h = Conv(self.ch * self.ch_mult[-1], 3, **kw)(z)
     h = ResBlock(h.shape[-1], **kw)(h, None, train=train)
@@ -109,6 +110,7 @@ class AutoencoderKL(nn.Module):
   mid_attention: bool = True
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
+  conv_precision: str = "float32"  # or "bfloat16": the convs' operands (layers.CONV_PRECISIONS)
 
   @property
   def downsample_factor(self) -> int:
@@ -126,7 +128,7 @@ class AutoencoderKL(nn.Module):
   def setup(self):
     common = dict(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
                   attn_resolutions=self.attn_resolutions, mid_attention=self.mid_attention,
-                  conv_impl=self.conv_impl, dtype=self.dtype)
+                  conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision)
     self.encoder = Encoder(z_channels=self.z_channels, **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
 

@@ -45,8 +45,23 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 Dtype = Any
 
 
-def xla_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-  """XLA's conv of x [B,H,W,Cin] with kernel [k,k,Cin,Cout], padding k//2 on each side ('same' at stride 1).
+# model.conv_precision: the convs' operands as they are ('float32': in model.dtype), or rounded to bfloat16 with the
+# products summed in float32 and the result in model.dtype ('bfloat16': torch.autocast's convolutions, TPUs' default
+# precision). On CPUs with AMX the bfloat16 convs are native kernels (`native.amx_available()`, README lever table).
+CONV_PRECISIONS = ("float32", "bfloat16")
+
+
+def conv_operand_dtype(conv_precision: str):
+  """The dtype conv_precision casts the convs' operands to (None: none)."""
+  if conv_precision not in CONV_PRECISIONS:
+    raise ValueError(f"unknown conv_precision {conv_precision!r}; choose one of {CONV_PRECISIONS}")
+  return jnp.bfloat16 if conv_precision == "bfloat16" else None
+
+
+def xla_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, operand_dtype=None) -> jax.Array:
+  """XLA's conv of x [B,H,W,Cin] with kernel [k,k,Cin,Cout], padding k//2 on each side ('same' at stride 1), in
+  x's dtype. `operand_dtype` (e.g. bfloat16): x, the kernel and, in the backward pass, dy cast to it, the products
+  summed in float32 (torch.autocast's convolutions; TPUs' default precision for float32).
 
   On CPU both gradients are convs in the forward's own NHWC/HWIO form, their operands transposed explicitly
   (`_canonical_conv`): XLA:CPU hands only that form to its fast convolution libraries. Outside loops its
@@ -54,16 +69,16 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   `while_loop` body (gradient accumulation) it does not, and autodiff's filter gradient ran 30-70x slower there
   (jax-ml/jax#12868; a [32,32,32,32] 3x3 conv's gradient over 2 micro-batches: 906 ms vs 17.5 ms unrolled)."""
   if jax.default_backend() != "cpu":
-    return _conv_nhwc(x, kernel, stride)
-  return _canonical_conv(x, kernel, stride)
+    return _forward_conv(x, kernel, stride, operand_dtype)
+  return _canonical_conv(x, kernel, stride, False, operand_dtype)
 
 
 def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding=None, lhs_dilation=(1, 1),
-               rhs_dilation=(1, 1)) -> jax.Array:
+               rhs_dilation=(1, 1), out_dtype=None) -> jax.Array:
   k = kernel.shape[0]
   padding = [(k // 2, k // 2)] * 2 if padding is None else padding
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, lhs_dilation, rhs_dilation,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=out_dtype)
 
 
 # The stride-1 2x2 / 3x3 filter gradients through `native.conv_filter_grad` (a C++ kernel for AVX-512 CPUs) where
@@ -88,54 +103,66 @@ def native_convs(enabled: bool):
     NATIVE_CONV, NATIVE_FILTER_GRAD = before
 
 
-def _stride1_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  """The stride-1 conv of x padded by `padding` on each side: `native.conv` where it takes it, else XLA's."""
+def _stride1_conv(x: jax.Array, kernel: jax.Array, padding: int, out_dtype) -> jax.Array:
+  """The stride-1 conv of x padded by `padding` on each side, in `out_dtype` (bfloat16 operands are summed in
+  float32 either way): `native.conv` where it takes it, else XLA's."""
   if NATIVE_CONV and native.takes_conv(x, kernel, padding):
-    return native.conv(x, kernel, padding).astype(x.dtype)  # bfloat16 operands: float32 sums, rounded as XLA's
-  return _conv_nhwc(x, kernel, 1, [(padding, padding)] * 2)
+    return native.conv(x, kernel, padding).astype(out_dtype)
+  return _conv_nhwc(x, kernel, 1, [(padding, padding)] * 2, out_dtype=out_dtype)
 
 
-def _forward_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  return _stride1_conv(x, kernel, kernel.shape[0] // 2) if stride == 1 else _conv_nhwc(x, kernel, stride)
+def _forward_conv(x: jax.Array, kernel: jax.Array, stride: int, operand_dtype) -> jax.Array:
+  """The conv in x's dtype, its operands first cast to `operand_dtype` (None: as they are)."""
+  out_dtype = x.dtype
+  if operand_dtype is not None:
+    x, kernel = x.astype(operand_dtype), kernel.astype(operand_dtype)
+  if stride == 1:
+    return _stride1_conv(x, kernel, kernel.shape[0] // 2, out_dtype)
+  return _conv_nhwc(x, kernel, stride, out_dtype=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _canonical_conv(x: jax.Array, kernel: jax.Array, stride: int, pad_first: bool = False) -> jax.Array:
-  return _forward_conv(x, kernel, stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _canonical_conv(x: jax.Array, kernel: jax.Array, stride: int, pad_first: bool = False,
+                    operand_dtype=None) -> jax.Array:
+  return _forward_conv(x, kernel, stride, operand_dtype)
 
 
-def _canonical_conv_fwd(x, kernel, stride, pad_first=False):
-  return _forward_conv(x, kernel, stride), (x, kernel)
+def _canonical_conv_fwd(x, kernel, stride, pad_first=False, operand_dtype=None):
+  return _forward_conv(x, kernel, stride, operand_dtype), (x, kernel)
 
 
-def _canonical_conv_bwd(stride, pad_first, residuals, dy):
+def _canonical_conv_bwd(stride, pad_first, operand_dtype, residuals, dy):
   """The gradients of y = conv(x, kernel) as jax.lax's transpose rules compute them (the paddings of
   `_conv_general_vjp_lhs_padding` / `_rhs_padding`), each written as an NHWC/HWIO conv. dy: [B,Ho,Wo,Cout].
   `pad_first`: the kernel gradient's conv reads x padded beforehand instead of padding inside it. For the 2x2
   kernels of `upsample_conv` XLA:CPU took 1.2 s for [32,16,16,64] -> 256 with the padding inside, 15 ms padded
   beforehand; the 3x3 convs keep the padding inside (not measured the other way). Its four taps' windows of x as
   one dot with dy instead took 52 ms in fmnist_small's step (a transposed copy of the windows and a
-  single-threaded dot): 1.03x more step time than the conv (README lever table)."""
+  single-threaded dot): 1.03x more step time than the conv (README lever table). `operand_dtype`: both gradients'
+  operands are cast to it too (x, the kernel and dy), their sums kept in float32 (torch.autocast's convolutions)."""
   x, kernel = residuals
+  out_dtypes = x.dtype, kernel.dtype
+  if operand_dtype is not None:
+    x, kernel, dy = x.astype(operand_dtype), kernel.astype(operand_dtype), dy.astype(operand_dtype)
   k, pad, size = kernel.shape[0], kernel.shape[0] // 2, x.shape[1:3]
   dilated_out = [stride * (n - 1) + 1 for n in dy.shape[1:3]]  # dy's extent on x's grid
   # dx: dy dilated by the stride, against the kernel flipped in space with Cin and Cout swapped ([k,k,Cout,Cin]).
   before = k - pad - 1
   flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
   if stride == 1:  # then the padding after is `before` too
-    dx = _stride1_conv(dy, flipped, before)
+    dx = _stride1_conv(dy, flipped, before, out_dtypes[0])
   else:
     dx = _conv_nhwc(dy, flipped, 1, [(before, n + k - 1 - d - before) for n, d in zip(size, dilated_out)],
-                    lhs_dilation=(stride,) * 2)
+                    lhs_dilation=(stride,) * 2, out_dtype=out_dtypes[0])
   # dkernel: Cin as the batch, B as the contracted feature, dy as a [Ho,Wo,B,Cout] kernel dilated by the stride.
   if NATIVE_FILTER_GRAD and stride == 1 and native.takes_conv_filter_grad(x, dy, k, pad):
-    return dx.astype(x.dtype), native.conv_filter_grad(x, dy, k, pad).astype(kernel.dtype)
+    return dx, native.conv_filter_grad(x, dy, k, pad).astype(out_dtypes[1])
   lhs, lhs_padding = x, [(pad, d - n + k - pad - 1) for n, d in zip(size, dilated_out)]
   if pad_first:
     lhs, lhs_padding = jnp.pad(x, ((0, 0), *lhs_padding, (0, 0))), [(0, 0), (0, 0)]
   dkernel = _conv_nhwc(lhs.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), 1, lhs_padding,
-                       rhs_dilation=(stride,) * 2)  # [Cin,k,k,Cout]
-  return dx.astype(x.dtype), dkernel.transpose(1, 2, 0, 3).astype(kernel.dtype)
+                       rhs_dilation=(stride,) * 2, out_dtype=out_dtypes[1])  # [Cin,k,k,Cout]
+  return dx, dkernel.transpose(1, 2, 0, 3)
 
 
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
@@ -214,12 +241,17 @@ def winograd_eligible(x_shape: tuple[int, ...], kernel_size: int, stride: int) -
   return kernel_size == 3 and stride == 1 and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0
 
 
-def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, stride: int, features: int) -> str:
+def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, stride: int, features: int,
+                      conv_precision: str = "float32") -> str:
   """The lowering one conv gets: 'auto' is 'winograd_wgrad' on CPU where the conv is eligible and at least
-  WINOGRAD_MIN_CHANNELS wide on both sides, else 'xla'; an explicit 'winograd' falls back to 'xla' where it
-  does not apply (see winograd_eligible), as does 'winograd_wgrad'; 'xla' and 'im2col' as given."""
+  WINOGRAD_MIN_CHANNELS wide on both sides, else 'xla' (always 'xla' under conv_precision 'bfloat16' where the CPU
+  has AMX: the native bfloat16 kernels; Winograd's transforms would lose more in bfloat16); an explicit 'winograd'
+  falls back to 'xla' where it does not apply (see winograd_eligible), as does 'winograd_wgrad'; 'xla' and
+  'im2col' as given."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
+  if impl == "auto" and conv_precision == "bfloat16" and jax.default_backend() == "cpu" and native.amx_available():
+    return "xla"
   if impl == "auto":
     wide = min(x_shape[-1], features) >= WINOGRAD_MIN_CHANNELS
     impl = "winograd_wgrad" if wide and jax.default_backend() == "cpu" else "xla"
@@ -472,15 +504,17 @@ def subpixel_kernel(kernel: jax.Array) -> jax.Array:
   return jnp.einsum("arp,bcq,pqio->rciabo", taps, taps, kernel).reshape(2, 2, cin, 4 * cout)
 
 
-def upsample_conv(x: jax.Array, phases: jax.Array) -> jax.Array:
+def upsample_conv(x: jax.Array, phases: jax.Array, operand_dtype=None) -> jax.Array:
   """conv(upsample_nearest(x), kernel) for a 3x3 kernel, padding 1 (x [B,H,W,Cin] -> [B,2H,2W,Cout]), computed on
   x itself (sub-pixel convolution, Shi et al. 2016): one 2x2 conv of x with `phases = subpixel_kernel(kernel)`,
   padding 1, gives each of the four output parities at a one-row / one-column offset. 16 multiply-adds per low-res
-  pixel and channel pair instead of 36 (x (H+1)(W+1)/HW for the border), and the upsampled input is never made."""
+  pixel and channel pair instead of 36 (x (H+1)(W+1)/HW for the border), and the upsampled input is never made.
+  `operand_dtype`: as xla_conv's."""
   b, h, w, _ = x.shape
   cout = phases.shape[-1] // 4
   # [B,H+1,W+1,4*Cout]: a 2x2 kernel with padding 1 on each side
-  y4 = _canonical_conv(x, phases, 1, True) if jax.default_backend() == "cpu" else _conv_nhwc(x, phases, 1)
+  y4 = (_canonical_conv(x, phases, 1, True, operand_dtype) if jax.default_backend() == "cpu"
+        else _forward_conv(x, phases, 1, operand_dtype))
   interleave = interleave_parities if INTERLEAVE_VJP else interleave_parities.fun  # .fun: autodiff's backward
   return interleave(y4.reshape(b, h + 1, w + 1, 2, 2, cout))
 
@@ -535,12 +569,14 @@ class Conv(nn.Module):
   zero_init: bool = False
   upsample: bool = False
   dtype: Dtype = jnp.float32
+  conv_precision: str = "float32"  # see CONV_PRECISIONS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
+    operand_dtype = conv_operand_dtype(self.conv_precision)
     x_shape = (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]) if self.upsample else x.shape
-    impl = resolve_conv_impl(self.conv_impl, x_shape, k, self.stride, self.features)
+    impl = resolve_conv_impl(self.conv_impl, x_shape, k, self.stride, self.features, self.conv_precision)
     init = nn.initializers.zeros if self.zero_init else nn.initializers.variance_scaling(
         1.0, "fan_avg", "uniform")  # DDPM's default_init (Glorot-style uniform)
     kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features), jnp.float32)
@@ -549,20 +585,25 @@ class Conv(nn.Module):
       if (SUBPIXEL_UPSAMPLE and impl == "xla" and k == 3 and self.stride == 1
           and jax.default_backend() == "cpu"):
         phases = subpixel_kernel(kernel).astype(self.dtype)  # combined in float32
-        return upsample_conv(x.astype(self.dtype), phases) + bias.astype(self.dtype)
+        return upsample_conv(x.astype(self.dtype), phases, operand_dtype) + bias.astype(self.dtype)
       x = upsample_nearest(x)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if k == 1:
-      y = tensordot_x_first(x, kernel.reshape(x.shape[-1], self.features))
-      y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
-    elif impl == "im2col":
-      y = conv_im2col(x, kernel, self.stride, k // 2)
-    elif impl == "winograd":
-      y = conv_winograd(x, kernel)
-    elif impl == "winograd_wgrad":
-      y = conv_winograd_wgrad(x, kernel)
-    else:
-      y = xla_conv(x, kernel, self.stride)
+    if impl == "xla" and k > 1:
+      y = xla_conv(x, kernel, self.stride, operand_dtype)
+    else:  # 1x1, im2col and Winograd's convs: their matmuls' operands in operand_dtype, the result in self.dtype
+      xo, ko = (x, kernel) if operand_dtype is None else (x.astype(operand_dtype), kernel.astype(operand_dtype))
+      if k == 1:
+        y = tensordot_x_first(xo, ko.reshape(x.shape[-1], self.features))
+        y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
+      elif impl == "im2col":
+        y = conv_im2col(xo, ko, self.stride, k // 2)
+      elif impl == "winograd":
+        y = conv_winograd(xo, ko)
+      elif impl == "winograd_wgrad":
+        y = conv_winograd_wgrad(xo, ko)
+      else:
+        y = xla_conv(xo, ko, self.stride)
+      y = y.astype(self.dtype)
     return y + bias
 
 
@@ -715,10 +756,12 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def downsample(x: jax.Array, *, with_conv: bool, conv_impl: str, dtype: Dtype, name: str | None = None):
+def downsample(x: jax.Array, *, with_conv: bool, conv_impl: str, dtype: Dtype, conv_precision: str = "float32",
+               name: str | None = None):
   """x2 spatial downsampling: strided 3x3 conv or 2x2 average pool [B,H,W,C] -> [B,H/2,W/2,C]."""
   if with_conv:
-    return Conv(x.shape[-1], 3, stride=2, conv_impl=conv_impl, dtype=dtype, name=name)(x)
+    return Conv(x.shape[-1], 3, stride=2, conv_impl=conv_impl, dtype=dtype, conv_precision=conv_precision,
+                name=name)(x)
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
@@ -740,6 +783,7 @@ class ResBlock(nn.Module):
   resample: str | None = None
   conv_impl: str = "auto"
   dtype: Dtype = jnp.float32
+  conv_precision: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array | None, train: bool = False) -> jax.Array:
@@ -749,7 +793,8 @@ class ResBlock(nn.Module):
     elif self.resample == "down":
       h = downsample(h, with_conv=False, conv_impl=self.conv_impl, dtype=self.dtype)
       x = downsample(x, with_conv=False, conv_impl=self.conv_impl, dtype=self.dtype)
-    h = Conv(self.out_ch, 3, conv_impl=self.conv_impl, dtype=self.dtype)(h)
+    conv_kw = dict(conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision)
+    h = Conv(self.out_ch, 3, **conv_kw)(h)
     if emb is not None:
       emb_out = nn.Dense(2 * self.out_ch if self.scale_shift_norm else self.out_ch, dtype=self.dtype,
                          param_dtype=jnp.float32)(nn.silu(emb))[:, None, None, :]
@@ -760,9 +805,9 @@ class ResBlock(nn.Module):
     else:  # without an embedding (the autoencoder's blocks) no projection is added
       h = group_norm(self.out_ch, self.dtype, silu=True)(h if emb is None else h + emb_out)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = Conv(self.out_ch, 3, conv_impl=self.conv_impl, zero_init=True, dtype=self.dtype)(h)
+    h = Conv(self.out_ch, 3, zero_init=True, **conv_kw)(h)
     if x.shape[-1] != self.out_ch:
-      x = Conv(self.out_ch, 1, conv_impl=self.conv_impl, dtype=self.dtype, name="skip")(x)
+      x = Conv(self.out_ch, 1, **conv_kw, name="skip")(x)
     return x + h
 
 

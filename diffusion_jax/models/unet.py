@@ -30,6 +30,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   scale_shift_norm: bool = False
   conv_impl: str = "auto"
+  conv_precision: str = "float32"  # or "bfloat16": the convs' operands (layers.CONV_PRECISIONS)
   attention_impl: str = "xla"  # or "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16 dtype)
   num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
   context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context
@@ -92,7 +93,7 @@ class UNet(nn.Module):
     pad, pad_w = size - height, self.padded_size(width) - width
     # Odd sizes (28x28 with 3 downsamplings): pad to the multiple the levels need, crop at the end.
     x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-    kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+    kw = dict(conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision)
     res_kw = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, **kw)
     # remat: activations inside each block are recomputed in the backward pass instead of stored (Chen et al.
     # 2016); `train` (argument 3, counting the module) is static. Blocks are named as without remat, so
