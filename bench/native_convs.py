@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from common import median_ms, print_table
 
-from diffusion_jax.models import native
+from diffusion_jax.models import layers, native
 
-# (x [B,H,W,Cin] with B filled in, Cout, K, P): fmnist_small's 3x3 convs, a ddpm_cifar10 one, the sub-pixel 2x2.
+# (x [B,H,W,Cin] with B filled in, Cout, K, P): fmnist_small's 3x3 convs, a ddpm_cifar10 one, the sub-pixel 2x2
+# (layers.upsample_conv: padding 1, as layers._canonical_conv pads k // 2).
 SHAPES = [((32, 32, 32), 32, 3, 1), ((32, 32, 64), 32, 3, 1), ((32, 32, 96), 32, 3, 1), ((16, 16, 64), 64, 3, 1),
           ((16, 16, 128), 64, 3, 1), ((8, 8, 64), 64, 3, 1), ((32, 32, 128), 128, 3, 1), ((16, 16, 64), 256, 2, 1)]
 
@@ -30,8 +31,11 @@ def xla_conv(x, kernel, padding):
 
 
 def xla_filter_grad(x, dy, kernel_size, padding):
+  """XLA's filter gradient as the U-Net's step computes it (layers._canonical_conv_bwd: a conv of transposed x and
+  dy; the 2x2 sub-pixel conv's x padded beforehand), with the native kernels switched off while tracing."""
   zero = jnp.zeros((kernel_size, kernel_size, x.shape[-1], dy.shape[-1]), x.dtype)
-  return jax.vjp(lambda k: xla_conv(x, k, padding), zero)[1](dy)[0]
+  with layers.native_convs(False):
+    return jax.vjp(lambda k: layers._canonical_conv(x, k, 1, kernel_size == 2), zero)[1](dy)[0]
 
 
 def main():

@@ -128,7 +128,11 @@ def _canonical_conv(x: jax.Array, kernel: jax.Array, stride: int, pad_first: boo
 
 
 def _canonical_conv_fwd(x, kernel, stride, pad_first=False, operand_dtype=None):
-  return _forward_conv(x, kernel, stride, operand_dtype), (x, kernel)
+  y = _forward_conv(x, kernel, stride, operand_dtype)
+  if operand_dtype is None:
+    return y, (x, kernel, None)
+  # the cast operands kept for the backward pass (half of float32's memory), and the kernel's own dtype
+  return y, (x.astype(operand_dtype), kernel.astype(operand_dtype), jnp.zeros((0,), kernel.dtype))
 
 
 def _canonical_conv_bwd(stride, pad_first, operand_dtype, residuals, dy):
@@ -140,10 +144,10 @@ def _canonical_conv_bwd(stride, pad_first, operand_dtype, residuals, dy):
   one dot with dy instead took 52 ms in fmnist_small's step (a transposed copy of the windows and a
   single-threaded dot): 1.03x more step time than the conv (README lever table). `operand_dtype`: both gradients'
   operands are cast to it too (x, the kernel and dy), their sums kept in float32 (torch.autocast's convolutions)."""
-  x, kernel = residuals
-  out_dtypes = x.dtype, kernel.dtype
+  x, kernel, kernel_dtype = residuals
+  out_dtypes = dy.dtype, kernel.dtype if kernel_dtype is None else kernel_dtype.dtype  # y's dtype is x's
   if operand_dtype is not None:
-    x, kernel, dy = x.astype(operand_dtype), kernel.astype(operand_dtype), dy.astype(operand_dtype)
+    dy = dy.astype(operand_dtype)
   k, pad, size = kernel.shape[0], kernel.shape[0] // 2, x.shape[1:3]
   dilated_out = [stride * (n - 1) + 1 for n in dy.shape[1:3]]  # dy's extent on x's grid
   # dx: dy dilated by the stride, against the kernel flipped in space with Cin and Cout swapped ([k,k,Cout,Cin]).

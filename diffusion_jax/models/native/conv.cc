@@ -279,40 +279,54 @@ AmxForwardFn PickAmxForward(int K, int Co) {
   return K == 2 ? AmxForwardRows<2, 1> : AmxForwardRows<3, 1>;
 }
 
-// The filter gradient as one GEMM per tap over every position of the batch: dw[t][ci][co] =
-// sum_q xt[ci][q + shift_t] * dyv[q][co], with q on the padded grid of each image (b * Hp * Wp + oh * Wp + ow;
-// dy zero at the Wp - Wo, Hp - Ho positions past it) and shift_t = kh * Wp + kw. xt: x padded and transposed,
-// [Cp, L] (row stride L); dyv: dy in AMX's B layout, [Q/2, Co, 2]. One task: one tap, 32 input x NB*16 output
-// channels, every q.
-template <int NB>
-AMX_TARGET void AmxFilterGradTask(const uint16_t* xt, size_t L, const uint16_t* dyv, size_t Q, float* dw, int Ci,
-                                  int Co, int shift, int c0, int o0) {
+// The filter gradient of one band of output rows of one image, added to dw: per tap t, dw[t][ci][co] +=
+// sum_q xt[ci][q + shift_t] * dyv[q][co], with q = oh * Wp + ow on the band's padded grid (dy zero at the Wp - Wo
+// columns past it) and shift_t = kh * Wp + kw. xt: the band's input rows padded and transposed, [Cp, L] (row
+// stride L); dyv: dy in AMX's B layout, [Q/2, Co, 2]; dw: float32 [K*K, Cp, Co]. Each (tap, 32 input channels,
+// NB*16 output channels) block of dw is loaded into tiles, takes every q of the band (xt and dyv in L2), and is
+// stored back.
+template <int K, int NB>
+AMX_TARGET void AmxFilterGradBand(const uint16_t* xt, size_t L, const uint16_t* dyv, int Q, float* dw, int Cp,
+                                  int Co, int Wp) {
   ConfigureTiles();
-  _tile_zero(0); _tile_zero(1);
-  if constexpr (NB == 2) { _tile_zero(2); _tile_zero(3); }
-  const uint16_t* a0 = xt + static_cast<size_t>(c0) * L + shift;
-  const uint16_t* a1 = a0 + 16 * L;
-  const uint16_t* b = dyv + static_cast<size_t>(o0) * 2;
-  const size_t b_step = static_cast<size_t>(Co) * 32;  // 16 pairs of positions
-  for (size_t q = 0; q < Q; q += 32, a0 += 32, a1 += 32, b += b_step) {
-    _tile_loadd(4, a0, L * 2);
-    _tile_loadd(5, a1, L * 2);
-    _tile_loadd(6, b, Co * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-    if constexpr (NB == 2) {
-      _tile_loadd(7, b + 32, Co * 4);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
+  const int dw_stride = Co * 4;
+  for (int t = 0; t < K * K; ++t) {
+    const int shift = (t / K) * Wp + t % K;
+    for (int c0 = 0; c0 < Cp; c0 += 32) {
+      for (int o0 = 0; o0 < Co; o0 += 16 * NB) {
+        float* out = dw + (static_cast<size_t>(t) * Cp + c0) * Co + o0;
+        _tile_loadd(0, out, dw_stride);
+        _tile_loadd(1, out + 16 * Co, dw_stride);
+        if constexpr (NB == 2) { _tile_loadd(2, out + 16, dw_stride); _tile_loadd(3, out + 16 * Co + 16, dw_stride); }
+        const uint16_t* a0 = xt + static_cast<size_t>(c0) * L + shift;
+        const uint16_t* a1 = a0 + 16 * L;
+        const uint16_t* b = dyv + static_cast<size_t>(o0) * 2;
+        for (int q = 0; q < Q; q += 32, a0 += 32, a1 += 32, b += static_cast<size_t>(Co) * 32) {
+          _tile_loadd(4, a0, L * 2);
+          _tile_loadd(5, a1, L * 2);
+          _tile_loadd(6, b, Co * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 5, 6);
+          if constexpr (NB == 2) {
+            _tile_loadd(7, b + 32, Co * 4);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, out, dw_stride);
+        _tile_stored(1, out + 16 * Co, dw_stride);
+        if constexpr (NB == 2) { _tile_stored(2, out + 16, dw_stride); _tile_stored(3, out + 16 * Co + 16, dw_stride); }
+      }
     }
   }
-  alignas(64) float stage[2][NB][256];
-  _tile_stored(0, stage[0][0], 64); _tile_stored(1, stage[1][0], 64);
-  if constexpr (NB == 2) { _tile_stored(2, stage[0][1], 64); _tile_stored(3, stage[1][1], 64); }
   _tile_release();
-  for (int m = 0; m < 32 && c0 + m < Ci; ++m)
-    for (int j = 0; j < NB; ++j)
-      std::memcpy(dw + static_cast<size_t>(c0 + m) * Co + o0 + j * 16, stage[m / 16][j] + (m % 16) * 16, 64);
+}
+
+using AmxFilterGradFn = void (*)(const uint16_t*, size_t, const uint16_t*, int, float*, int, int, int);
+
+AmxFilterGradFn PickAmxFilterGrad(int K, int Co) {
+  if (Co % 32 == 0) return K == 2 ? AmxFilterGradBand<2, 2> : AmxFilterGradBand<3, 2>;
+  return K == 2 ? AmxFilterGradBand<2, 1> : AmxFilterGradBand<3, 1>;
 }
 
 // fn(0) .. fn(tasks - 1) shared out over XLA's intra-op pool. The calling thread works too and takes every task no
@@ -488,38 +502,57 @@ static ffi::Error ConvFilterGradBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::
   const int B = static_cast<int>(xd[0]), H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
   const int Ci = static_cast<int>(xd[3]), Co = static_cast<int>(yd[3]), P = static_cast<int>(padding);
   const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(wd[0]);
-  const int Hp = Ho + K - 1, Wp = Wo + K - 1, Cp = (Ci + 31) / 32 * 32;
-  const size_t S = static_cast<size_t>(Hp) * Wp;        // positions per padded image
-  const size_t Q = (B * S + 31) / 32 * 32;              // every position, in blocks of 32
-  const size_t L = Q + static_cast<size_t>(K) * Wp + 64;  // xt's row: room for the largest shift
-  std::vector<uint16_t> xt(static_cast<size_t>(Cp) * L, 0), dyv(Q * Co, 0);
+  const int Wp = Wo + K - 1, Cp = (Ci + 31) / 32 * 32;
+  // Work units: bands of each image's output rows, at least 2 per thread; groups of consecutive units, one per
+  // task, each summing into its own float32 copy of dw (added up at the end).
+  const int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+  const int bands = std::min(Ho, std::max(1, (2 * threads + B - 1) / B));
+  const int band_rows = (Ho + bands - 1) / bands;
+  const int units = B * bands, groups = std::min(units, 2 * threads);
+  const size_t dw_size = static_cast<size_t>(K) * K * Cp * Co;
+  std::vector<float> partial(groups * dw_size, 0.0f);
+  const AmxFilterGradFn fn = PickAmxFilterGrad(K, Co);
   const uint16_t *xs = x.typed_data(), *dys = dy.typed_data();
-  uint16_t *xtp = xt.data(), *dyvp = dyv.data();
-  // Packing, an image per task: x transposed onto the padded grid; dy into pairs of positions.
-  ParallelFor(pool, B, [=](int b) {
-    for (int h = 0; h < H; ++h)
-      for (int w = 0; w < W; ++w) {
-        const size_t q = b * S + static_cast<size_t>(h + P) * Wp + w + P;
-        const uint16_t* src = xs + ((static_cast<size_t>(b) * H + h) * W + w) * Ci;
-        for (int ci = 0; ci < Ci; ++ci) xtp[ci * L + q] = src[ci];
+  float* parts = partial.data();
+  ParallelFor(pool, groups, [=](int g) {
+    const size_t L = static_cast<size_t>(band_rows + K) * Wp + 64;  // a band's padded rows and the shifts' slack
+    const int q_max = (band_rows * Wp + 31) / 32 * 32;
+    std::vector<uint16_t> xt(static_cast<size_t>(Cp) * L), dyv(static_cast<size_t>(q_max) * Co);
+    for (int u = g * units / groups; u < (g + 1) * units / groups; ++u) {
+      const int b = u / bands, oh0 = (u % bands) * band_rows, rows = std::min(band_rows, Ho - oh0);
+      if (rows <= 0) continue;
+      const int Q = (rows * Wp + 31) / 32 * 32;
+      std::fill(xt.begin(), xt.end(), 0);
+      std::fill(dyv.begin(), dyv.begin() + static_cast<size_t>(Q) * Co, 0);
+      // padded row r is x's row oh0 + r - P, padded column c its column c - P; transposed: xt[ci][r * Wp + c]
+      for (int r = 0; r < rows + K - 1; ++r) {
+        const int h = oh0 + r - P;
+        if (h < 0 || h >= H) continue;
+        for (int w = 0; w < W; ++w) {
+          const uint16_t* src = xs + ((static_cast<size_t>(b) * H + h) * W + w) * Ci;
+          uint16_t* dst = xt.data() + static_cast<size_t>(r) * Wp + w + P;
+          for (int ci = 0; ci < Ci; ++ci) dst[ci * L] = src[ci];
+        }
       }
-    for (int oh = 0; oh < Ho; ++oh)
-      for (int ow = 0; ow < Wo; ++ow) {
-        const size_t q = b * S + static_cast<size_t>(oh) * Wp + ow;
-        const uint16_t* src = dys + ((static_cast<size_t>(b) * Ho + oh) * Wo + ow) * Co;
-        uint16_t* dst = dyvp + (q / 2) * Co * 2 + q % 2;
-        for (int co = 0; co < Co; ++co) dst[co * 2] = src[co];
-      }
+      for (int oh = 0; oh < rows; ++oh)
+        for (int ow = 0; ow < Wo; ++ow) {
+          const int q = oh * Wp + ow;
+          const uint16_t* src = dys + ((static_cast<size_t>(b) * Ho + oh0 + oh) * Wo + ow) * Co;
+          uint16_t* dst = dyv.data() + static_cast<size_t>(q / 2) * Co * 2 + q % 2;
+          for (int co = 0; co < Co; ++co) dst[co * 2] = src[co];
+        }
+      fn(xt.data(), L, dyv.data(), Q, parts + g * dw_size, Cp, Co, Wp);
+    }
   });
-  const int nb = Co % 32 == 0 ? 2 : 1, cblocks = Cp / 32, oblocks = Co / (16 * nb);
-  float* dwp = dw->typed_data();
-  ParallelFor(pool, K * K * cblocks * oblocks, [=](int task) {
-    const int t = task / (cblocks * oblocks), c0 = (task / oblocks) % cblocks * 32, o0 = task % oblocks * 16 * nb;
-    const int shift = (t / K) * Wp + t % K;
-    float* out = dwp + static_cast<size_t>(t) * Ci * Co;
-    if (nb == 2) AmxFilterGradTask<2>(xtp, L, dyvp, Q, out, Ci, Co, shift, c0, o0);
-    else AmxFilterGradTask<1>(xtp, L, dyvp, Q, out, Ci, Co, shift, c0, o0);
-  });
+  float* out = dw->typed_data();
+  for (int t = 0; t < K * K; ++t)
+    for (int ci = 0; ci < Ci; ++ci) {
+      float* dst = out + (static_cast<size_t>(t) * Ci + ci) * Co;
+      const float* src = parts + (static_cast<size_t>(t) * Cp + ci) * Co;
+      std::memcpy(dst, src, sizeof(float) * Co);
+      for (int g = 1; g < groups; ++g)
+        for (int co = 0; co < Co; ++co) dst[co] += src[g * dw_size + co];
+    }
   return ffi::Error::Success();
 }
 
