@@ -47,6 +47,8 @@ PIXEL_ERRORS = [
     ("model.ch", 0, r"config.model.ch=0 is invalid: must be an int >= 1"),
     ("model.ch_mult", (), r"config.model.ch_mult=\(\) is invalid: must be a tuple of ints"),
     ("model.dtype", "float16", r"config.model.dtype='float16' is invalid"),
+    ("model.conv_precision", "float16", r"config.model.conv_precision='float16' is invalid: choose one of "
+     r"\('float32', 'bfloat16'\)"),
     ("model.attention_impl", "flash", r"config.model.attention_impl='flash' is invalid: choose one of "
      r"\('xla', 'cudnn'\)"),
     ("model.attention_impl", "cudnn", r"config.model.attention_impl='cudnn' is invalid: cuDNN attention runs on NVIDIA "

@@ -306,3 +306,58 @@ def test_interleave_parities_written_out_backward_is_autodiffs():
   ours = jax.vjp(layers.interleave_parities, y4)[1](cotangent)
   autodiff = jax.vjp(layers.interleave_parities.fun, y4)[1](cotangent)
   np.testing.assert_array_equal(ours[0], autodiff[0])
+
+
+def _round_to_bfloat16(tree):
+  return jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), tree)
+
+
+def _kernels_rounded_to_bfloat16(params):
+  """The conv's kernel rounded, its bias (added in float32 either way) as it is."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: _round_to_bfloat16(a) if "kernel" in jax.tree_util.keystr(path) else a, params)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("kernel_size,stride,features", [(3, 1, 32), (3, 2, 16)])
+def test_conv_precision_bfloat16_rounds_the_operands_and_sums_in_float32(monkeypatch, amx, kernel_size, stride,
+                                                                        features):
+  """conv_precision='bfloat16' is the float32 conv of the operands rounded to bfloat16 (each product exact, summed
+  in float32): the same value and gradients as conv_precision='float32' on x, the kernel and dy rounded first, to
+  float32's rounding; the result float32. With AMX through the native bfloat16 kernels, without it (amx=False, or
+  no AMX here) through XLA's bfloat16 convs with float32 results."""
+  from diffusion_jax.models import layers, native
+  if amx and not native.amx_available():
+    pytest.skip("no AMX on this CPU")
+  monkeypatch.setattr(native, "amx_available", lambda: amx)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  bf16, f32 = (layers.Conv(features, kernel_size, stride=stride, conv_impl="auto", conv_precision=p)
+               for p in ("bfloat16", "float32"))
+  params = bf16.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  weights = _round_to_bfloat16(jax.random.normal(jax.random.key(3), bf16.apply(params, x).shape))  # dy: exact
+  loss = lambda conv: jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(conv.apply(p, x) * weights), (0, 1)))
+  (value, grads), (ref_value, ref_grads) = loss(bf16)(params, x), loss(f32)(_kernels_rounded_to_bfloat16(params),
+                                                                            _round_to_bfloat16(x))
+  y = jax.jit(bf16.apply)(params, x)
+  assert y.dtype == jnp.float32
+  ref_y = f32.apply(_kernels_rounded_to_bfloat16(params), _round_to_bfloat16(x))
+  np.testing.assert_allclose(y, ref_y, rtol=0, atol=2e-6 * float(jnp.abs(ref_y).max()))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.abs(b).max()))
+  hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(bf16.apply(p, x)), (0, 1))).lower(params, x).compile().as_text()
+  native_taken = amx and kernel_size == 3 and stride == 1 and jax.default_backend() == "cpu"
+  assert (native.CONV_BF16_TARGET in hlo) == native_taken and (native.FILTER_GRAD_BF16_TARGET in hlo) == native_taken
+  # and the plain float32 conv differs from it by bfloat16's rounding, not more; a 1x1 conv keeps model.dtype
+  one_by_one = layers.Conv(features, 1, conv_precision="bfloat16")
+  one_params = one_by_one.init(jax.random.key(1), x)
+  np.testing.assert_array_equal(one_by_one.apply(one_params, x),
+                                layers.Conv(features, 1, conv_precision="float32").apply(one_params, x))
+  np.testing.assert_allclose(y, f32.apply(params, x), rtol=0, atol=2e-2 * float(jnp.abs(ref_y).max()))
+
+
+def test_an_unknown_conv_precision_is_refused_with_the_choices():
+  from diffusion_jax.models import layers
+  with pytest.raises(ValueError, match=r"unknown conv_precision 'float16'; choose one of \('float32', 'bfloat16'\)"):
+    layers.Conv(8, conv_precision="float16").init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))

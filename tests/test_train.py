@@ -224,5 +224,6 @@ def test_resuming_with_another_model_is_one_error_before_anything_is_written(dat
   check_resume(trained, str(workdir))  # the same model resumes
   changed.model.ch, changed.diffusion.schedule = 8, "linear"
   changed.model.dtype, changed.model.conv_impl, changed.model.dropout = "bfloat16", "im2col", 0.1  # how, not what
+  changed.model.conv_precision = "bfloat16"
   check_resume(changed, str(workdir))  # only harmless changes left
   check_resume(tiny_config(data_dir), str(tmp_path / "fresh"))  # a new workdir has nothing to compare

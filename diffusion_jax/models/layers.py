@@ -47,7 +47,9 @@ Dtype = Any
 
 # model.conv_precision: the convs' operands as they are ('float32': in model.dtype), or rounded to bfloat16 with the
 # products summed in float32 and the result in model.dtype ('bfloat16': torch.autocast's convolutions, TPUs' default
-# precision). On CPUs with AMX the bfloat16 convs are native kernels (`native.amx_available()`, README lever table).
+# precision). It applies to the 2x2 / 3x3 convs of conv_impl 'xla' (which 'auto' gives every conv under it on CPUs
+# with AMX: there they are native kernels, `native.amx_available()`; README lever table); 1x1 convs, Winograd's and
+# im2col's keep model.dtype.
 CONV_PRECISIONS = ("float32", "bfloat16")
 
 
@@ -592,22 +594,17 @@ class Conv(nn.Module):
         return upsample_conv(x.astype(self.dtype), phases, operand_dtype) + bias.astype(self.dtype)
       x = upsample_nearest(x)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if impl == "xla" and k > 1:
+    if k == 1:
+      y = tensordot_x_first(x, kernel.reshape(x.shape[-1], self.features))
+      y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
+    elif impl == "im2col":
+      y = conv_im2col(x, kernel, self.stride, k // 2)
+    elif impl == "winograd":
+      y = conv_winograd(x, kernel)
+    elif impl == "winograd_wgrad":
+      y = conv_winograd_wgrad(x, kernel)
+    else:
       y = xla_conv(x, kernel, self.stride, operand_dtype)
-    else:  # 1x1, im2col and Winograd's convs: their matmuls' operands in operand_dtype, the result in self.dtype
-      xo, ko = (x, kernel) if operand_dtype is None else (x.astype(operand_dtype), kernel.astype(operand_dtype))
-      if k == 1:
-        y = tensordot_x_first(xo, ko.reshape(x.shape[-1], self.features))
-        y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
-      elif impl == "im2col":
-        y = conv_im2col(xo, ko, self.stride, k // 2)
-      elif impl == "winograd":
-        y = conv_winograd(xo, ko)
-      elif impl == "winograd_wgrad":
-        y = conv_winograd_wgrad(xo, ko)
-      else:
-        y = xla_conv(xo, ko, self.stride)
-      y = y.astype(self.dtype)
     return y + bias
 
 
