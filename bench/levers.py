@@ -83,6 +83,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
   return label, spec
 
 
+def _autodiff_xla_conv(x, kernel, stride=1, operand_dtype=None):
+  """layers.xla_conv's value with autodiff's gradients (XLA's conv throughout, no native kernels)."""
+  if operand_dtype is None:
+    return layers._conv_nhwc(x, kernel, stride)
+  return layers._conv_nhwc(x.astype(operand_dtype), kernel.astype(operand_dtype), stride, out_dtype=x.dtype)
+
+
 def _autodiff_group_norm(x, scale, bias, num_groups, epsilon, silu=False):
   """GroupNorm (+SiLU) as the written-out one's forward, differentiated by JAX (the 'before' of that lever)."""
   return layers._group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
@@ -177,7 +184,7 @@ def main():
           patches.enter_context(layers_patched("tensordot_x_first", autodiff_tensordot))
           patches.enter_context(layers_patched("dot_general_x_first", jax.lax.dot_general))
         if spec["conv"] == "autodiff":
-          patches.enter_context(layers_patched("xla_conv", lambda x, k, stride=1: layers._conv_nhwc(x, k, stride)))
+          patches.enter_context(layers_patched("xla_conv", _autodiff_xla_conv))
         for name, value in spec["layers"].items():
           patches.enter_context(layers_patched(name, value))
         setup = TrainStepSetup(config, make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp))

@@ -1,7 +1,7 @@
 """Per-convolution benchmark: XLA:CPU's conv and filter gradient against the native kernels
 (diffusion_jax/models/native), float32 and bfloat16, at the U-Nets' shapes.
 
-python bench/native_convs.py [--dtypes float32,bfloat16] [--batch 32] [--steps 20]
+python bench/native_convs.py [--dtypes float32,bfloat16] [--batch 32] [--steps 20] [--small]
 Prints a markdown table: for each [B,H,W,Cin] -> Cout stride-1 conv (3x3 'same', and the sub-pixel upsampling
 conv's 2x2), XLA's and ours in ms (median over --steps compiled calls) with GFLOP/s, for the forward (the input
 gradient is the same kernel on dy) and the filter gradient. XLA's forward in bfloat16 returns bfloat16, ours
@@ -43,18 +43,22 @@ def main():
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--small", action="store_true", help="batch 2 at 8x8 (the test's quick run)")
   args = parser.parse_args()
+  shapes = [((8, 8, cin), cout, k, pad) for (_, _, cin), cout, k, pad in SHAPES[:2] + SHAPES[-1:]] if args.small \
+      else SHAPES
+  batch = 2 if args.small else args.batch
   print(f"native kernels: {native.available() or native.unavailable_reason()}; AMX (bfloat16): "
         f"{native.amx_available()}; {jax.device_count()} device(s)")
   rows = []
   for dtype in args.dtypes.split(","):
-    for (h, w, cin), cout, k, pad in SHAPES:
+    for (h, w, cin), cout, k, pad in shapes:
       keys = jax.random.split(jax.random.key(0), 3)
-      x = jax.random.normal(keys[0], (args.batch, h, w, cin)).astype(dtype)
+      x = jax.random.normal(keys[0], (batch, h, w, cin)).astype(dtype)
       kernel = (0.1 * jax.random.normal(keys[1], (k, k, cin, cout))).astype(dtype)
-      dy = jax.random.normal(keys[2], (args.batch, *native.output_size(x.shape, k, pad), cout)).astype(dtype)
+      dy = jax.random.normal(keys[2], (batch, *native.output_size(x.shape, k, pad), cout)).astype(dtype)
       flops = 2 * dy.size * k * k * cin
-      row = {"dtype": dtype, "conv (x -> Cout)": f"[{args.batch},{h},{w},{cin}] -> {cout}, {k}x{k}"}
+      row = {"dtype": dtype, "conv (x -> Cout)": f"[{batch},{h},{w},{cin}] -> {cout}, {k}x{k}"}
       for what, xla_fn, ours_fn, takes, operands in [
           ("forward", xla_conv, native.conv, native.takes_conv(x, kernel, pad), (x, kernel)),
           ("filter gradient", lambda x, dy, p: xla_filter_grad(x, dy, k, p),
