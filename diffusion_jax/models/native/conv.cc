@@ -78,7 +78,7 @@ void Taps(const float* xs, const float* dy, float* dw, int Wo, int Ci, int Co, i
   }
 }
 
-struct Shape { int B, H, W, Ho, Wo, Ci, Co, P; };
+struct Shape { int B, H, W, Ho, Wo, Ci, Co, P, K; };
 
 // Blocks [blk0, blk1) of input channels (CB each), every output channel, every image.
 template <int K, int NB, int CB>
@@ -369,7 +369,25 @@ bool ConvShapesFit(const Dims& xd, const Dims& kd, const Dims& yd, int64_t paddi
          kd[3] == yd[3] && yd[3] % 16 == 0 && yd[1] > 0 && yd[2] > 0;
 }
 
-// Both handlers' signature: XLA's intra-op pool, two float32 arrays in, one out, the padding as an attribute.
+// The sizes of a call ConvShapesFit accepted: x [B,H,W,Ci], the kernel [K,K,Ci,Co], y / dy [B,Ho,Wo,Co], padding P.
+template <typename Dims>
+Shape ShapeOf(const Dims& xd, const Dims& kd, const Dims& yd, int64_t padding) {
+  return Shape{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(xd[2]), static_cast<int>(yd[1]),
+               static_cast<int>(yd[2]), static_cast<int>(xd[3]), static_cast<int>(yd[3]), static_cast<int>(padding),
+               static_cast<int>(kd[0])};
+}
+
+// Bands of each image's output rows, the tasks of a call: at least 2 per thread of XLA's pool even when a device
+// holds 1-2 images (sampling, evaluation); one band per image at larger batches.
+struct RowBands { int count, rows; };
+
+RowBands BandsFor(ffi::ThreadPool& pool, int B, int Ho) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+  const int count = std::min(Ho, std::max(1, (2 * threads + B - 1) / B));
+  return {count, (Ho + count - 1) / count};
+}
+
+// Both float32 handlers' signature: XLA's intra-op pool, two float32 arrays in, one out, the padding as an attribute.
 auto TwoArraysAndPadding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -387,8 +405,7 @@ static ffi::Error ConvFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   if (!ConvShapesFit(xd, wd, yd, padding))
     return ffi::Error::InvalidArgument("conv_filter_grad: expected x [B,H,W,Cin], dy [B,H+2P-K+1,W+2P-K+1,Cout] "
                                        "with Cout a multiple of 16, dw [K,K,Cin,Cout], K 2 or 3, 0 <= P < K");
-  const Shape s{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(xd[2]), static_cast<int>(yd[1]),
-                static_cast<int>(yd[2]), static_cast<int>(xd[3]), static_cast<int>(yd[3]), static_cast<int>(padding)};
+  const Shape s = ShapeOf(xd, wd, yd, padding);
   RangeFn fn;
   int cb;
   Pick(static_cast<int>(wd[0]), s.Co, &fn, &cb);
@@ -406,16 +423,12 @@ static ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   if (!ConvShapesFit(xd, wd, yd, padding))
     return ffi::Error::InvalidArgument("conv: expected x [B,H,W,Cin], w [K,K,Cin,Cout] with Cout a multiple of 16, "
                                        "y [B,H+2P-K+1,W+2P-K+1,Cout], K 2 or 3, 0 <= P < K");
-  const int B = static_cast<int>(xd[0]), H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
-  const int Ci = static_cast<int>(xd[3]), Co = static_cast<int>(yd[3]), P = static_cast<int>(padding);
-  const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(wd[0]);
+  const Shape s = ShapeOf(xd, wd, yd, padding);
+  const int B = s.B, H = s.H, W = s.W, Ci = s.Ci, Co = s.Co, P = s.P, Ho = s.Ho, Wo = s.Wo, K = s.K;
   const ForwardFn fn = K == 2 ? PickForwardFor<2>(Co) : PickForwardFor<3>(Co);
   const int Wp = Wo + K - 1;
-  // Tasks: bands of each image's output rows, enough for every thread of the pool (2 per thread) even when a
-  // device holds 1-2 images (sampling, evaluation); one band per image at larger batches.
-  const int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
-  const int bands = std::min(Ho, std::max(1, (2 * threads + B - 1) / B));
-  const int band_rows = (Ho + bands - 1) / bands;
+  const RowBands band = BandsFor(pool, B, Ho);
+  const int bands = band.count, band_rows = band.rows;
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* ys = y->typed_data();
   ParallelFor(pool, B * bands, [=](int task) {
@@ -460,15 +473,13 @@ static ffi::Error ConvBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, f
   if (!ConvShapesFit(xd, wd, yd, padding))
     return ffi::Error::InvalidArgument("conv (bfloat16): expected x [B,H,W,Cin], w [K,K,Cin,Cout] with Cout a "
                                        "multiple of 16, y [B,H+2P-K+1,W+2P-K+1,Cout], K 2 or 3, 0 <= P < K");
-  const int B = static_cast<int>(xd[0]), H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
-  const int Ci = static_cast<int>(xd[3]), Co = static_cast<int>(yd[3]), P = static_cast<int>(padding);
-  const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(wd[0]);
+  const Shape s = ShapeOf(xd, wd, yd, padding);
+  const int B = s.B, H = s.H, W = s.W, Ci = s.Ci, Co = s.Co, P = s.P, Ho = s.Ho, Wo = s.Wo, K = s.K;
   const int Wp = Wo + K - 1, Cp = (Ci + 31) / 32 * 32;
   const std::vector<uint16_t> wv = PackKernel(w.typed_data(), K * K, Ci, Co);
   const AmxForwardFn fn = PickAmxForward(K, Co);
-  const int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
-  const int bands = std::min(Ho, std::max(1, (2 * threads + B - 1) / B));
-  const int band_rows = (Ho + bands - 1) / bands;
+  const RowBands band = BandsFor(pool, B, Ho);
+  const int bands = band.count, band_rows = band.rows;
   const uint16_t* xs = x.typed_data();
   const uint16_t* wp = wv.data();
   float* ys = y->typed_data();
@@ -499,16 +510,15 @@ static ffi::Error ConvFilterGradBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::
     return ffi::Error::InvalidArgument("conv_filter_grad (bfloat16): expected x [B,H,W,Cin], dy "
                                        "[B,H+2P-K+1,W+2P-K+1,Cout] with Cout a multiple of 16, dw [K,K,Cin,Cout], "
                                        "K 2 or 3, 0 <= P < K");
-  const int B = static_cast<int>(xd[0]), H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
-  const int Ci = static_cast<int>(xd[3]), Co = static_cast<int>(yd[3]), P = static_cast<int>(padding);
-  const int Ho = static_cast<int>(yd[1]), Wo = static_cast<int>(yd[2]), K = static_cast<int>(wd[0]);
+  const Shape s = ShapeOf(xd, wd, yd, padding);
+  const int B = s.B, H = s.H, W = s.W, Ci = s.Ci, Co = s.Co, P = s.P, Ho = s.Ho, Wo = s.Wo, K = s.K;
   const int Wp = Wo + K - 1, Cp = (Ci + 31) / 32 * 32;
   // Work units: bands of each image's output rows, at least 2 per thread; groups of consecutive units, one per
   // task, each summing into its own float32 copy of dw (added up at the end).
-  const int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
-  const int bands = std::min(Ho, std::max(1, (2 * threads + B - 1) / B));
-  const int band_rows = (Ho + bands - 1) / bands;
-  const int units = B * bands, groups = std::min(units, 2 * threads);
+  const RowBands band = BandsFor(pool, B, Ho);
+  const int bands = band.count, band_rows = band.rows;
+  const int units = B * bands;
+  const int groups = static_cast<int>(std::min<int64_t>(units, 2 * std::max<int64_t>(1, pool.num_threads())));
   const size_t dw_size = static_cast<size_t>(K) * K * Cp * Co;
   std::vector<float> partial(groups * dw_size, 0.0f);
   const AmxFilterGradFn fn = PickAmxFilterGrad(K, Co);
