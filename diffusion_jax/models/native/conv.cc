@@ -279,6 +279,56 @@ AmxForwardFn PickAmxForward(int K, int Co) {
   return K == 2 ? AmxForwardRows<2, 1> : AmxForwardRows<3, 1>;
 }
 
+// The filter gradient's packing, vectorized. TransposeRow: W positions of x (Ci channels each, NHWC) to xt's rows
+// (row ci at dst + ci * L, positions consecutive): per 16 positions and 2 channels one gather of the channel pairs
+// and one permute that splits them into the two rows. Odd Ci: element by element.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void TransposeRow(const uint16_t* src, int W, int Ci, uint16_t* dst, size_t L) {
+  if (Ci % 2) {
+    for (int w = 0; w < W; ++w)
+      for (int ci = 0; ci < Ci; ++ci) dst[ci * L + w] = src[static_cast<size_t>(w) * Ci + ci];
+    return;
+  }
+  alignas(64) uint16_t split[32];  // lanes 0-15: the pairs' first channel, 16-31: their second
+  for (int j = 0; j < 16; ++j) {
+    split[j] = static_cast<uint16_t>(2 * j);
+    split[16 + j] = static_cast<uint16_t>(2 * j + 1);
+  }
+  const __m512i split_idx = _mm512_load_si512(split);
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(Ci));  // in uint16s; scale 2 below
+  for (int w0 = 0; w0 < W; w0 += 16) {
+    const int n = std::min(16, W - w0);
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
+    const uint16_t* base = src + static_cast<size_t>(w0) * Ci;
+    for (int ci = 0; ci < Ci; ci += 2) {
+      const __m512i pairs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, offsets, base + ci, 2);
+      const __m512i rows = _mm512_permutexvar_epi16(split_idx, pairs);
+      _mm256_mask_storeu_epi16(dst + ci * L + w0, m, _mm512_castsi512_si256(rows));
+      _mm256_mask_storeu_epi16(dst + (ci + 1) * L + w0, m, _mm512_extracti64x4_epi64(rows, 1));
+    }
+  }
+}
+
+// InterleavePair: dy's rows at two consecutive positions (nullptr: zeros) into AMX's B layout, [Co][2].
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void InterleavePair(const uint16_t* a, const uint16_t* b, int Co, uint16_t* dst) {
+  alignas(64) uint16_t lo[32], hi[32];  // permutex2var: index 32 + j is b's element j
+  for (int j = 0; j < 16; ++j) {
+    lo[2 * j] = static_cast<uint16_t>(j); lo[2 * j + 1] = static_cast<uint16_t>(32 + j);
+    hi[2 * j] = static_cast<uint16_t>(16 + j); hi[2 * j + 1] = static_cast<uint16_t>(48 + j);
+  }
+  const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+  for (int c0 = 0; c0 < Co; c0 += 32) {
+    const bool full = Co - c0 >= 32;  // else 16 (Co is a multiple of 16)
+    const __mmask32 m = full ? 0xFFFFFFFFu : 0xFFFFu;
+    const __m512i va = a ? _mm512_maskz_loadu_epi16(m, a + c0) : _mm512_setzero_si512();
+    const __m512i vb = b ? _mm512_maskz_loadu_epi16(m, b + c0) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + c0 * 2, _mm512_permutex2var_epi16(va, lo_idx, vb));
+    if (full) _mm512_storeu_si512(dst + c0 * 2 + 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
+  }
+}
+
 // The filter gradient of one band of output rows of one image, added to dw: per tap t, dw[t][ci][co] +=
 // sum_q xt[ci][q + shift_t] * dyv[q][co], with q = oh * Wp + ow on the band's padded grid (dy zero at the Wp - Wo
 // columns past it) and shift_t = kh * Wp + kw. xt: the band's input rows padded and transposed, [Cp, L] (row
@@ -533,24 +583,20 @@ static ffi::Error ConvFilterGradBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::
       if (rows <= 0) continue;
       const int Q = (rows * Wp + 31) / 32 * 32;
       std::fill(xt.begin(), xt.end(), 0);
-      std::fill(dyv.begin(), dyv.begin() + static_cast<size_t>(Q) * Co, 0);
       // padded row r is x's row oh0 + r - P, padded column c its column c - P; transposed: xt[ci][r * Wp + c]
       for (int r = 0; r < rows + K - 1; ++r) {
         const int h = oh0 + r - P;
-        if (h < 0 || h >= H) continue;
-        for (int w = 0; w < W; ++w) {
-          const uint16_t* src = xs + ((static_cast<size_t>(b) * H + h) * W + w) * Ci;
-          uint16_t* dst = xt.data() + static_cast<size_t>(r) * Wp + w + P;
-          for (int ci = 0; ci < Ci; ++ci) dst[ci * L] = src[ci];
-        }
+        if (h >= 0 && h < H)
+          TransposeRow(xs + (static_cast<size_t>(b) * H + h) * W * Ci, W, Ci,
+                       xt.data() + static_cast<size_t>(r) * Wp + P, L);
       }
-      for (int oh = 0; oh < rows; ++oh)
-        for (int ow = 0; ow < Wo; ++ow) {
-          const int q = oh * Wp + ow;
-          const uint16_t* src = dys + ((static_cast<size_t>(b) * Ho + oh0 + oh) * Wo + ow) * Co;
-          uint16_t* dst = dyv.data() + static_cast<size_t>(q / 2) * Co * 2 + q % 2;
-          for (int co = 0; co < Co; ++co) dst[co * 2] = src[co];
-        }
+      // every pair of positions q, q + 1 of the band (zeros past each row's Wo columns and past its rows)
+      const auto dy_at = [&](int q) -> const uint16_t* {
+        const int oh = q / Wp, ow = q % Wp;
+        return oh < rows && ow < Wo ? dys + ((static_cast<size_t>(b) * Ho + oh0 + oh) * Wo + ow) * Co : nullptr;
+      };
+      for (int q = 0; q < Q; q += 2)
+        InterleavePair(dy_at(q), dy_at(q + 1), Co, dyv.data() + static_cast<size_t>(q) * Co);
       fn(xt.data(), L, dyv.data(), Q, parts + g * dw_size, Cp, Co, Wp);
     }
   });
