@@ -47,9 +47,9 @@ Dtype = Any
 
 # model.conv_precision: the convs' operands as they are ('float32': in model.dtype), or rounded to bfloat16 with the
 # products summed in float32 and the result in model.dtype ('bfloat16': torch.autocast's convolutions, TPUs' default
-# precision). It applies to the 2x2 / 3x3 convs of conv_impl 'xla' (which 'auto' gives every conv under it on CPUs
-# with AMX: there they are native kernels, `native.amx_available()`; README lever table); 1x1 convs, Winograd's and
-# im2col's keep model.dtype.
+# precision). It applies to the 1x1 convs (bfloat16 dots) and the 2x2 / 3x3 convs of conv_impl 'xla' (which 'auto'
+# gives every conv under it on CPUs with AMX: there they are native kernels, `native.amx_available()`; README lever
+# table); Winograd's and im2col's convs keep model.dtype.
 CONV_PRECISIONS = ("float32", "bfloat16")
 
 
@@ -458,8 +458,17 @@ def _conv_winograd_wgrad_bwd(m, residuals, dy):
 _conv_winograd_wgrad.defvjp(_conv_winograd_fwd, _conv_winograd_wgrad_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def tensordot_x_first(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
+def _tensordot(a: jax.Array, b: jax.Array, axes, operand_dtype, out_dtype) -> jax.Array:
+  """jnp.tensordot(a, b, axes), its operands cast to `operand_dtype` first and the products summed into out_dtype
+  where operand_dtype is given (conv_precision='bfloat16'; on this host's AMX 3.3-5x float32's rate at
+  ddpm_cifar10's 1x1 conv shapes)."""
+  if operand_dtype is None:
+    return jnp.tensordot(a, b, axes)
+  return jnp.tensordot(a.astype(operand_dtype), b.astype(operand_dtype), axes, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def tensordot_x_first(x: jax.Array, kernel: jax.Array, contract: int = 1, operand_dtype=None) -> jax.Array:
   """x [...,K...] . kernel [K...,N...] over x's last and the kernel's first `contract` axes (a Dense layer, a 1x1
   conv): the product as jnp.tensordot, the kernel's gradient written x-first, sum over the leading axes of x (x)
   dy.
@@ -468,20 +477,21 @@ def tensordot_x_first(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax
   has it copy dy, and a copy fuses the fusion that makes dy: the 1x1 skip conv's dy in the U-Net's up path is a
   GroupNorm backward of 4-8 inputs, recomputed in the transposed order with strided reads (ddpm_cifar10 b16:
   three of them took 134 ms of a 3.2 s step). x-first, XLA copies x, an activation already in memory.
+  `operand_dtype`: all three products' operands cast to it, their sums in x's / the kernel's dtype (as xla_conv's).
   """
-  return jnp.tensordot(x, kernel, contract)
+  return _tensordot(x, kernel, contract, operand_dtype, x.dtype)
 
 
-def _tensordot_x_first_fwd(x, kernel, contract):
-  return jnp.tensordot(x, kernel, contract), (x, kernel)
+def _tensordot_x_first_fwd(x, kernel, contract, operand_dtype=None):
+  return _tensordot(x, kernel, contract, operand_dtype, x.dtype), (x, kernel)
 
 
-def _tensordot_x_first_bwd(contract, res, dy):
+def _tensordot_x_first_bwd(contract, operand_dtype, res, dy):
   x, kernel = res
   lead = tuple(range(x.ndim - contract))  # the axes summed over in the kernel's gradient
   out_axes = tuple(range(contract, kernel.ndim))
-  dx = jnp.tensordot(dy, kernel, (tuple(range(len(lead), dy.ndim)), out_axes))  # [...,K...]
-  dkernel = jnp.tensordot(x, dy, (lead, lead))  # [K...,N...]
+  dx = _tensordot(dy, kernel, (tuple(range(len(lead), dy.ndim)), out_axes), operand_dtype, x.dtype)  # [...,K...]
+  dkernel = _tensordot(x, dy, (lead, lead), operand_dtype, kernel.dtype)  # [K...,N...]
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -599,7 +609,7 @@ class Conv(nn.Module):
       x = upsample_nearest(x)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     if k == 1:
-      y = tensordot_x_first(x, kernel.reshape(x.shape[-1], self.features))
+      y = tensordot_x_first(x, kernel.reshape(x.shape[-1], self.features), 1, operand_dtype)
       y = y[:, ::self.stride, ::self.stride] if self.stride > 1 else y
     elif impl == "im2col":
       y = conv_im2col(x, kernel, self.stride, k // 2)
