@@ -180,7 +180,8 @@ def main():
         patches.enter_context(layers_patched("group_norm_affine", gn))
         patches.enter_context(layers_patched("WINOGRAD_TILE", spec["wtile"]))
         if spec["dense"] == "autodiff":
-          autodiff_tensordot = lambda x, k, contract=1: jnp.tensordot(x, k, contract)
+          autodiff_tensordot = lambda x, k, contract=1, operand_dtype=None: layers._tensordot(x, k, contract,
+                                                                                          operand_dtype, x.dtype)
           patches.enter_context(layers_patched("tensordot_x_first", autodiff_tensordot))
           patches.enter_context(layers_patched("dot_general_x_first", jax.lax.dot_general))
         if spec["conv"] == "autodiff":
