@@ -458,7 +458,7 @@ static ffi::Error ConvFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   const Shape s = ShapeOf(xd, wd, yd, padding);
   RangeFn fn;
   int cb;
-  Pick(static_cast<int>(wd[0]), s.Co, &fn, &cb);
+  Pick(s.K, s.Co, &fn, &cb);
   const float *xp = x.typed_data(), *dyp = dy.typed_data();
   float* dwp = dw->typed_data();
   ParallelFor(pool, (s.Ci + cb - 1) / cb, [=](int blk) { fn(xp, dyp, dwp, s, blk, blk + 1); });
