@@ -182,8 +182,8 @@ def main():
         if spec["dense"] == "autodiff":
           autodiff_tensordot = lambda x, k, contract=1, operand_dtype=None: layers._tensordot(x, k, contract,
                                                                                           operand_dtype, x.dtype)
+          # dot_general_x_first (the Dense layers') calls tensordot_x_first: autodiff's form there too
           patches.enter_context(layers_patched("tensordot_x_first", autodiff_tensordot))
-          patches.enter_context(layers_patched("dot_general_x_first", jax.lax.dot_general))
         if spec["conv"] == "autodiff":
           patches.enter_context(layers_patched("xla_conv", _autodiff_xla_conv))
         for name, value in spec["layers"].items():

@@ -5,8 +5,9 @@ python bench/vs_peers.py [--cases fmnist_small,ddpm_cifar10] [--steps 10] [--rou
 
 With `model.dtype=bfloat16` the peer runs under `torch.autocast(bfloat16)` (mixed precision, as diffusers'
 training scripts do), so both sides compute in bfloat16 with float32 weights. With `model.conv_precision=bfloat16`
-(this project's convs' operands in bfloat16, everything else in float32) the peer runs under autocast too: its
-convs and matmuls in bfloat16, its normalizations in float32.
+and / or `model.matmul_precision=bfloat16` (this project's convs' / Dense layers' operands in bfloat16, everything
+else in float32; both together are autocast's policy but for attention's own two products) the peer runs under
+autocast too: its convs and matmuls in bfloat16, its normalizations in float32.
 
 Per case: (a) a training step (t and noise drawn, q_sample, MSE on eps, backward, Adam; this project's is its
 real `train.compile_train_step`, which also updates the EMA and clips gradients as configured; with the default
@@ -343,8 +344,8 @@ def runner_args(name: str, args) -> tuple:
 
 def peer_args(name: str, args) -> tuple:
   """The Peer's arguments; with --peer-step same, the gradient clipping and EMA of this project's config too."""
-  bfloat16 = any(o.replace(" ", "").replace("'", "") in ("model.dtype=bfloat16", "model.conv_precision=bfloat16")
-                 for o in args.set)
+  bfloat16 = any(o.replace(" ", "").replace("'", "") in ("model.dtype=bfloat16", "model.conv_precision=bfloat16",
+                                                         "model.matmul_precision=bfloat16") for o in args.set)
   grad_clip, ema_decay = peer_step_extras(name, args)
   return (CASES[name], args.sample_steps, args.threads, args.batch or CASES[name]["batch"], args.peer_device, bfloat16,
           grad_clip, ema_decay)

@@ -55,7 +55,8 @@ def get_config(variant: str = "pixel"):
     config.autoencoder = a = ml_collections.ConfigDict()
     a.model = ml_collections.ConfigDict(dict(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
                                              z_channels=4, conv_impl="auto",
-                                             conv_precision="float32"))  # f = 4: 32x32x3 -> 8x8x4
+                                             conv_precision="float32",
+                                             matmul_precision="float32"))  # f = 4: 32x32x3 -> 8x8x4
     a.optim = optim_config(learning_rate=1e-3, warmup_steps=100)
     a.kl_weight = 1e-6
     a.rec_loss = "l1"

@@ -24,7 +24,7 @@ def get_config(variant: str = "cpu"):
   config.autoencoder = a = ml_collections.ConfigDict()
   a.model = ml_collections.ConfigDict(dict(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
                                            z_channels=4, conv_impl="auto",
-                                           conv_precision="float32"))  # f = 4; conv_precision as model's
+                                           conv_precision="float32", matmul_precision="float32"))  # f = 4; as model's
   a.optim = optim_config(learning_rate=1e-3, warmup_steps=100)  # Adam, no clipping, no EMA
   a.kl_weight = 1e-6  # LDM's KL-reg weight
   a.rec_loss = "l1"

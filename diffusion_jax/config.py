@@ -100,6 +100,7 @@ def _model() -> ml_collections.ConfigDict:
   m.concat_channels = 0  # > 0: extra input channels for spatially aligned conditions
   m.conv_impl = "auto"  # auto (winograd_wgrad on CPU for 3x3 convs of >= 128 channels, else xla) | xla | im2col (slower) | winograd (F(2x2,3x3) forward wherever it applies, XLA's gradients: least memory) | winograd_wgrad (its filter gradient too: faster); README lever table
   m.conv_precision = "float32"  # float32 | bfloat16: the convs' operands rounded to bfloat16, their products summed in float32, the result in model.dtype (torch.autocast's convs; 1x1 convs as bfloat16 dots; Winograd's and im2col's keep model.dtype): native AMX kernels for the 3x3 ones on CPUs with AMX (Intel Sapphire Rapids+), XLA's bfloat16 convs elsewhere (slower than float32 on CPUs without AMX); README lever table
+  m.matmul_precision = "float32"  # float32 | bfloat16: the Dense layers' operands (timestep embedding, attention projections, feed-forward) rounded to bfloat16, their products summed in float32 (torch.autocast's linear layers; attention's QK^T / softmax / PV stay in model.dtype); with conv_precision=bfloat16 this is torch.autocast's policy
   m.attention_impl = "xla"  # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, with model.dtype=bfloat16)
   m.remat = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
   return m

@@ -167,8 +167,9 @@ def check_autoencoder(config: ml_collections.ConfigDict) -> None:
   check_optim(a.optim, "autoencoder.optim", a.batch_size)
   m = a.model
   require(m.conv_impl in CONV_IMPLS, "autoencoder.model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
-  require(m.get("conv_precision", "float32") in CONV_PRECISIONS, "autoencoder.model.conv_precision",
-          m.get("conv_precision"), f"choose one of {CONV_PRECISIONS}")
+  for key in ("conv_precision", "matmul_precision"):
+    require(m.get(key, "float32") in CONV_PRECISIONS, f"autoencoder.model.{key}", m.get(key),
+            f"choose one of {CONV_PRECISIONS}")
   for key in ("ch", "num_res_blocks", "z_channels"):
     require(_is_int(m[key], 1), f"autoencoder.model.{key}", m[key], "must be an int >= 1")
   _check_levels("autoencoder.model.ch_mult", m.ch_mult)
@@ -217,8 +218,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
   require(m.dtype in build.DTYPES, "model.dtype", m.dtype, f"choose one of {tuple(build.DTYPES)}")
   require(m.conv_impl in CONV_IMPLS, "model.conv_impl", m.conv_impl, f"choose one of {CONV_IMPLS}")
-  require(m.get("conv_precision", "float32") in CONV_PRECISIONS, "model.conv_precision", m.get("conv_precision"),
-          f"choose one of {CONV_PRECISIONS}")
+  for key in ("conv_precision", "matmul_precision"):
+    require(m.get(key, "float32") in CONV_PRECISIONS, f"model.{key}", m.get(key), f"choose one of {CONV_PRECISIONS}")
   require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
           f"choose one of {ATTENTION_IMPLS}")
   if m.attention_impl == "cudnn":  # cuDNN's fused attention: NVIDIA GPUs, half-precision inputs only
@@ -310,8 +311,9 @@ IDENTITY_KEYS = ("data.image_size", "data.channels", "diffusion.schedule", "diff
                  "text.encoder", "image_condition")
 # ... except how it is computed: the compute dtype, the convolution and attention lowerings and dropout may
 # change (e.g. sample a float32-trained model in bfloat16, or fine-tune with dropout).
-COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.conv_precision", "model.attention_impl",
-                "model.dropout", "model.remat", "autoencoder.model.conv_impl", "autoencoder.model.conv_precision")
+COMPUTE_KEYS = ("model.dtype", "model.conv_impl", "model.conv_precision", "model.matmul_precision",
+                "model.attention_impl", "model.dropout", "model.remat", "autoencoder.model.conv_impl",
+                "autoencoder.model.conv_precision", "autoencoder.model.matmul_precision")
 
 
 # Packages a remote workdir needs beyond epath's: Orbax (0.12.8) lists a gs:// folder's checkpoint steps through

@@ -49,6 +49,8 @@ PIXEL_ERRORS = [
     ("model.dtype", "float16", r"config.model.dtype='float16' is invalid"),
     ("model.conv_precision", "float16", r"config.model.conv_precision='float16' is invalid: choose one of "
      r"\('float32', 'bfloat16'\)"),
+    ("model.matmul_precision", "half", r"config.model.matmul_precision='half' is invalid: choose one of "
+     r"\('float32', 'bfloat16'\)"),
     ("model.attention_impl", "flash", r"config.model.attention_impl='flash' is invalid: choose one of "
      r"\('xla', 'cudnn'\)"),
     ("model.attention_impl", "cudnn", r"config.model.attention_impl='cudnn' is invalid: cuDNN attention runs on NVIDIA "
@@ -95,6 +97,8 @@ TEXT_ERRORS = [
 LATENT_ERRORS = [
     ("autoencoder.model.ch_mult", (1, 2, 2, 2, 2, 2), r"autoencoder.model.ch_mult=.* f=32 .* does not divide"),
     ("autoencoder.rec_loss", "l3", r"config.autoencoder.rec_loss='l3' is invalid"),
+    ("autoencoder.model.matmul_precision", "fp8", r"config.autoencoder.model.matmul_precision='fp8' is invalid: "
+     r"choose one of \('float32', 'bfloat16'\)"),
     ("autoencoder.batch_size", 4, r"config.autoencoder.batch_size=4 is invalid: must be divisible by the 8"),
     ("autoencoder.optim.learning_rate", -1.0, r"config.autoencoder.optim.learning_rate=-1.0 is invalid"),
     ("autoencoder.model.zchannels", 2, r"config.autoencoder.model is invalid: .*'zchannels'"),

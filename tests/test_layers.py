@@ -357,3 +357,56 @@ def test_an_unknown_conv_precision_is_refused_with_the_choices():
   from diffusion_jax.models import layers
   with pytest.raises(ValueError, match=r"unknown conv_precision 'float16'; choose one of \('float32', 'bfloat16'\)"):
     layers.Conv(8, conv_precision="float16").init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))
+
+
+def test_matmul_precision_bfloat16_rounds_a_dense_layers_operands_and_sums_in_float32():
+  """A Dense layer under matmul_precision='bfloat16' is the float32 one on its input, kernel and dy rounded to
+  bfloat16 (each product exact, summed in float32), value and both gradients, to float32's rounding."""
+  import flax.linen as nn
+  from diffusion_jax.models import layers
+  x = jax.random.normal(jax.random.key(0), (3, 5, 48))
+  bf16, f32 = (nn.Dense(40, dot_general=layers.dense_dot_general(p)) for p in ("bfloat16", "float32"))
+  params = bf16.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  weights = _round_to_bfloat16(jax.random.normal(jax.random.key(3), (3, 5, 40)))
+  loss = lambda dense: jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(dense.apply(p, x) * weights), (0, 1)))
+  (value, grads), (ref_value, ref_grads) = loss(bf16)(params, x), loss(f32)(_kernels_rounded_to_bfloat16(params),
+                                                                            _round_to_bfloat16(x))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.abs(b).max()))
+  unrounded = jax.value_and_grad(lambda p, x: jnp.sum(f32.apply(p, x) * weights))(params, x)[0]
+  assert value != unrounded  # the rounding happened
+
+
+@pytest.mark.parametrize("context_dim", [0, 12])
+def test_matmul_precision_bfloat16_takes_the_unets_dense_layers_only(context_dim):
+  """model.matmul_precision='bfloat16': the same parameters (checkpoints load either way), outputs within
+  bfloat16's rounding of float32's, every Dense layer's product a bfloat16 dot and attention's own (QK^T, PV)
+  still float32."""
+  from diffusion_jax.models import UNet
+  kw = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), context_dim=context_dim)
+  bf16, f32 = (UNet(**kw, matmul_precision=p) for p in ("bfloat16", "float32"))
+  x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.array([3, 700])
+  context = jax.random.normal(jax.random.key(1), (2, 5, 12)) if context_dim else None
+  params = f32.init(jax.random.key(2), x, t, context=context)
+  assert jax.tree.structure(bf16.init(jax.random.key(2), x, t, context=context)) == jax.tree.structure(params)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params)
+  y, ref = bf16.apply(params, x, t, context=context), f32.apply(params, x, t, context=context)
+  assert y.dtype == jnp.float32
+  assert 0 < float(jnp.abs(y - ref).max()) < 3e-2 * float(jnp.abs(ref).max())
+  hlo = jax.jit(lambda p: bf16.apply(p, x, t, context=context)).lower(params).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  bf16_dots = [line for line in dots if "bf16" in line.split("->")[0].split(":")[-1]]
+  dense_layers = [path for path, a in jax.tree_util.tree_leaves_with_path(params)
+                  if "kernel" in jax.tree_util.keystr(path) and a.ndim < 4]  # the convs' kernels are [k,k,Cin,Cout]
+  assert len(bf16_dots) == len(dense_layers) > 8  # every Dense, nothing else
+  assert len(dots) - len(bf16_dots) >= 2  # attention's QK^T and PV in float32
+
+
+def test_an_unknown_matmul_precision_is_refused_with_the_choices():
+  from diffusion_jax.models import UNet
+  with pytest.raises(ValueError, match=r"unknown matmul_precision 'float16'; choose one of \('float32', 'bfloat16'\)"):
+    UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), matmul_precision="float16").init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32))

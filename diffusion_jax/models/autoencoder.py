@@ -42,6 +42,7 @@ class _Coder(nn.Module):
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
   conv_precision: str = "float32"  # or "bfloat16": the convs' operands (layers.CONV_PRECISIONS)
+  matmul_precision: str = "float32"  # or "bfloat16": the attention projections' (layers.MATMUL_PRECISIONS)
 
 
 class Encoder(_Coder):
@@ -58,13 +59,13 @@ class Encoder(_Coder):
       for _ in range(self.num_res_blocks):
         h = ResBlock(self.ch * mult, **kw)(h, None, train=train)
         if resolution in self.attn_resolutions:
-          h = AttentionBlock(dtype=self.dtype)(h)
+          h = AttentionBlock(dtype=self.dtype, matmul_precision=self.matmul_precision)(h)
       if level != len(self.ch_mult) - 1:
         h = downsample(h, with_conv=True, **kw)
         resolution //= 2
     h = ResBlock(h.shape[-1], **kw)(h, None, train=train)
     if self.mid_attention:
-      h = AttentionBlock(dtype=self.dtype)(h)
+      h = AttentionBlock(dtype=self.dtype, matmul_precision=self.matmul_precision)(h)
     h = ResBlock(h.shape[-1], **kw)(h, None, train=train)
     h = group_norm(h.shape[-1], self.dtype, silu=True)(h)
     h = Conv(2 * self.z_channels, 3, **kw)(h)
@@ -83,14 +84,14 @@ class Decoder(_Coder):
     h = Conv(self.ch * self.ch_mult[-1], 3, **kw)(z)
     h = ResBlock(h.shape[-1], **kw)(h, None, train=train)
     if self.mid_attention:
-      h = AttentionBlock(dtype=self.dtype)(h)
+      h = AttentionBlock(dtype=self.dtype, matmul_precision=self.matmul_precision)(h)
     h = ResBlock(h.shape[-1], **kw)(h, None, train=train)
     resolution = z.shape[1]
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
         h = ResBlock(self.ch * mult, **kw)(h, None, train=train)
         if resolution in self.attn_resolutions:
-          h = AttentionBlock(dtype=self.dtype)(h)
+          h = AttentionBlock(dtype=self.dtype, matmul_precision=self.matmul_precision)(h)
       if level != 0:
         h = Conv(h.shape[-1], 3, upsample=True, **kw)(h)
         resolution *= 2
@@ -111,6 +112,7 @@ class AutoencoderKL(nn.Module):
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
   conv_precision: str = "float32"  # or "bfloat16": the convs' operands (layers.CONV_PRECISIONS)
+  matmul_precision: str = "float32"  # or "bfloat16": the attention projections' (layers.MATMUL_PRECISIONS)
 
   @property
   def downsample_factor(self) -> int:
@@ -128,7 +130,8 @@ class AutoencoderKL(nn.Module):
   def setup(self):
     common = dict(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
                   attn_resolutions=self.attn_resolutions, mid_attention=self.mid_attention,
-                  conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision)
+                  conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision,
+                  matmul_precision=self.matmul_precision)
     self.encoder = Encoder(z_channels=self.z_channels, **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
 

@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, SpatialTransformer, downsample,
-                                         group_norm, masked_mean, timestep_embedding)
+from diffusion_jax.models.layers import (AttentionBlock, Conv, ResBlock, SpatialTransformer, dense_dot_general,
+                                         downsample, group_norm, masked_mean, timestep_embedding)
 
 
 class UNet(nn.Module):
@@ -31,6 +31,7 @@ class UNet(nn.Module):
   scale_shift_norm: bool = False
   conv_impl: str = "auto"
   conv_precision: str = "float32"  # or "bfloat16": the convs' operands (layers.CONV_PRECISIONS)
+  matmul_precision: str = "float32"  # or "bfloat16": the Dense layers' operands (layers.MATMUL_PRECISIONS)
   attention_impl: str = "xla"  # or "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16 dtype)
   num_classes: int = 0  # > 0: class-conditional, label `num_classes` is the null class (for guidance)
   context_dim: int = 0  # > 0: spatial transformers with cross-attention to a [B,L,context_dim] context
@@ -94,7 +95,8 @@ class UNet(nn.Module):
     # Odd sizes (28x28 with 3 downsamplings): pad to the multiple the levels need, crop at the end.
     x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
     kw = dict(conv_impl=self.conv_impl, dtype=self.dtype, conv_precision=self.conv_precision)
-    res_kw = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, **kw)
+    res_kw = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, matmul_precision=self.matmul_precision,
+                  **kw)
     # remat: activations inside each block are recomputed in the backward pass instead of stored (Chen et al.
     # 2016); `train` (argument 3, counting the module) is static. Blocks are named as without remat, so
     # checkpoints load either way.
@@ -111,22 +113,22 @@ class UNet(nn.Module):
       counts["attn"] += 1
       name = f"{'SpatialTransformer' if self.context_dim else 'AttentionBlock'}_{counts['attn'] - 1}"
       block = attn_cls(self.num_heads, self.head_channels, dtype=self.dtype, attention_impl=self.attention_impl,
-                       name=name)
+                       matmul_precision=self.matmul_precision, name=name)
       if self.context_dim:
         return lambda h: block(h, context, context_mask)
       return block
 
+    dense_kw = dict(dtype=self.dtype, param_dtype=jnp.float32, dot_general=dense_dot_general(self.matmul_precision))
     emb = timestep_embedding(t, self.ch)
-    emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(emb)
-    emb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32)(nn.silu(emb))
+    emb = nn.Dense(4 * self.ch, **dense_kw)(emb)
+    emb = nn.Dense(4 * self.ch, **dense_kw)(nn.silu(emb))
     if self.num_classes:
       # A learned class embedding added to the timestep embedding (ADM / Ho & Salimans 2022); +1 for null.
       emb = emb + nn.Embed(self.num_classes + 1, 4 * self.ch, param_dtype=jnp.float32)(y).astype(emb.dtype)
     if self.context_dim and self.pooled_context:
       # The masked mean of the text tokens added to the timestep embedding (Imagen, Saharia et al. 2022, sec. 2.1),
       # so every residual block sees the prompt, not only the cross-attention layers.
-      emb = emb + nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32,
-                           name="context_embed")(masked_mean(context, context_mask))
+      emb = emb + nn.Dense(4 * self.ch, **dense_kw, name="context_embed")(masked_mean(context, context_mask))
 
     h = Conv(self.ch, 3, **kw)(x.astype(self.dtype))
     skips = [h]
