@@ -108,6 +108,19 @@ def test_mixed_dtypes_and_bfloat16_without_amx_are_not_taken(monkeypatch):
   assert not native.takes_conv(x, jnp.zeros((3, 3, 8, 16), jnp.bfloat16), 1)
 
 
+def test_flipped_kernels_are_bfloat16_only_and_without_amx_refused_with_a_line(monkeypatch):
+  """The float32 conv takes no flipped kernel; a bfloat16 call on a host without AMX's tile state is a ValueError,
+  not the process killed by an illegal instruction."""
+  x = jnp.zeros((2, 8, 8, 32))
+  kernel = jnp.zeros((3, 3, 16, 32))  # flipped: [K,K,Cout,Cin]
+  assert not native.takes_conv(x, kernel, 1, flipped=True)
+  monkeypatch.setattr(native, "amx_available", lambda: False)
+  with pytest.raises(ValueError, match="need AMX"):
+    native.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, flipped=True)
+  with pytest.raises(ValueError, match="need AMX"):
+    native.conv_filter_grad(x.astype(jnp.bfloat16), jnp.zeros((2, 8, 8, 16), jnp.bfloat16), 3, 1)
+
+
 needs_amx = pytest.mark.skipif(not native.amx_available(), reason="the bfloat16 kernels need a CPU with AMX")
 # Channel counts around the AMX kernels' blocks: 32 input channels per tile (8-70: zero-padded to 32 or 96), 16 or
 # 32 output channels per pass; widths around the 32 positions of a tile pair; one image in bands.
@@ -130,6 +143,11 @@ def test_bfloat16_kernels_sum_exact_products_in_float32(shape, cout, kernel_size
   as32 = lambda a: a.astype(jnp.float32)
   close(y, reference_conv(as32(x), as32(kernel), padding))
   close(dw, reference_filter_grad(as32(x), as32(dy), kernel_size, padding))
+  # flipped (the input gradient's form): the kernel whose flip-transpose `kernel` is, packed into the same tiles
+  given = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # [K,K,Cout,Cin]
+  assert native.takes_conv(x, given, padding, flipped=True)
+  flipped = jax.jit(native.conv, static_argnums=(2, 3))(x, given, padding, True)
+  np.testing.assert_array_equal(flipped, y)
 
 
 def test_a_batch_split_over_a_mesh_sums_each_devices_rows_without_gathering_them():
@@ -173,6 +191,10 @@ def test_bfloat16_under_a_mesh_each_device_its_own_rows():
   y = jax.jit(lambda x, kernel: native.conv(x, kernel, 1))(xs, kernel)
   close(y, reference_conv(as32(x), as32(kernel), 1))
   assert y.sharding.spec[0] == "data"
+  flipped = jax.jit(lambda x, kernel: native.conv(x, kernel, 1, flipped=True))(xs, kernel[::-1, ::-1].transpose(
+      0, 1, 3, 2))
+  np.testing.assert_array_equal(flipped, y)
+  assert flipped.sharding.spec[0] == "data"
 
 
 def test_vmap_and_scan():

@@ -98,6 +98,11 @@ NATIVE_FILTER_GRAD = True
 NATIVE_CONV = True
 
 
+# The bfloat16 input gradient's kernel flipped and transposed by the native conv as it packs it (False: XLA's copy of
+# it first, the before in bench/levers.py's `layers:NATIVE_FLIPPED_KERNEL=False`).
+NATIVE_FLIPPED_KERNEL = True
+
+
 @contextlib.contextmanager
 def native_convs(enabled: bool):
   """NATIVE_CONV and NATIVE_FILTER_GRAD both set to `enabled` while tracing inside (benchmarks and tests that time
@@ -165,7 +170,10 @@ def _canonical_conv_bwd(stride, pad_first, operand_dtype, residuals, dy):
   # dx: dy dilated by the stride, against the kernel flipped in space with Cin and Cout swapped ([k,k,Cout,Cin]).
   before = k - pad - 1
   flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
-  if stride == 1:  # then the padding after is `before` too
+  if stride == 1 and NATIVE_CONV and NATIVE_FLIPPED_KERNEL and native.takes_conv(dy, kernel, before, flipped=True):
+    # bfloat16 on AMX: the native conv flips and transposes the kernel as it packs it (no copy of it first)
+    dx = native.conv(dy, kernel, before, flipped=True).astype(out_dtypes[0])
+  elif stride == 1:  # then the padding after is `before` too
     dx = _stride1_conv(dy, flipped, before, out_dtypes[0])
   else:
     dx = _conv_nhwc(dy, flipped, 1, [(before, n + k - 1 - d - before) for n, d in zip(size, dilated_out)],

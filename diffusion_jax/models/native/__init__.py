@@ -165,11 +165,13 @@ def output_size(x_shape: tuple[int, ...], kernel_size: int, padding: int) -> lis
   return [n + 2 * padding - kernel_size + 1 for n in x_shape[1:3]]
 
 
-def takes_conv(x: jax.Array, kernel: jax.Array, padding: int) -> bool:
-  """Whether `conv` takes this x [B,H,W,Cin], kernel [K,K,Cin,Cout] on this backend."""
+def takes_conv(x: jax.Array, kernel: jax.Array, padding: int, flipped: bool = False) -> bool:
+  """Whether `conv` takes this x [B,H,W,Cin], kernel [K,K,Cin,Cout] (`flipped`: [K,K,Cout,Cin], bfloat16 only)
+  on this backend."""
   k = kernel.shape[0] if kernel.ndim == 4 else 0
-  return (_takes(x, kernel, k, padding, kernel.shape[-1]) and kernel.shape[1] == k and kernel.shape[2] == x.shape[3]
-          and min(output_size(x.shape, k, padding)) > 0)
+  cin, cout = (kernel.shape[3], kernel.shape[2]) if flipped and kernel.ndim == 4 else kernel.shape[2:]
+  return (_takes(x, kernel, k, padding, cout) and kernel.shape[1] == k and cin == x.shape[3]
+          and (not flipped or x.dtype == jnp.bfloat16) and min(output_size(x.shape, k, padding)) > 0)
 
 
 def takes_conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> bool:
@@ -178,14 +180,27 @@ def takes_conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, paddin
           and list(dy.shape[1:3]) == output_size(x.shape, kernel_size, padding) and min(dy.shape[1:3]) > 0)
 
 
-def _local_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  out = jax.ShapeDtypeStruct((x.shape[0], *output_size(x.shape, kernel.shape[0], padding), kernel.shape[3]),
-                             jnp.float32)
-  target = CONV_BF16_TARGET if x.dtype == jnp.bfloat16 else CONV_TARGET
-  return jax.ffi.ffi_call(target, out)(x, kernel, padding=np.int64(padding))
+def _amx_checked(x: jax.Array) -> None:
+  """A bfloat16 kernel's first instruction on a host without AMX's tile state would kill the process (SIGILL):
+  refuse it with a line instead (takes_conv / takes_conv_filter_grad say False there)."""
+  if x.dtype == jnp.bfloat16 and not amx_available():
+    raise ValueError("the native bfloat16 conv kernels need AMX (amx_tile, amx_bf16) granted by Linux, which this "
+                     "host lacks: check native.takes_conv / takes_conv_filter_grad first")
+
+
+def _local_conv(x: jax.Array, kernel: jax.Array, padding: int, flipped: bool = False) -> jax.Array:
+  _amx_checked(x)
+  cout = kernel.shape[2] if flipped else kernel.shape[3]
+  out = jax.ShapeDtypeStruct((x.shape[0], *output_size(x.shape, kernel.shape[0], padding), cout), jnp.float32)
+  if x.dtype == jnp.bfloat16:
+    return jax.ffi.ffi_call(CONV_BF16_TARGET, out)(x, kernel, padding=np.int64(padding), flipped=np.int64(flipped))
+  if flipped:
+    raise ValueError("the float32 native conv takes its kernel as [K,K,Cin,Cout] only (flipped=False)")
+  return jax.ffi.ffi_call(CONV_TARGET, out)(x, kernel, padding=np.int64(padding))
 
 
 def _local_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> jax.Array:
+  _amx_checked(x)
   out = jax.ShapeDtypeStruct((kernel_size, kernel_size, x.shape[3], dy.shape[3]), jnp.float32)
   target = FILTER_GRAD_BF16_TARGET if x.dtype == jnp.bfloat16 else FILTER_GRAD_TARGET
   return jax.ffi.ffi_call(target, out)(x, dy, padding=np.int64(padding))
@@ -203,22 +218,29 @@ def _batch_split(mesh, axes: tuple) -> NamedSharding:
   return NamedSharding(mesh, P(axes if axes else None, None, None, None))
 
 
-@functools.partial(custom_partitioning, static_argnums=(2,))
-def _partitioned_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  return _local_conv(x, kernel, padding)
+def _conv_partitioned(flipped: bool):
+  """_local_conv under custom_partitioning: each device convolves its own rows of the batch (the only dimension
+  left split) with the whole kernel."""
+
+  @functools.partial(custom_partitioning, static_argnums=(2,))
+  def partitioned(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    return _local_conv(x, kernel, padding, flipped)
+
+  def partition(padding, mesh, arg_shapes, result_shape):
+    split = _batch_split(mesh, _batch_axes(arg_shapes[0].sharding))
+    return (mesh, lambda x, kernel: _local_conv(x, kernel, padding, flipped), split,
+            (split, NamedSharding(mesh, P())))
+
+  partitioned.def_partition(
+      partition=partition,
+      infer_sharding_from_operands=lambda padding, mesh, arg_shapes, result_shape: _batch_split(
+          mesh, _batch_axes(arg_shapes[0].sharding)),
+      sharding_rule="b h w i, k l o i -> b p q o" if flipped else "b h w i, k l i o -> b p q o",
+      need_replication_factors=("h", "w", "i", "k", "l", "o", "p", "q"))
+  return partitioned
 
 
-def _partition_conv(padding, mesh, arg_shapes, result_shape):
-  """Each device convolves its own rows of the batch (the only dimension left split) with the whole kernel."""
-  split = _batch_split(mesh, _batch_axes(arg_shapes[0].sharding))
-  return mesh, lambda x, kernel: _local_conv(x, kernel, padding), split, (split, NamedSharding(mesh, P()))
-
-
-_partitioned_conv.def_partition(
-    partition=_partition_conv,
-    infer_sharding_from_operands=lambda padding, mesh, arg_shapes, result_shape: _batch_split(
-        mesh, _batch_axes(arg_shapes[0].sharding)),
-    sharding_rule="b h w i, k l i o -> b p q o", need_replication_factors=("h", "w", "i", "k", "l", "o", "p", "q"))
+_partitioned_conv = {flipped: _conv_partitioned(flipped) for flipped in (False, True)}
 
 
 @functools.partial(custom_partitioning, static_argnums=(2, 3))
@@ -263,12 +285,14 @@ def _mapped_over_vmap(fn):
   return call
 
 
-def conv(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.Array:
+def conv(x: jax.Array, kernel: jax.Array, padding: int = 1, flipped: bool = False) -> jax.Array:
   """y [B,Ho,Wo,Cout] = the stride-1 conv of x [B,H,W,Cin] padded by `padding` on each side with kernel
   [K,K,Cin,Cout] (NHWC / HWIO; Ho = H + 2 padding - K + 1), XLA's conv_general_dilated's value (a direct
-  convolution, not differentiable itself: layers.xla_conv gives it gradients). Under a mesh each device convolves
-  its own rows of the batch. Check `takes_conv` first."""
-  return _mapped_over_vmap(lambda x, kernel: _partitioned_conv(x, kernel, padding))(x, kernel)
+  convolution, not differentiable itself: layers.xla_conv gives it gradients). `flipped` (bfloat16 only): kernel
+  is [K,K,Cout,Cin] and is taken flipped in space and transposed, the input gradient's kernel of the conv it
+  belongs to, with no copy made. Under a mesh each device convolves its own rows of the batch. Check `takes_conv`
+  first."""
+  return _mapped_over_vmap(lambda x, kernel: _partitioned_conv[flipped](x, kernel, padding))(x, kernel)
 
 
 def conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int = 3, padding: int = 1) -> jax.Array:
