@@ -169,7 +169,7 @@ def _canonical_conv_bwd(stride, pad_first, operand_dtype, residuals, dy):
   dilated_out = [stride * (n - 1) + 1 for n in dy.shape[1:3]]  # dy's extent on x's grid
   # dx: dy dilated by the stride, against the kernel flipped in space with Cin and Cout swapped ([k,k,Cout,Cin]).
   before = k - pad - 1
-  flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+  flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # unused (and dropped by XLA) on the native flipped path
   if stride == 1 and NATIVE_CONV and NATIVE_FLIPPED_KERNEL and native.takes_conv(dy, kernel, before, flipped=True):
     # bfloat16 on AMX: the native conv flips and transposes the kernel as it packs it (no copy of it first)
     dx = native.conv(dy, kernel, before, flipped=True).astype(out_dtypes[0])
@@ -474,8 +474,8 @@ _conv_winograd_wgrad.defvjp(_conv_winograd_fwd, _conv_winograd_wgrad_bwd)
 
 def _tensordot(a: jax.Array, b: jax.Array, axes, operand_dtype, out_dtype) -> jax.Array:
   """jnp.tensordot(a, b, axes), its operands cast to `operand_dtype` first and the products summed into out_dtype
-  where operand_dtype is given (conv_precision='bfloat16'; on this host's AMX 3.3-5x float32's rate at
-  ddpm_cifar10's 1x1 conv shapes)."""
+  where operand_dtype is given (conv_precision / matmul_precision 'bfloat16'; on this host's AMX 3.3-5x float32's
+  rate at ddpm_cifar10's 1x1 conv shapes)."""
   if operand_dtype is None:
     return jnp.tensordot(a, b, axes)
   return jnp.tensordot(a.astype(operand_dtype), b.astype(operand_dtype), axes, preferred_element_type=out_dtype)

@@ -211,6 +211,25 @@ AMX_TARGET void ConfigureTiles() {
   _tile_loadconfig(&config);
 }
 
+// AVX-512 index vectors the packings share. PairInterleave(first): for permutex2var, lanes 2j and 2j+1 take element
+// first + j of the first row and of the second (index 32 + ...): two rows' 16 elements as 16 pairs, AMX's B layout.
+// LaneStrides(stride): lane j is j * stride, the offsets of a 16-lane gather down a column.
+__attribute__((target("avx512f,avx512bw")))
+__m512i PairInterleave(int first) {
+  alignas(64) uint16_t index[32];
+  for (int j = 0; j < 16; ++j) {
+    index[2 * j] = static_cast<uint16_t>(first + j);
+    index[2 * j + 1] = static_cast<uint16_t>(32 + first + j);
+  }
+  return _mm512_load_si512(index);
+}
+
+__attribute__((target("avx512f")))
+__m512i LaneStrides(int stride) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(stride));
+}
+
 // [K*K, ceil(Ci/32), Co/16] tiles of 16 pairs of input channels x 16 output channels x 2 (AMX's B layout, "VNNI":
 // element (k, n) of a [32, 16] block at [k/2][n][k%2]), zero past Ci. w: [K,K,Ci,Co] bfloat16 bits; `flipped`: w
 // is [K,K,Co,Ci] and tap t is w's tap K*K-1-t transposed (the input gradient's kernel from the forward one, with no
@@ -222,14 +241,8 @@ AMX_TARGET void ConfigureTiles() {
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void PackKernelChunk(const uint16_t* w, int taps, int Ci, int Co, bool flipped, int t, int c, uint16_t* packed) {
   const int chunks = (Ci + 31) / 32, oblocks = Co / 16;
-  alignas(64) uint16_t interleave[32];  // permutex2var: index 32 + j is the second row's element j
-  for (int j = 0; j < 16; ++j) {
-    interleave[2 * j] = static_cast<uint16_t>(j);
-    interleave[2 * j + 1] = static_cast<uint16_t>(32 + j);
-  }
-  const __m512i interleave_idx = _mm512_load_si512(interleave);
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(Ci));  // flipped: 16 output channels' rows of w
+  const __m512i interleave_idx = PairInterleave(0);
+  const __m512i rows = LaneStrides(Ci);  // flipped: 16 output channels' rows of w
   const int source_tap = flipped ? taps - 1 - t : t;
   for (int kp = 0; kp < 16; ++kp) {
     const int ci = c * 32 + 2 * kp;
@@ -324,8 +337,7 @@ void TransposeRow(const uint16_t* src, int W, int Ci, uint16_t* dst, size_t L) {
     split[16 + j] = static_cast<uint16_t>(2 * j + 1);
   }
   const __m512i split_idx = _mm512_load_si512(split);
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(Ci));  // in uint16s; scale 2 below
+  const __m512i offsets = LaneStrides(Ci);  // in uint16s; scale 2 below
   for (int w0 = 0; w0 < W; w0 += 16) {
     const int n = std::min(16, W - w0);
     const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
@@ -342,12 +354,7 @@ void TransposeRow(const uint16_t* src, int W, int Ci, uint16_t* dst, size_t L) {
 // InterleavePair: dy's rows at two consecutive positions (nullptr: zeros) into AMX's B layout, [Co][2].
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void InterleavePair(const uint16_t* a, const uint16_t* b, int Co, uint16_t* dst) {
-  alignas(64) uint16_t lo[32], hi[32];  // permutex2var: index 32 + j is b's element j
-  for (int j = 0; j < 16; ++j) {
-    lo[2 * j] = static_cast<uint16_t>(j); lo[2 * j + 1] = static_cast<uint16_t>(32 + j);
-    hi[2 * j] = static_cast<uint16_t>(16 + j); hi[2 * j + 1] = static_cast<uint16_t>(48 + j);
-  }
-  const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+  const __m512i lo_idx = PairInterleave(0), hi_idx = PairInterleave(16);  // channels c0..c0+15, c0+16..c0+31
   for (int c0 = 0; c0 < Co; c0 += 32) {
     const bool full = Co - c0 >= 32;  // else 16 (Co is a multiple of 16)
     const __mmask32 m = full ? 0xFFFFFFFFu : 0xFFFFu;
