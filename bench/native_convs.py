@@ -6,7 +6,8 @@ Prints a markdown table: for each [B,H,W,Cin] -> Cout stride-1 conv (3x3 'same',
 conv's 2x2), XLA's and ours in ms (median over --steps compiled calls) with GFLOP/s, for the forward (the input
 gradient is the same kernel on dy) and the filter gradient. XLA's forward in bfloat16 returns bfloat16, ours
 float32 sums (what layers.xla_conv then casts); both are compared against float64 in tests/test_native.py. Pin it
-(`taskset -c 0`) for one core. bfloat16 rows need a CPU with AMX (native.amx_available()).
+(`taskset -c 0`) for one core. bfloat16 rows need a CPU with AMX or AVX512-BF16 (native.bf16_kernels() says which
+kernels run).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def main():
   shapes = [((8, 8, cin), cout, k, pad) for (_, _, cin), cout, k, pad in SHAPES[:2] + SHAPES[-1:]] if args.small \
       else SHAPES
   batch = 2 if args.small else args.batch
-  print(f"native kernels: {native.available() or native.unavailable_reason()}; AMX (bfloat16): "
-        f"{native.amx_available()}; {jax.device_count()} device(s)")
+  print(f"native kernels: {native.available() or native.unavailable_reason()}; bfloat16 kernels: "
+        f"{native.bf16_kernels()}; {jax.device_count()} device(s)")
   rows = []
   for dtype in args.dtypes.split(","):
     for (h, w, cin), cout, k, pad in shapes:

@@ -223,7 +223,7 @@ def test_processes_times_both_gradient_reductions_over_two_gloo_processes():
 
 def test_native_convs_times_xlas_and_ours_per_dtype():
   """bench/native_convs.py --small: a row per dtype and shape; ours timed where the kernels take the conv (float32
-  where the host runs them, bfloat16 where it has AMX), 'not taken' otherwise."""
+  where the host runs them, bfloat16 where it has AMX or AVX512-BF16), 'not taken' otherwise."""
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": ROOT}
   out = subprocess.run([sys.executable, "bench/native_convs.py", "--small", "--steps", "1"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -232,6 +232,6 @@ def test_native_convs_times_xlas_and_ours_per_dtype():
   assert [r[0].lstrip("| ") for r in rows] == ["float32"] * 3 + ["bfloat16"] * 3
   from diffusion_jax.models import native
   for r in rows:
-    takes = native.available() and (r[0].lstrip("| ") == "float32" or native.amx_available())
+    takes = native.available() and (r[0].lstrip("| ") == "float32" or native.bf16_available())
     assert float(r[2].split()[0]) > 0 and float(r[4].split()[0]) > 0
     assert (r[3].endswith("x") and r[5].rstrip(" |").endswith("x")) if takes else r[3] == "not taken"

@@ -318,18 +318,22 @@ def _kernels_rounded_to_bfloat16(params):
       lambda path, a: _round_to_bfloat16(a) if "kernel" in jax.tree_util.keystr(path) else a, params)
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("kernels", ["amx", "avx512_bf16", None])
 @pytest.mark.parametrize("kernel_size,stride,features", [(3, 1, 32), (3, 2, 16), (1, 1, 32)])
-def test_conv_precision_bfloat16_rounds_the_operands_and_sums_in_float32(monkeypatch, amx, kernel_size, stride,
-                                                                        features):
+def test_conv_precision_bfloat16_rounds_the_operands_and_sums_in_float32(monkeypatch, request, kernels, kernel_size,
+                                                                        stride, features):
   """conv_precision='bfloat16' is the float32 conv of the operands rounded to bfloat16 (each product exact, summed
   in float32): the same value and gradients as conv_precision='float32' on x, the kernel and dy rounded first, to
-  float32's rounding; the result float32. With AMX through the native bfloat16 kernels, without it (amx=False, or
-  no AMX here) through XLA's bfloat16 convs with float32 results."""
+  float32's rounding; the result float32. With AMX or AVX512-BF16 through the native bfloat16 kernels, without
+  either (kernels=None) through XLA's bfloat16 convs with float32 results."""
   from diffusion_jax.models import layers, native
-  if amx and not native.amx_available():
-    pytest.skip("no AMX on this CPU")
-  monkeypatch.setattr(native, "amx_available", lambda: amx)
+  if kernels and not (native.amx_available() if kernels == "amx" else native.avx512_bf16_available()):
+    pytest.skip(f"this CPU cannot run the {kernels} kernels")
+  if kernels:
+    native.use_amx(kernels == "amx")
+    request.addfinalizer(lambda: native.use_amx(True))
+  else:
+    monkeypatch.setattr(native, "bf16_available", lambda: False)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
   bf16, f32 = (layers.Conv(features, kernel_size, stride=stride, conv_impl="auto", conv_precision=p)
                for p in ("bfloat16", "float32"))
@@ -347,7 +351,7 @@ def test_conv_precision_bfloat16_rounds_the_operands_and_sums_in_float32(monkeyp
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.abs(b).max()))
   hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(bf16.apply(p, x)), (0, 1))).lower(params, x).compile().as_text()
-  native_taken = amx and kernel_size == 3 and stride == 1 and jax.default_backend() == "cpu"
+  native_taken = kernels is not None and kernel_size == 3 and stride == 1 and jax.default_backend() == "cpu"
   assert (native.CONV_BF16_TARGET in hlo) == native_taken and (native.FILTER_GRAD_BF16_TARGET in hlo) == native_taken
   # and the plain float32 conv differs from it by bfloat16's rounding, not more
   np.testing.assert_allclose(y, f32.apply(params, x), rtol=0, atol=2e-2 * float(jnp.abs(ref_y).max()))

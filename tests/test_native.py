@@ -98,41 +98,53 @@ def test_shapes_and_dtypes_it_does_not_take(x_shape, cout, kernel_size, padding,
   assert not native.takes_conv(x, jnp.zeros((kernel_size, kernel_size, x_shape[-1], cout), dtype), padding)
 
 
-def test_mixed_dtypes_and_bfloat16_without_amx_are_not_taken(monkeypatch):
+def test_mixed_dtypes_and_bfloat16_without_amx_or_avx512_bf16_are_not_taken(monkeypatch):
   x, dy = inputs((2, 8, 8, 8), 3, 1, 16)
   assert not native.takes_conv_filter_grad(x.astype(jnp.bfloat16), dy, 3, 1)
   assert not native.takes_conv(x, jnp.zeros((3, 3, 8, 16), jnp.bfloat16), 1)
-  monkeypatch.setattr(native, "amx_available", lambda: False)
+  monkeypatch.setattr(native, "bf16_available", lambda: False)
   x, dy = x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
   assert not native.takes_conv_filter_grad(x, dy, 3, 1)
   assert not native.takes_conv(x, jnp.zeros((3, 3, 8, 16), jnp.bfloat16), 1)
 
 
-def test_flipped_kernels_are_bfloat16_only_and_without_amx_refused_with_a_line(monkeypatch):
-  """The float32 conv takes no flipped kernel; a bfloat16 call on a host without AMX's tile state is a ValueError,
-  not the process killed by an illegal instruction."""
+def test_flipped_kernels_are_bfloat16_only_and_without_amx_or_avx512_bf16_refused_with_a_line(monkeypatch):
+  """The float32 conv takes no flipped kernel; a bfloat16 call on a host without AMX's tile state or AVX512-BF16 is
+  a ValueError, not the process killed by an illegal instruction."""
   x = jnp.zeros((2, 8, 8, 32))
   kernel = jnp.zeros((3, 3, 16, 32))  # flipped: [K,K,Cout,Cin]
   assert not native.takes_conv(x, kernel, 1, flipped=True)
-  monkeypatch.setattr(native, "amx_available", lambda: False)
+  monkeypatch.setattr(native, "bf16_available", lambda: False)
   with pytest.raises(ValueError, match="need AMX"):
     native.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, flipped=True)
   with pytest.raises(ValueError, match="need AMX"):
     native.conv_filter_grad(x.astype(jnp.bfloat16), jnp.zeros((2, 8, 8, 16), jnp.bfloat16), 3, 1)
 
 
-needs_amx = pytest.mark.skipif(not native.amx_available(), reason="the bfloat16 kernels need a CPU with AMX")
+needs_bf16 = pytest.mark.skipif(not native.bf16_available(),
+                                reason="the bfloat16 kernels need a CPU with AMX or AVX512-BF16")
 # Channel counts around the AMX kernels' blocks: 32 input channels per tile (8-70: zero-padded to 32 or 96), 16 or
 # 32 output channels per pass; widths around the 32 positions of a tile pair; one image in bands.
 BF16_SHAPES = SHAPES + [((2, 32, 32, 32), 32), ((1, 16, 16, 64), 64), ((2, 8, 8, 40), 48), ((3, 5, 17, 96), 16)]
 
 
-@needs_amx
+@pytest.fixture(params=["amx", "avx512_bf16"])
+def bf16_kernels(request):
+  """Each of the bfloat16 kernels this CPU can run (an AMX host usually has AVX512-BF16 too), chosen in turn."""
+  kind = request.param
+  if not (native.amx_available() if kind == "amx" else native.avx512_bf16_available()):
+    pytest.skip(f"this CPU cannot run the {kind} kernels")
+  native.use_amx(kind == "amx")
+  assert native.bf16_kernels() == kind
+  yield kind
+  native.use_amx(True)
+
+
 @pytest.mark.parametrize("shape,cout,kernel_size,padding",
                          [(*case, 3, 1) for case in BF16_SHAPES] + [(*case, 2, 1) for case in BF16_SHAPES[:7]]
                          + [(*SHAPES[1], 3, 0), (*SHAPES[1], 2, 0), (*SHAPES[1], 3, 2)])
-def test_bfloat16_kernels_sum_exact_products_in_float32(shape, cout, kernel_size, padding):
-  """bfloat16 x, w / dy (AMX): each product exact, summed in float32, so float64's value of the same bfloat16
+def test_bfloat16_kernels_sum_exact_products_in_float32(bf16_kernels, shape, cout, kernel_size, padding):
+  """bfloat16 x, w / dy (AMX's kernels and AVX512-BF16's): each product exact, summed in float32, so float64's value of the same bfloat16
   numbers to float32's rounding; the result float32."""
   x, dy = (a.astype(jnp.bfloat16) for a in inputs(shape, kernel_size, padding, cout))
   kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, shape[-1], cout)).astype(jnp.bfloat16)
@@ -178,8 +190,7 @@ def test_a_batch_split_over_a_mesh_sums_each_devices_rows_without_gathering_them
   close(jax.jit(per_device)(xs, dys), reference_filter_grad(x, dy, 3, 1))
 
 
-@needs_amx
-def test_bfloat16_under_a_mesh_each_device_its_own_rows():
+def test_bfloat16_under_a_mesh_each_device_its_own_rows(bf16_kernels):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   x, dy = (a.astype(jnp.bfloat16) for a in inputs((16, 6, 6, 32), 3, 1, 32))
   kernel = jax.random.normal(jax.random.key(3), (3, 3, 32, 32)).astype(jnp.bfloat16)
@@ -219,8 +230,8 @@ def test_vmap_and_scan():
 
 
 @pytest.mark.parametrize("upsample,dtype", [(False, jnp.float32), (True, jnp.float32),
-                                            pytest.param(False, jnp.bfloat16, marks=needs_amx),
-                                            pytest.param(True, jnp.bfloat16, marks=needs_amx)])
+                                            pytest.param(False, jnp.bfloat16, marks=needs_bf16),
+                                            pytest.param(True, jnp.bfloat16, marks=needs_bf16)])
 def test_the_unets_convs_take_it_and_keep_their_gradients(monkeypatch, upsample, dtype):
   """layers.Conv (3x3, and the sub-pixel upsampling conv's 2x2) through the native kernels, its value and both
   gradients, equals the same through XLA's convs (`layers.NATIVE_CONV = NATIVE_FILTER_GRAD = False`), and the

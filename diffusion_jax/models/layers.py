@@ -48,8 +48,8 @@ Dtype = Any
 # model.conv_precision: the convs' operands as they are ('float32': in model.dtype), or rounded to bfloat16 with the
 # products summed in float32 and the result in model.dtype ('bfloat16': torch.autocast's convolutions, TPUs' default
 # precision). It applies to the 1x1 convs (bfloat16 dots) and the 2x2 / 3x3 convs of conv_impl 'xla' (which 'auto'
-# gives every conv under it on CPUs with AMX: there they are native kernels, `native.amx_available()`; README lever
-# table); Winograd's and im2col's convs keep model.dtype.
+# gives every conv under it on CPUs with AMX or AVX512-BF16: there they are native kernels, `native.bf16_available()`;
+# README lever table); Winograd's and im2col's convs keep model.dtype.
 CONV_PRECISIONS = ("float32", "bfloat16")
 # model.matmul_precision: the same choice for the Dense layers' matmuls (the timestep embedding's, the attention
 # blocks' q / k / v / output projections, the spatial transformers' feed-forward): bfloat16 operands, float32 sums
@@ -269,12 +269,13 @@ def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, str
                       conv_precision: str = "float32") -> str:
   """The lowering one conv gets: 'auto' is 'winograd_wgrad' on CPU where the conv is eligible and at least
   WINOGRAD_MIN_CHANNELS wide on both sides, else 'xla' (always 'xla' under conv_precision 'bfloat16' where the CPU
-  has AMX: the native bfloat16 kernels; Winograd's transforms would lose more in bfloat16); an explicit 'winograd'
+  has AMX or AVX512-BF16: the native bfloat16 kernels; Winograd's transforms would lose more in bfloat16); an
+  explicit 'winograd'
   falls back to 'xla' where it does not apply (see winograd_eligible), as does 'winograd_wgrad'; 'xla' and
   'im2col' as given."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
-  if impl == "auto" and conv_precision == "bfloat16" and jax.default_backend() == "cpu" and native.amx_available():
+  if impl == "auto" and conv_precision == "bfloat16" and jax.default_backend() == "cpu" and native.bf16_available():
     return "xla"
   if impl == "auto":
     wide = min(x_shape[-1], features) >= WINOGRAD_MIN_CHANNELS

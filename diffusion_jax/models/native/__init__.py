@@ -36,7 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 SOURCE = Path(__file__).with_name("conv.cc")
 FILTER_GRAD_TARGET = "diffusion_jax_conv_filter_grad"
 CONV_TARGET = "diffusion_jax_conv2d"
-# The same two for bfloat16 operands (float32 sums and result) on CPUs with AMX (Intel Sapphire Rapids and later).
+# The same two for bfloat16 operands (float32 sums and result) on CPUs with AMX (Intel Sapphire Rapids and later) or
+# AVX512-BF16 (AMD Zen 4 and later): `bf16_kernels()` says which.
 FILTER_GRAD_BF16_TARGET = "diffusion_jax_conv_filter_grad_bf16"
 CONV_BF16_TARGET = "diffusion_jax_conv2d_bf16"
 COMPILE_TIMEOUT_S = 300
@@ -133,11 +134,41 @@ def unavailable_reason() -> str:
 
 @functools.cache
 def amx_available() -> bool:
-  """Whether the bfloat16 kernels can run here: the float32 ones are, the CPU has AMX's tiles and bfloat16
+  """Whether the bfloat16 kernels run on AMX here: the float32 ones are, the CPU has AMX's tiles and bfloat16
   products, and Linux granted this process the tile state (asked once, process-wide)."""
   flags = _cpu_flags().split()
   return (available() and "amx_tile" in flags and "amx_bf16" in flags
           and _load()[0].EnableAmx() == 0)
+
+
+def bf16_available() -> bool:
+  """Whether the bfloat16 kernels can run here: on AMX (`amx_available`), else with AVX512-BF16's dot products
+  (AMD Zen 4 and later, Intel Cooper Lake; half the speed of AMX's where both exist, twice float32's FMA)."""
+  return amx_available() or avx512_bf16_available()
+
+
+def avx512_bf16_available() -> bool:
+  """Whether the AVX512-BF16 bfloat16 kernels can run here (the float32 ones are and the CPU has avx512_bf16)."""
+  return available() and "avx512_bf16" in _cpu_flags().split()
+
+
+def bf16_kernels() -> str | None:
+  """Which bfloat16 kernels run: 'amx', 'avx512_bf16', or None (neither)."""
+  if not bf16_available():
+    return None
+  return "amx" if amx_available() and _use_amx else "avx512_bf16"
+
+
+_use_amx = True
+
+
+def use_amx(on: bool) -> None:
+  """Choose AMX's bfloat16 kernels (the default where the CPU has it) or AVX512-BF16's (`on=False`; tests compare
+  the two on an AMX host). Takes effect for calls made after it, compiled programs included."""
+  global _use_amx
+  _use_amx = bool(on)
+  if available():
+    _load()[0].UseAmx(int(_use_amx))
 
 
 def keep_compilation_cache_hits() -> None:
@@ -153,8 +184,8 @@ def keep_compilation_cache_hits() -> None:
 
 def _takes(x: jax.Array, other: jax.Array, kernel_size: int, padding: int, out_channels: int) -> bool:
   """The conditions both kernels share: CPU, [B,H,W,C] operands both float32 (or both bfloat16 where the CPU has
-  AMX), a 2x2 / 3x3 kernel, stride 1."""
-  dtype_fits = x.dtype == other.dtype and (x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and amx_available()))
+  AMX or AVX512-BF16), a 2x2 / 3x3 kernel, stride 1."""
+  dtype_fits = x.dtype == other.dtype and (x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and bf16_available()))
   return (jax.default_backend() == "cpu" and kernel_size in (2, 3) and 0 <= padding < kernel_size and dtype_fits
           and x.ndim == 4 and other.ndim == 4 and x.shape[3] >= MIN_INPUT_CHANNELS
           and out_channels % OUTPUT_CHANNEL_MULTIPLE == 0 and available())
@@ -180,16 +211,16 @@ def takes_conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, paddin
           and list(dy.shape[1:3]) == output_size(x.shape, kernel_size, padding) and min(dy.shape[1:3]) > 0)
 
 
-def _amx_checked(x: jax.Array) -> None:
-  """A bfloat16 kernel's first instruction on a host without AMX's tile state would kill the process (SIGILL):
-  refuse it with a line instead (takes_conv / takes_conv_filter_grad say False there)."""
-  if x.dtype == jnp.bfloat16 and not amx_available():
-    raise ValueError("the native bfloat16 conv kernels need AMX (amx_tile, amx_bf16) granted by Linux, which this "
-                     "host lacks: check native.takes_conv / takes_conv_filter_grad first")
+def _bf16_checked(x: jax.Array) -> None:
+  """A bfloat16 kernel's first instruction on a host without AMX's tile state or AVX512-BF16 would kill the process
+  (SIGILL): refuse it with a line instead (takes_conv / takes_conv_filter_grad say False there)."""
+  if x.dtype == jnp.bfloat16 and not bf16_available():
+    raise ValueError("the native bfloat16 conv kernels need AMX (amx_tile, amx_bf16) granted by Linux or "
+                     "AVX512-BF16, which this host lacks: check native.takes_conv / takes_conv_filter_grad first")
 
 
 def _local_conv(x: jax.Array, kernel: jax.Array, padding: int, flipped: bool = False) -> jax.Array:
-  _amx_checked(x)
+  _bf16_checked(x)
   cout = kernel.shape[2] if flipped else kernel.shape[3]
   out = jax.ShapeDtypeStruct((x.shape[0], *output_size(x.shape, kernel.shape[0], padding), cout), jnp.float32)
   if x.dtype == jnp.bfloat16:
@@ -200,7 +231,7 @@ def _local_conv(x: jax.Array, kernel: jax.Array, padding: int, flipped: bool = F
 
 
 def _local_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int) -> jax.Array:
-  _amx_checked(x)
+  _bf16_checked(x)
   out = jax.ShapeDtypeStruct((kernel_size, kernel_size, x.shape[3], dy.shape[3]), jnp.float32)
   target = FILTER_GRAD_BF16_TARGET if x.dtype == jnp.bfloat16 else FILTER_GRAD_TARGET
   return jax.ffi.ffi_call(target, out)(x, dy, padding=np.int64(padding))

@@ -5,6 +5,8 @@
 //   ConvFilterGrad:  dw[kh,kw,ci,co] = sum_{b,oh,ow}  x[b, oh+kh-P, ow+kw-P, ci] * dy[b,oh,ow,co]
 // (the input gradient is Conv of dy with the flipped, transposed kernel). The U-Nets' 3x3 'same' convs are K=3,
 // P=1; layers.upsample_conv's sub-pixel conv is K=2, P=1.
+// bfloat16 (x, w / dy bfloat16; float32 sums and result): on AMX's tiles where the CPU has them, else with
+// AVX512-BF16's dot products (ConvBf16, ConvFilterGradBf16; below).
 // Why: XLA:CPU's (Eigen's) filter gradient of the narrow convs of small U-Nets ran at 40-100 GFLOP/s per core,
 // about 60% of its forward's rate, because its GEMM contracts over B*H*W into a small [9 Ci, Co] result. Here each
 // block of input channels x output channels keeps its [CB, NB*16] slice of dw in registers (CB*NB <= 24 of the 32
@@ -415,6 +417,124 @@ AmxFilterGradFn PickAmxFilterGrad(int K, int Co) {
   return K == 2 ? AmxFilterGradBand<2, 1> : AmxFilterGradBand<3, 1>;
 }
 
+// ---------------------------------------------------------------- bfloat16 on AVX512-BF16 (no AMX)
+// The same two bfloat16 kernels for CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and later, Intel Cooper Lake): one
+// vdpbf16ps adds to 16 float32 lanes the products of 16 pairs of bfloat16 with one broadcast pair, 32 multiply-adds
+// per instruction where float32's FMA does 16 (on a 2-core Zen 4: 234 GFLOP/s per core, its float32 FMA 117). Each
+// product of two bfloat16 is exact in float32 and the sums are float32 (round to nearest even), as on AMX. They read
+// the AMX kernels' packings unchanged: the kernel's pairs of input channels x 16 output channels (PackKernelChunk)
+// are the B operand, a pair of x's channels (NHWC: adjacent) the broadcast; for the filter gradient dy's pairs of
+// positions (InterleavePair) and x's transposed rows (TransposeRow), whose two adjacent positions are the broadcast.
+// Register blocks as the float32 kernels': PB pixels (or CB input channels) x NB*16 output channels in <= 24 zmm.
+#define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+DP_TARGET inline __m512bh BroadcastPair(const uint16_t* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return (__m512bh)_mm512_set1_epi32(bits);
+}
+
+// PB output pixels w0 .. w0+PB-1 of output row oh, output channels ob*16 .. (ob+NB)*16 - 1. xp, Wp, Cp, wv as in
+// AmxForwardRows (xp's pixel stride Cp, wv [K*K][Cp/32][Co/16][16 pairs][16][2]).
+template <int K, int NB, int PB>
+DP_TARGET void DpForwardBlock(const uint16_t* xp, int Wp, int Cp, const uint16_t* wv, float* out, int Wo, int Co,
+                              int oh, int w0, int ob) {
+  const int chunks = Cp / 32, oblocks = Co / 16;
+  __m512 acc[PB][NB];
+  for (int p = 0; p < PB; ++p)
+    for (int j = 0; j < NB; ++j) acc[p][j] = _mm512_setzero_ps();
+  for (int kh = 0; kh < K; ++kh) {
+    for (int kw = 0; kw < K; ++kw) {
+      const uint16_t* xr = xp + (static_cast<size_t>(oh + kh) * Wp + w0 + kw) * Cp;
+      const uint16_t* wt = wv + (static_cast<size_t>(kh * K + kw) * chunks * oblocks + ob) * 512;
+      for (int c = 0; c < chunks; ++c) {
+        const uint16_t* xc = xr + c * 32;
+        const uint16_t* wc = wt + static_cast<size_t>(c) * oblocks * 512;
+        for (int kp = 0; kp < 16; ++kp) {
+          __m512bh wp[NB];
+          for (int j = 0; j < NB; ++j) wp[j] = (__m512bh)_mm512_loadu_si512(wc + j * 512 + kp * 32);
+          for (int p = 0; p < PB; ++p) {
+            const __m512bh xv = BroadcastPair(xc + static_cast<size_t>(p) * Cp + 2 * kp);
+            for (int j = 0; j < NB; ++j) acc[p][j] = _mm512_dpbf16_ps(acc[p][j], xv, wp[j]);
+          }
+        }
+      }
+    }
+  }
+  float* dst = out + (static_cast<size_t>(oh) * Wo + w0) * Co + ob * 16;
+  for (int p = 0; p < PB; ++p)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(dst + static_cast<size_t>(p) * Co + j * 16, acc[p][j]);
+}
+
+// AmxForwardRows' contract on AVX512-BF16: `rows` output rows of one image.
+template <int K, int NB, int PB>
+DP_TARGET void DpForwardRows(const uint16_t* xp, int Wp, int Cp, const uint16_t* wv, float* out, int rows, int Wo,
+                             int Co) {
+  for (int oh = 0; oh < rows; ++oh) {
+    for (int ob = 0; ob < Co / 16; ob += NB) {
+      int w0 = 0;
+      for (; w0 + PB <= Wo; w0 += PB) DpForwardBlock<K, NB, PB>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
+      if (PB > 8) for (; w0 + 8 <= Wo; w0 += 8) DpForwardBlock<K, NB, 8>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
+      for (; w0 + 4 <= Wo; w0 += 4) DpForwardBlock<K, NB, 4>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
+      for (; w0 + 2 <= Wo; w0 += 2) DpForwardBlock<K, NB, 2>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
+      for (; w0 < Wo; ++w0) DpForwardBlock<K, NB, 1>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
+    }
+  }
+}
+
+template <int K>
+AmxForwardFn PickDpForwardFor(int Co) {
+  if (Co % 64 == 0) return DpForwardRows<K, 4, 6>;
+  if (Co % 48 == 0) return DpForwardRows<K, 3, 8>;
+  if (Co % 32 == 0) return DpForwardRows<K, 2, 12>;
+  return DpForwardRows<K, 1, 24>;
+}
+
+// AmxFilterGradBand's contract on AVX512-BF16. A block of CB input channels (CB divides 32, so blocks never cross
+// Cp) x NB*16 output channels of one tap's dw stays in registers while the band's pairs of positions stream past:
+// per pair NB loads of dyv, CB broadcasts of xt's adjacent positions, CB*NB vdpbf16ps.
+template <int K, int NB, int CB>
+DP_TARGET void DpFilterGradBand(const uint16_t* xt, size_t L, const uint16_t* dyv, int Q, float* dw, int Cp, int Co,
+                                int Wp) {
+  for (int t = 0; t < K * K; ++t) {
+    const int shift = (t / K) * Wp + t % K;
+    for (int c0 = 0; c0 < Cp; c0 += CB) {
+      for (int o0 = 0; o0 < Co; o0 += 16 * NB) {
+        float* out = dw + (static_cast<size_t>(t) * Cp + c0) * Co + o0;
+        __m512 acc[CB][NB];
+        for (int i = 0; i < CB; ++i)
+          for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_loadu_ps(out + static_cast<size_t>(i) * Co + j * 16);
+        const uint16_t* a = xt + static_cast<size_t>(c0) * L + shift;
+        const uint16_t* b = dyv + static_cast<size_t>(o0) * 2;
+        for (int q = 0; q < Q; q += 2, a += 2, b += static_cast<size_t>(Co) * 2) {
+          __m512bh d[NB];
+          for (int j = 0; j < NB; ++j) d[j] = (__m512bh)_mm512_loadu_si512(b + j * 32);
+          for (int i = 0; i < CB; ++i) {
+            const __m512bh xv = BroadcastPair(a + static_cast<size_t>(i) * L);
+            for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, d[j]);
+          }
+        }
+        for (int i = 0; i < CB; ++i)
+          for (int j = 0; j < NB; ++j) _mm512_storeu_ps(out + static_cast<size_t>(i) * Co + j * 16, acc[i][j]);
+      }
+    }
+  }
+}
+
+template <int K>
+AmxFilterGradFn PickDpFilterGradFor(int Co) {
+  if (Co % 64 == 0) return DpFilterGradBand<K, 4, 4>;
+  if (Co % 48 == 0) return DpFilterGradBand<K, 3, 8>;
+  if (Co % 32 == 0) return DpFilterGradBand<K, 2, 8>;
+  return DpFilterGradBand<K, 1, 16>;
+}
+
+// Which bfloat16 kernels run: AMX's once Linux granted this process the tile state (EnableAmx) unless UseAmx(0)
+// chose AVX512-BF16's (tests check both on an AMX host); __init__.py calls neither on a CPU that has neither.
+std::atomic<bool> amx_granted{false}, amx_chosen{true};
+
+bool RunAmx() { return amx_granted.load() && amx_chosen.load(); }
+
 // fn(0) .. fn(tasks - 1) shared out over XLA's intra-op pool. The calling thread works too and takes every task no
 // helper has started, so the call finishes even when the pool's threads are all busy (each host device's program
 // runs on one of them); it then waits only for tasks a started helper holds. The state is shared with helpers
@@ -540,8 +660,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv, ConvImpl, TwoArraysAndPadding());
 // Asks Linux for the AMX tile state (a process must before its first tile instruction); 0 when granted.
 extern "C" int EnableAmx() {
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return static_cast<int>(syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata));
+  const int result = static_cast<int>(syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata));
+  if (result == 0) amx_granted.store(true);
+  return result;
 }
+
+// on != 0: AMX's bfloat16 kernels where granted (the default); 0: AVX512-BF16's.
+extern "C" void UseAmx(int on) { amx_chosen.store(on != 0); }
 
 // bfloat16 x and w (or dy), a float32 result.
 static auto TwoBf16ArraysAndPadding() {
@@ -574,7 +699,7 @@ static ffi::Error ConvBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, f
   ParallelFor(pool, K * K * chunks, [=](int task) {
     PackKernelChunk(ws, K * K, Ci, Co, flipped != 0, task / chunks, task % chunks, wvp);
   });
-  const AmxForwardFn fn = PickAmxForward(K, Co);
+  const AmxForwardFn fn = RunAmx() ? PickAmxForward(K, Co) : K == 2 ? PickDpForwardFor<2>(Co) : PickDpForwardFor<3>(Co);
   const RowBands band = BandsFor(pool, B, Ho);
   const int bands = band.count, band_rows = band.rows;
   const uint16_t* xs = x.typed_data();
@@ -620,7 +745,8 @@ static ffi::Error ConvFilterGradBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::
   // zeroed by each task, and added up below in parallel: on one thread these two passes over groups copies of a
   // [3,3,512,256] dw took milliseconds per call
   std::unique_ptr<float[]> partial(new float[groups * dw_size]);
-  const AmxFilterGradFn fn = PickAmxFilterGrad(K, Co);
+  const AmxFilterGradFn fn =
+      RunAmx() ? PickAmxFilterGrad(K, Co) : K == 2 ? PickDpFilterGradFor<2>(Co) : PickDpFilterGradFor<3>(Co);
   const uint16_t *xs = x.typed_data(), *dys = dy.typed_data();
   float* parts = partial.get();
   ParallelFor(pool, groups, [=](int g) {
