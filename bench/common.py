@@ -185,7 +185,8 @@ def native_conv_flops(compiled_hlo_text: str, devices: int) -> float:
 
 def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Each instruction of an optimized HLO module -> ('conv forward' / 'conv input gradient' / 'conv filter
-  gradient' (conv_direction; '... (native)' for diffusion_jax.models.native's custom calls) /
+  gradient' (conv_direction; '... (native)' for diffusion_jax.models.native's custom calls) / 'group norm
+  (backward) (native)' /
   'matmul' / 'reduce' / 'copy/transpose' / 'elementwise' from what its fused
   computation (or the instruction itself) contains, its output shape)."""
   import re
@@ -201,6 +202,8 @@ def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
   from diffusion_jax.models import native
 
   def category(text: str) -> str:
+    if native.GROUP_NORM_TARGET in text:  # a prefix of GROUP_NORM_GRAD_TARGET
+      return "group norm backward (native)" if native.GROUP_NORM_GRAD_TARGET in text else "group norm (native)"
     if native.FILTER_GRAD_TARGET in text:  # diffusion_jax.models.native's FFI custom calls
       return "conv filter gradient (native)"
     if native.CONV_TARGET in text:
@@ -219,7 +222,7 @@ def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
   out = {}
   for body in bodies.values():
     for line in body:
-      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*)", line)
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^)]*\)|\S+) (\w[\w\-]*)\((.*)", line)  # tuple or array
       if not m:
         continue
       name, shape, op, rest = m.groups()

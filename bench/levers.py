@@ -10,7 +10,8 @@ A variant is LABEL or LABEL=ITEM;ITEM;... where an ITEM is
   a.b=value            a config override (as --config.a.b on main)
   xla:NAME=VALUE       an XLA debug option for this variant's compile only (jit's compiler_options)
   key:IMPL             the train key's PRNG implementation (threefry2x32, rbg, unsafe_rbg): dropout and noise
-  gn:autodiff          GroupNorm's backward by autodiff of its forward (the written-out one is the default)
+  gn:autodiff          GroupNorm's backward by autodiff of its XLA forward (the default: written out, and on
+                       AVX-512 CPUs the native kernels; layers:NATIVE_GROUP_NORM=False keeps XLA's written-out one)
   conv:autodiff        XLA convs' gradients by autodiff (XLA:CPU canonicalizes them outside loops only), not
                        layers.xla_conv's explicitly NHWC/HWIO gradient convs
   dense:autodiff       1x1 convs' and attention projections' kernel gradients by autodiff (dy first), not
@@ -178,6 +179,8 @@ def main():
       gn = _autodiff_group_norm if spec["gn"] == "autodiff" else None
       with contextlib.ExitStack() as patches:
         patches.enter_context(layers_patched("group_norm_affine", gn))
+        if gn is not None:  # autodiff of the XLA formulation (the native kernels have no derivative rule)
+          patches.enter_context(layers_patched("NATIVE_GROUP_NORM", False))
         patches.enter_context(layers_patched("WINOGRAD_TILE", spec["wtile"]))
         if spec["dense"] == "autodiff":
           autodiff_tensordot = lambda x, k, contract=1, operand_dtype=None: layers._tensordot(x, k, contract,

@@ -101,13 +101,19 @@ def test_timestep_embedding_matches_ddpm_formula():
   assert np.all(odd[:, dim] == 0)
 
 
+@pytest.mark.parametrize("native_kernel", [True, False])
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("shape, groups, dtype", [((2, 8, 8, 64), 32, jnp.float32), ((2, 5, 7, 48), 16, jnp.float32),
                                                   ((3, 10, 32), 32, jnp.float32), ((2, 4, 4, 64), 32, jnp.bfloat16)])
-def test_group_norm_is_flaxs_group_norm(shape, groups, dtype, silu):
+def test_group_norm_is_flaxs_group_norm(monkeypatch, shape, groups, dtype, silu, native_kernel):
   """layers.GroupNorm (per-channel sums first, its backward written out, SiLU optionally in the same pass) gives
   nn.GroupNorm's (then nn.silu's) parameters, output and gradients, also for a mean far from 0 (the E[x^2] - E[x]^2
-  variance) and on [B,L,C] tokens."""
+  variance) and on [B,L,C] tokens; in float32 through the native kernels where the host runs them
+  (layers.NATIVE_GROUP_NORM) and through XLA."""
+  from diffusion_jax.models import layers, native
+  monkeypatch.setattr(layers, "NATIVE_GROUP_NORM", native_kernel)
+  if native_kernel and not (dtype == jnp.float32 and native.takes_group_norm(jnp.zeros(shape), groups)):
+    pytest.skip("the native GroupNorm does not run here (float32 on AVX-512 CPUs only)")
   x = jax.random.normal(jax.random.key(0), shape) * 3 + 2
   ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)
   ours = GroupNorm(num_groups=groups, epsilon=1e-6, silu=silu, dtype=dtype)
@@ -124,6 +130,9 @@ def test_group_norm_is_flaxs_group_norm(shape, groups, dtype, silu):
       params, x) for f in (ours.apply, apply_ref)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
+  hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(ours.apply(p, x).astype(jnp.float32)), (0, 1))).lower(
+      params, x).compile().as_text()
+  assert (f'"{native.GROUP_NORM_TARGET}"' in hlo and f'"{native.GROUP_NORM_GRAD_TARGET}"' in hlo) == native_kernel
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     GroupNorm(num_groups=32).init(jax.random.key(0), jnp.zeros((1, 4, 4, 48)))
 
@@ -279,6 +288,7 @@ def test_group_norms_per_channel_expansion_as_a_dot_is_the_repeat(monkeypatch):
   the group-membership matrix (layers.GROUP_MEMBERSHIP_DOT; why in layers._per_channel); output and gradients are
   jnp.repeat's, at 3 channels per group."""
   from diffusion_jax.models import layers
+  monkeypatch.setattr(layers, "NATIVE_GROUP_NORM", False)  # the XLA formulation, where the expansion lives
   x = jax.random.normal(jax.random.key(0), (2, 5, 7, 48)) * 3 + 2
   norm = GroupNorm(num_groups=16, silu=True)
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), norm.init(jax.random.key(1), x))

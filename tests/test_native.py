@@ -325,3 +325,79 @@ def test_a_multi_device_program_with_the_kernels_hits_the_compilation_cache_in_t
   assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
   entries = int(first.stdout.split()[-1]), int(second.stdout.split()[-1])
   assert (entries[1] == entries[0]) == keep, entries
+
+
+def reference_group_norm(x, scale, bias, groups, epsilon, silu):
+  """GroupNorm (+ SiLU) in float64: per example and group, mean and variance over the spatial axes and the group's
+  channels (float64 jax arrays in, or anything else converted)."""
+  with jax.enable_x64():
+    x, scale, bias = (a if isinstance(a, jax.core.Tracer) else jnp.asarray(np.asarray(a), jnp.float64)
+                      for a in (x, scale, bias))
+    grouped = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+    mean, var = grouped.mean((1, 3), keepdims=True), grouped.var((1, 3), keepdims=True)
+    y = ((grouped - mean) / jnp.sqrt(var + epsilon)).reshape(x.shape) * scale + bias
+    return jax.nn.silu(y) if silu else y
+
+
+GROUP_NORM_CASES = [
+    ((2, 8, 8, 64), 32),    # 2 channels per group, whole 16-lane vectors
+    ((2, 5, 7, 96), 32),    # 3 channels per group, odd sizes
+    ((1, 8, 8, 64), 32),    # one example: split into ranges of groups across tasks
+    ((2, 3, 3, 48), 16),    # 48 channels: a masked last vector, and halves of 24 channels
+    ((3, 4, 4, 32), 32),    # one channel per group
+    ((2, 10, 40), 8),       # [B,L,C] tokens
+    ((1, 64, 80, 32), 32),  # 5120 positions: several float32 partial sums per channel
+]
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("shape,groups", GROUP_NORM_CASES)
+def test_group_norm_and_its_gradient_are_float64s(shape, groups, silu):
+  """native.group_norm's output (and its [B,G] mean and 1/std) and group_norm_grad's dx, dscale, dbias against
+  float64 (autodiff of the reference for the gradients), for a mean far from zero (the E[x^2] - E[x]^2 variance)."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], shape) * 2 + 3
+  scale, bias = 1 + jax.random.normal(keys[1], (2, shape[-1]))
+  dy = jax.random.normal(keys[2], shape)
+  assert native.takes_group_norm(x, groups)
+  y, mean, rstd = jax.jit(native.group_norm, static_argnums=(3, 4, 5))(x, scale, bias, groups, 1e-6, silu)
+  close(y, np.asarray(reference_group_norm(x, scale, bias, groups, 1e-6, silu)))
+  grouped = np.asarray(x, np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
+  np.testing.assert_allclose(mean, grouped.mean((1, 3)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(rstd, 1 / np.sqrt(grouped.var((1, 3)) + 1e-6), rtol=1e-5)
+  got = jax.jit(native.group_norm_grad, static_argnums=(6, 7))(x, scale, bias, mean, rstd, dy, groups, silu)
+  with jax.enable_x64():
+    as64 = lambda a: jnp.asarray(np.asarray(a), jnp.float64)
+    loss = lambda x, s, b: jnp.vdot(reference_group_norm(x, s, b, groups, 1e-6, silu), as64(dy))
+    want = jax.grad(loss, (0, 1, 2))(as64(x), as64(scale), as64(bias))
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w), rtol=0, atol=2e-5 * np.abs(w).max())
+
+
+def test_group_norm_under_a_mesh_vmap_and_what_it_does_not_take():
+  """On 8 host devices with the batch split each device normalises its own rows (no collective but the scale's and
+  bias's gradient sums); under vmap one call per mapped element; bfloat16, [B,C] and groups that do not divide C are
+  not taken."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.random.normal(jax.random.key(0), (16, 4, 4, 64))
+  scale, bias, dy = jnp.full(64, 1.5), jnp.full(64, 0.25), jax.random.normal(jax.random.key(1), x.shape)
+  split = NamedSharding(mesh, P("data"))
+  xs, dys = jax.device_put(x, split), jax.device_put(dy, split)
+  forward = jax.jit(lambda x: native.group_norm(x, scale, bias, 32, 1e-6, True))
+  y, mean, rstd = forward(xs)
+  close(y, np.asarray(reference_group_norm(x, scale, bias, 32, 1e-6, True)))
+  assert y.sharding.spec[0] == "data" and mean.sharding.spec[0] == "data"
+  hlo = forward.lower(xs).compile().as_text()
+  assert native.GROUP_NORM_TARGET in hlo and not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
+  backward = jax.jit(lambda x, dy: native.group_norm_grad(x, scale, bias, mean, rstd, dy, 32, True))
+  dx, dscale, dbias = backward(xs, dys)
+  want = native.group_norm_grad(x, scale, bias, *native.group_norm(x, scale, bias, 32, 1e-6, True)[1:], dy, 32, True)
+  for g, w in zip((dx, dscale, dbias), want):
+    close(g, np.asarray(w, np.float64))
+  assert dx.sharding.spec[0] == "data" and "all-gather" not in backward.lower(xs, dys).compile().as_text()
+  mapped = jax.vmap(lambda x: native.group_norm(x, scale, bias, 32, 1e-6, False)[0])(x.reshape(2, 8, 4, 4, 64))
+  close(mapped.reshape(x.shape), np.asarray(reference_group_norm(x, scale, bias, 32, 1e-6, False)))
+  assert not native.takes_group_norm(x.astype(jnp.bfloat16), 32)
+  assert not native.takes_group_norm(x[:, 0, 0], 32)
+  assert not native.takes_group_norm(x, 24)

@@ -747,7 +747,20 @@ def group_norm_affine(x: jax.Array, scale: jax.Array, bias: jax.Array, num_group
   return _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
 
 
+# GroupNorm (+ SiLU) forward and backward through `native.group_norm` / `native.group_norm_grad` (C++, AVX-512 CPUs)
+# where they take it (False: the XLA formulation below, the before in bench/levers.py's
+# `layers:NATIVE_GROUP_NORM=False`).
+NATIVE_GROUP_NORM = True
+
+
+def _native_group_norm(x: jax.Array, num_groups: int) -> bool:
+  return NATIVE_GROUP_NORM and native.takes_group_norm(x, num_groups)
+
+
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu):
+  if _native_group_norm(x, num_groups):
+    y, mean, rstd = native.group_norm(x, scale, bias, num_groups, epsilon, silu)
+    return y, (x, scale, bias, mean, rstd)
   x32 = x.astype(jnp.float32)
   mean, rstd = _group_stats(x32, num_groups, epsilon)
   y = _normalize(x32, scale, bias, mean, rstd)
@@ -764,6 +777,8 @@ def _group_norm_bwd(num_groups, epsilon, silu, residuals, dout):
   where autodiff of the forward leaves XLA a long chain of broadcasts to fuse. Under `silu`, dy is the output's
   gradient through SiLU: silu'(y) = s * (1 + y * (1 - s)), s = sigmoid(y)."""
   x, scale, bias, mean, rstd = residuals
+  if _native_group_norm(x, num_groups):
+    return native.group_norm_grad(x, scale, bias, mean, rstd, dout.astype(jnp.float32), num_groups, silu)
   x32, dy = x.astype(jnp.float32), dout.astype(jnp.float32)
   if silu:
     y = _normalize(x32, scale, bias, mean, rstd)

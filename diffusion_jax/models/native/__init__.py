@@ -1,7 +1,9 @@
 """CPU kernels written here in C++ as XLA FFI custom calls, built with the system's C++ compiler on first use.
 
 Today: the stride-1 2x2 / 3x3 conv (`conv`, a direct convolution) and its filter gradient (`conv_filter_grad`),
-for x86-64 CPUs with AVX-512; layers.xla_conv takes them for the convs and both gradients of small U-Nets. XLA:CPU's
+float32 and bfloat16 (conv.cc), and GroupNorm (+ SiLU) forward and backward (`group_norm`, `group_norm_grad`;
+group_norm.cc), for x86-64 CPUs with AVX-512; layers.xla_conv takes the convs for the convs and both gradients of
+small U-Nets, layers.group_norm_affine the normalisations. XLA:CPU's
 (Eigen's) filter gradient of those narrow convs ran at 40-100 GFLOP/s per core, about 60% of its forward's rate
 (this one: 105-130), and its convs at 67-112 (this one: 90-130); README, "Faster than PyTorch?". Where they cannot
 be used (no compiler, no AVX-512, a shape they do not take, `DJ_NATIVE_KERNELS=0`) the callers keep XLA's:
@@ -33,13 +35,17 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-SOURCE = Path(__file__).with_name("conv.cc")
+SOURCES = [Path(__file__).with_name(name) for name in ("conv.cc", "group_norm.cc")]
+HEADERS = [Path(__file__).with_name("parallel.h")]
 FILTER_GRAD_TARGET = "diffusion_jax_conv_filter_grad"
 CONV_TARGET = "diffusion_jax_conv2d"
 # The same two for bfloat16 operands (float32 sums and result) on CPUs with AMX (Intel Sapphire Rapids and later) or
 # AVX512-BF16 (AMD Zen 4 and later): `bf16_kernels()` says which.
 FILTER_GRAD_BF16_TARGET = "diffusion_jax_conv_filter_grad_bf16"
 CONV_BF16_TARGET = "diffusion_jax_conv2d_bf16"
+# GroupNorm (+ SiLU) of float32 [B,...,C], forward and backward (group_norm.cc).
+GROUP_NORM_TARGET = "diffusion_jax_group_norm"
+GROUP_NORM_GRAD_TARGET = "diffusion_jax_group_norm_grad"
 COMPILE_TIMEOUT_S = 300
 # Fewer input channels than this keep XLA's filter gradient: the kernel pads each block of input channels to its
 # register block (6-24), so a 1- or 3-channel stem would do up to 24x the multiply-adds.
@@ -72,18 +78,18 @@ def _build(compiler: str) -> Path:
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-  key = hashlib.sha256("\n".join([SOURCE.read_text(), importlib.metadata.version("jaxlib"), version, " ".join(flags),
-                                  _cpu_flags(), platform.machine()]).encode()).hexdigest()[:16]
-  target = cache_dir() / f"{SOURCE.stem}-{key}.so"
+  key = hashlib.sha256("\n".join([*(f.read_text() for f in SOURCES + HEADERS), importlib.metadata.version("jaxlib"),
+                                  version, " ".join(flags), _cpu_flags(), platform.machine()]).encode()).hexdigest()[:16]
+  target = cache_dir() / f"kernels-{key}.so"
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = Path(tmp) / target.name
-    result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+    result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True,
                             timeout=COMPILE_TIMEOUT_S)
     if result.returncode != 0:
-      raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
+      raise RuntimeError(f"{compiler} failed on {', '.join(f.name for f in SOURCES)}: {result.stderr.strip()[-500:]}")
     os.replace(built, target)
   return target
 
@@ -117,6 +123,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     jax.ffi.register_ffi_target(FILTER_GRAD_BF16_TARGET, jax.ffi.pycapsule(library.ConvFilterGradBf16),
                                 platform="cpu")
     jax.ffi.register_ffi_target(CONV_BF16_TARGET, jax.ffi.pycapsule(library.ConvBf16), platform="cpu")
+    jax.ffi.register_ffi_target(GROUP_NORM_TARGET, jax.ffi.pycapsule(library.GroupNorm), platform="cpu")
+    jax.ffi.register_ffi_target(GROUP_NORM_GRAD_TARGET, jax.ffi.pycapsule(library.GroupNormGrad), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     logging.warning("diffusion_jax native CPU kernels unavailable, XLA's are used instead: %s", e)
     return None, str(e)
@@ -211,9 +219,16 @@ def takes_conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int, paddin
           and list(dy.shape[1:3]) == output_size(x.shape, kernel_size, padding) and min(dy.shape[1:3]) > 0)
 
 
+def _loaded() -> None:
+  """The kernels registered before a call is traced (a call without them fails only when run, deep in XLA)."""
+  if not available():
+    raise ValueError(f"the native CPU kernels are unavailable here: {unavailable_reason()}")
+
+
 def _bf16_checked(x: jax.Array) -> None:
   """A bfloat16 kernel's first instruction on a host without AMX's tile state or AVX512-BF16 would kill the process
   (SIGILL): refuse it with a line instead (takes_conv / takes_conv_filter_grad say False there)."""
+  _loaded()
   if x.dtype == jnp.bfloat16 and not bf16_available():
     raise ValueError("the native bfloat16 conv kernels need AMX (amx_tile, amx_bf16) granted by Linux or "
                      "AVX512-BF16, which this host lacks: check native.takes_conv / takes_conv_filter_grad first")
@@ -245,8 +260,8 @@ def _batch_axes(sharding) -> tuple:
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _batch_split(mesh, axes: tuple) -> NamedSharding:
-  return NamedSharding(mesh, P(axes if axes else None, None, None, None))
+def _batch_split(mesh, axes: tuple, rank: int = 4) -> NamedSharding:
+  return NamedSharding(mesh, P(axes if axes else None, *(None,) * (rank - 1)))
 
 
 def _conv_partitioned(flipped: bool):
@@ -302,16 +317,18 @@ _partitioned_filter_grad.def_partition(
 
 
 def _mapped_over_vmap(fn):
-  """fn(a, b) with a vmap rule: custom_partitioning has none, so map over the vmapped axis (one call each)."""
+  """fn(*arrays) with a vmap rule: custom_partitioning has none, so map over the vmapped axis (one call each)."""
 
   @jax.custom_batching.custom_vmap
-  def call(a, b):
-    return fn(a, b)
+  def call(*arrays):
+    return fn(*arrays)
 
   @call.def_vmap
-  def _(axis_size: int, in_batched: list[bool], a: jax.Array, b: jax.Array):
-    a, b = (v if batched else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, batched in zip((a, b), in_batched))
-    return jax.lax.map(lambda pair: call(*pair), (a, b)), True  # `call`: a vmap around this one maps again
+  def _(axis_size: int, in_batched: list[bool], *arrays: jax.Array):
+    arrays = tuple(v if batched else jnp.broadcast_to(v, (axis_size, *v.shape))
+                   for v, batched in zip(arrays, in_batched))
+    out = jax.lax.map(lambda each: call(*each), arrays)  # `call`: a vmap around this one maps again
+    return out, jax.tree.map(lambda _: True, out)
 
   return call
 
@@ -332,3 +349,86 @@ def conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int = 3, padding:
   dy[b,oh,ow,o]. Under a mesh each device sums its own rows of the batch and the partial sums are added over the
   batch's mesh axes; under `jax.vmap` one call per mapped element. Check `takes_conv_filter_grad` first."""
   return _mapped_over_vmap(lambda x, dy: _partitioned_filter_grad(x, dy, kernel_size, padding))(x, dy)
+
+
+def takes_group_norm(x: jax.Array, num_groups: int) -> bool:
+  """Whether `group_norm` and `group_norm_grad` take this x [B,...,C] (float32, at least one spatial axis, C a
+  multiple of num_groups) on this backend."""
+  return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and x.ndim >= 3 and num_groups > 0
+          and x.shape[-1] % num_groups == 0 and min(x.shape) > 0 and available())
+
+
+def _local_group_norm(x, scale, bias, num_groups, epsilon, silu):
+  _loaded()
+  stats = jax.ShapeDtypeStruct((x.shape[0], num_groups), jnp.float32)
+  return jax.ffi.ffi_call(GROUP_NORM_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats))(
+      x, scale, bias, groups=np.int64(num_groups), epsilon=np.float32(epsilon), silu=np.int64(silu))
+
+
+def _local_group_norm_grad(x, scale, bias, mean, rstd, dy, num_groups, silu):
+  _loaded()
+  per_example = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
+  return jax.ffi.ffi_call(GROUP_NORM_GRAD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32), per_example,
+                                                   per_example))(
+      x, scale, bias, mean, rstd, dy, groups=np.int64(num_groups), silu=np.int64(silu))
+
+
+def _per_example_partitioned(local, static_argnums: tuple[int, ...], arrays: int, sharding_rule: str,
+                             result_ranks: tuple[int, ...]):
+  """local(*arrays, *static) under custom_partitioning, each device computing its own rows of the batch: the
+  first array's batch axis is the only one left split, every result is per example (split the same way), and the
+  per-channel arrays (the scale, the bias) are replicated. Per-example statistics [B,G] travel split too."""
+
+  @functools.partial(custom_partitioning, static_argnums=static_argnums)
+  def partitioned(*args):
+    return local(*args)
+
+  def shardings(mesh, arg_shapes):
+    axes = _batch_axes(arg_shapes[0].sharding)
+    ranks = [len(a.shape) for a in arg_shapes]
+    args = tuple(_batch_split(mesh, axes, r) if r > 1 else NamedSharding(mesh, P()) for r in ranks)
+    return args, tuple(_batch_split(mesh, axes, r) for r in result_ranks)
+
+  def partition(*static_and_rest):
+    static, (mesh, arg_shapes, result_shape) = static_and_rest[:-3], static_and_rest[-3:]
+    args, results = shardings(mesh, arg_shapes)
+    return mesh, lambda *a: local(*a, *static), results, args
+
+  partitioned.def_partition(
+      partition=partition,
+      infer_sharding_from_operands=lambda *a: shardings(a[-3], a[-2])[1],
+      sharding_rule=sharding_rule,
+      need_replication_factors=tuple(f for f in dict.fromkeys(sharding_rule.replace("->", ",").replace(",", " ").split())
+                                     if f != "b"))  # in the rule's order, as Shardy requires
+  return partitioned
+
+
+_partitioned_group_norm = _per_example_partitioned(
+    _local_group_norm, (3, 4, 5), 3, "b s c, c, c -> b s c, b g, b g", (3, 2, 2))
+_partitioned_group_norm_grad = _per_example_partitioned(
+    _local_group_norm_grad, (6, 7), 6, "b s c, c, c, b g, b g, b s c -> b s c, b c, b c", (3, 2, 2))
+
+
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float,
+               silu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(y, mean, rstd): y [B,...,C] = GroupNorm of x [B,...,C] float32 over each example's num_groups groups of
+  channels (every spatial position), times scale [C] plus bias [C], then SiLU when `silu`; mean and rstd =
+  1 / sqrt(var + epsilon) [B,G], float32 (layers.group_norm_affine's forward and residuals; statistics summed in
+  float64 per channel group). Under a mesh each device normalises its own rows of the batch. Check
+  `takes_group_norm` first."""
+  shape = x.shape
+  call = _mapped_over_vmap(lambda x, scale, bias: _partitioned_group_norm(x, scale, bias, num_groups, float(epsilon),
+                                                                          bool(silu)))
+  y, mean, rstd = call(x.reshape(shape[0], -1, shape[-1]), scale, bias)
+  return y.reshape(shape), mean, rstd
+
+
+def group_norm_grad(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array, rstd: jax.Array,
+                    dy: jax.Array, num_groups: int, silu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dx [B,...,C], dscale [C], dbias [C]) of `group_norm` at x with its mean and rstd [B,G], given the output's
+  gradient dy [B,...,C] (float32)."""
+  shape = x.shape
+  call = _mapped_over_vmap(lambda *a: _partitioned_group_norm_grad(*a, num_groups, bool(silu)))
+  flat = lambda a: a.reshape(shape[0], -1, shape[-1])
+  dx, sum_dy, sum_dy_xhat = call(flat(x), scale, bias, mean, rstd, flat(dy))
+  return dx.reshape(shape), jnp.sum(sum_dy_xhat, 0), jnp.sum(sum_dy, 0)

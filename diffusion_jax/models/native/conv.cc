@@ -27,9 +27,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using diffusion_jax::ParallelFor;
 
 namespace {
 
@@ -534,35 +536,6 @@ AmxFilterGradFn PickDpFilterGradFor(int Co) {
 std::atomic<bool> amx_granted{false}, amx_chosen{true};
 
 bool RunAmx() { return amx_granted.load() && amx_chosen.load(); }
-
-// fn(0) .. fn(tasks - 1) shared out over XLA's intra-op pool. The calling thread works too and takes every task no
-// helper has started, so the call finishes even when the pool's threads are all busy (each host device's program
-// runs on one of them); it then waits only for tasks a started helper holds. The state is shared with helpers
-// that start after the call returned (they find no task left).
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int tasks, Fn fn) {
-  struct State {
-    Fn fn; int tasks;
-    std::atomic<int> next{0};
-    int done = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-    State(Fn f, int n) : fn(std::move(f)), tasks(n) {}
-    void Run() {
-      for (int t; (t = next.fetch_add(1)) < tasks;) {
-        fn(t);
-        std::lock_guard<std::mutex> lock(mu);
-        if (++done == tasks) cv.notify_all();
-      }
-    }
-  };
-  auto state = std::make_shared<State>(std::move(fn), tasks);
-  const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), tasks)) - 1;
-  for (int i = 0; i < helpers; ++i) pool.Schedule([state] { state->Run(); });
-  state->Run();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done == state->tasks; });
-}
 
 // Whether x [B,H,W,Ci], a kernel [K,K,Ci,Co] and an output [B,Ho,Wo,Co] are a stride-1 KxK conv padded by P on
 // each side (Ho = H + 2P - K + 1) that the kernels here take: K 2 or 3, 0 <= P < K, Co a multiple of 16.
