@@ -1,13 +1,14 @@
 """This project's U-Net vs diffusers' UNet2DModel, the same architecture and batch, timed in one run.
 
 python bench/vs_peers.py [--cases fmnist_small,ddpm_cifar10] [--steps 10] [--rounds 3] [--batch N] [--no-peer]
-  [--no-rss] [--peer-device cpu|cuda] [--set model.dtype=bfloat16 ...]
+  [--no-rss] [--peer-device cpu|cuda] [--peer-precision same|float32] [--set model.dtype=bfloat16 ...]
 
 With `model.dtype=bfloat16` the peer runs under `torch.autocast(bfloat16)` (mixed precision, as diffusers'
 training scripts do), so both sides compute in bfloat16 with float32 weights. With `model.conv_precision=bfloat16`
 and / or `model.matmul_precision=bfloat16` (this project's convs' / Dense layers' operands in bfloat16, everything
 else in float32; both together are autocast's policy but for attention's own two products) the peer runs under
-autocast too: its convs and matmuls in bfloat16, its normalizations in float32.
+autocast too: its convs and matmuls in bfloat16, its normalizations in float32. `--peer-precision float32` keeps
+the peer in float32 whatever this project computes in (how a user who runs diffusers' defaults would compare).
 
 Per case: (a) a training step (t and noise drawn, q_sample, MSE on eps, backward, Adam; this project's is its
 real `train.compile_train_step`, which also updates the EMA and clips gradients as configured; with the default
@@ -216,7 +217,8 @@ def child_command(role: str, side: str, case_name: str, args, steps: int) -> lis
   """This script run again as `role` ('--rss-child' or '--worker') for one side of one case."""
   return [sys.executable, os.path.abspath(__file__), role, side, "--cases", case_name, "--steps", str(steps),
           "--sample-steps", str(args.sample_steps), "--threads", str(args.threads), "--peer-device", args.peer_device,
-          "--cpu-devices", str(args.cpu_devices), "--peer-step", args.peer_step] + (
+          "--cpu-devices", str(args.cpu_devices), "--peer-step", args.peer_step,
+          "--peer-precision", args.peer_precision] + (
               ["--batch", str(args.batch)] if args.batch else []) + [a for o in args.set for a in ("--set", o)]
 
 
@@ -361,8 +363,9 @@ def runner_args(name: str, args) -> tuple:
 
 def peer_args(name: str, args) -> tuple:
   """The Peer's arguments; with --peer-step same, the gradient clipping and EMA of this project's config too."""
-  bfloat16 = any(o.replace(" ", "").replace("'", "") in ("model.dtype=bfloat16", "model.conv_precision=bfloat16",
-                                                         "model.matmul_precision=bfloat16") for o in args.set)
+  bfloat16 = args.peer_precision == "same" and any(
+      o.replace(" ", "").replace("'", "") in ("model.dtype=bfloat16", "model.conv_precision=bfloat16",
+                                              "model.matmul_precision=bfloat16") for o in args.set)
   grad_clip, ema_decay = peer_step_extras(name, args)
   return (CASES[name], args.sample_steps, args.threads, args.batch or CASES[name]["batch"], args.peer_device, bfloat16,
           grad_clip, ema_decay)
@@ -448,6 +451,9 @@ def main(argv=None):
   parser.add_argument("--peer-step", default="same", choices=("same", "adam"),
                       help="same: the peer also clips gradients and keeps an EMA where this project's config does "
                            "(as diffusers' train_unconditional.py does); adam: Adam alone (the issue's first table)")
+  parser.add_argument("--peer-precision", default="same", choices=("same", "float32"),
+                      help="same: the peer under autocast when this project computes in bfloat16; float32: the peer "
+                           "at its default float32 whatever this project does (the issue's own comparison)")
   parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--set", action="append", default=[], help="override of this project's config")
   parser.add_argument("--cpu-devices", type=int, default=0,
@@ -488,9 +494,10 @@ def main(argv=None):
       args.no_peer = True
   from common import print_table
   rows = [r for n in names for r in bench_case(n, args)]
+  peer_precision = " under autocast(bfloat16)" if peer_args(names[0], args)[5] else " in float32"
   peer_note = "" if args.no_peer else (f", peer torch eager on {args.peer_device}" + (
-      f" with {args.threads} threads" if args.peer_device == "cpu" else "") + "; the peer's train step: " + "; ".join(
-          f"{n} {peer_step_text(*peer_step_extras(n, args))}" for n in names))
+      f" with {args.threads} threads" if args.peer_device == "cpu" else "") + peer_precision + "; the peer's train step: "
+      + "; ".join(f"{n} {peer_step_text(*peer_step_extras(n, args))}" for n in names))
   processes = "one process" if args.one_process else "one process per side"
   print(f"\nbackend {args.backend_line}{peer_note}; {processes}; median of "
         f"{args.rounds * args.steps} train steps and {args.rounds * max(1, args.steps // 5)} sampling loops of "

@@ -144,8 +144,8 @@ def bf16_kernels(request):
                          [(*case, 3, 1) for case in BF16_SHAPES] + [(*case, 2, 1) for case in BF16_SHAPES[:7]]
                          + [(*SHAPES[1], 3, 0), (*SHAPES[1], 2, 0), (*SHAPES[1], 3, 2)])
 def test_bfloat16_kernels_sum_exact_products_in_float32(bf16_kernels, shape, cout, kernel_size, padding):
-  """bfloat16 x, w / dy (AMX's kernels and AVX512-BF16's): each product exact, summed in float32, so float64's value of the same bfloat16
-  numbers to float32's rounding; the result float32."""
+  """bfloat16 x, w / dy (AMX's kernels and AVX512-BF16's): each product exact, summed in float32, so float64's value
+  of the same bfloat16 numbers to float32's rounding; the result float32."""
   x, dy = (a.astype(jnp.bfloat16) for a in inputs(shape, kernel_size, padding, cout))
   kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, shape[-1], cout)).astype(jnp.bfloat16)
   assert native.takes_conv(x, kernel, padding) and native.takes_conv_filter_grad(x, dy, kernel_size, padding)

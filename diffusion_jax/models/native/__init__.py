@@ -78,8 +78,9 @@ def _build(compiler: str) -> Path:
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-  key = hashlib.sha256("\n".join([*(f.read_text() for f in SOURCES + HEADERS), importlib.metadata.version("jaxlib"),
-                                  version, " ".join(flags), _cpu_flags(), platform.machine()]).encode()).hexdigest()[:16]
+  parts = [*(f.read_text() for f in SOURCES + HEADERS), importlib.metadata.version("jaxlib"), version, " ".join(flags),
+           _cpu_flags(), platform.machine()]
+  key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
   target = cache_dir() / f"kernels-{key}.so"
   if target.exists():
     return target
@@ -398,8 +399,8 @@ def _per_example_partitioned(local, static_argnums: tuple[int, ...], arrays: int
       partition=partition,
       infer_sharding_from_operands=lambda *a: shardings(a[-3], a[-2])[1],
       sharding_rule=sharding_rule,
-      need_replication_factors=tuple(f for f in dict.fromkeys(sharding_rule.replace("->", ",").replace(",", " ").split())
-                                     if f != "b"))  # in the rule's order, as Shardy requires
+      need_replication_factors=tuple(  # every factor but the batch's, in the rule's order (as Shardy requires)
+          f for f in dict.fromkeys(sharding_rule.replace("->", " ").replace(",", " ").split()) if f != "b"))
   return partitioned
 
 
