@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -168,18 +169,25 @@ void ForwardBlock(const float* xp, int Wp, const float* w, float* out, int Wo, i
     for (int j = 0; j < NB; ++j) _mm512_storeu_ps(dst + static_cast<size_t>(p) * Co + j * 16, acc[p][j]);
 }
 
+// A row of Wo output pixels in blocks of PB, the rest in blocks of 8, 4, 2 and 1: block(pixels, w0) with pixels a
+// std::integral_constant (the forward kernels' register block is a template argument).
+template <int PB, typename Block>
+inline void AlongRow(int Wo, Block&& block) {
+  int w0 = 0;
+  for (; w0 + PB <= Wo; w0 += PB) block(std::integral_constant<int, PB>(), w0);
+  if constexpr (PB > 8) for (; w0 + 8 <= Wo; w0 += 8) block(std::integral_constant<int, 8>(), w0);
+  for (; w0 + 4 <= Wo; w0 += 4) block(std::integral_constant<int, 4>(), w0);
+  for (; w0 + 2 <= Wo; w0 += 2) block(std::integral_constant<int, 2>(), w0);
+  for (; w0 < Wo; ++w0) block(std::integral_constant<int, 1>(), w0);
+}
+
 template <int K, int NB, int PB>
 void ForwardImage(const float* xp, int Wp, const float* w, float* out, int Ho, int Wo, int Ci, int Co) {
-  for (int oh = 0; oh < Ho; ++oh) {
-    for (int o0 = 0; o0 < Co; o0 += NB * 16) {
-      int w0 = 0;
-      for (; w0 + PB <= Wo; w0 += PB) ForwardBlock<K, NB, PB>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
-      if (PB > 8) for (; w0 + 8 <= Wo; w0 += 8) ForwardBlock<K, NB, 8>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
-      for (; w0 + 4 <= Wo; w0 += 4) ForwardBlock<K, NB, 4>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
-      for (; w0 + 2 <= Wo; w0 += 2) ForwardBlock<K, NB, 2>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
-      for (; w0 < Wo; ++w0) ForwardBlock<K, NB, 1>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
-    }
-  }
+  for (int oh = 0; oh < Ho; ++oh)
+    for (int o0 = 0; o0 < Co; o0 += NB * 16)
+      AlongRow<PB>(Wo, [&](auto pixels, int w0) {
+        ForwardBlock<K, NB, decltype(pixels)::value>(xp, Wp, w, out, Wo, Ci, Co, oh, w0, o0);
+      });
 }
 
 using ForwardFn = void (*)(const float*, int, const float*, float*, int, int, int, int);
@@ -472,16 +480,11 @@ DP_TARGET void DpForwardBlock(const uint16_t* xp, int Wp, int Cp, const uint16_t
 template <int K, int NB, int PB>
 DP_TARGET void DpForwardRows(const uint16_t* xp, int Wp, int Cp, const uint16_t* wv, float* out, int rows, int Wo,
                              int Co) {
-  for (int oh = 0; oh < rows; ++oh) {
-    for (int ob = 0; ob < Co / 16; ob += NB) {
-      int w0 = 0;
-      for (; w0 + PB <= Wo; w0 += PB) DpForwardBlock<K, NB, PB>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
-      if (PB > 8) for (; w0 + 8 <= Wo; w0 += 8) DpForwardBlock<K, NB, 8>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
-      for (; w0 + 4 <= Wo; w0 += 4) DpForwardBlock<K, NB, 4>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
-      for (; w0 + 2 <= Wo; w0 += 2) DpForwardBlock<K, NB, 2>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
-      for (; w0 < Wo; ++w0) DpForwardBlock<K, NB, 1>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
-    }
-  }
+  for (int oh = 0; oh < rows; ++oh)
+    for (int ob = 0; ob < Co / 16; ob += NB)
+      AlongRow<PB>(Wo, [&](auto pixels, int w0) {
+        DpForwardBlock<K, NB, decltype(pixels)::value>(xp, Wp, Cp, wv, out, Wo, Co, oh, w0, ob);
+      });
 }
 
 template <int K>
