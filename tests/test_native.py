@@ -401,3 +401,11 @@ def test_group_norm_under_a_mesh_vmap_and_what_it_does_not_take():
   assert not native.takes_group_norm(x.astype(jnp.bfloat16), 32)
   assert not native.takes_group_norm(x[:, 0, 0], 32)
   assert not native.takes_group_norm(x, 24)
+  with pytest.raises(ValueError, match=r"x float32\[16, 4, 4, 64\] in 24 groups: expected float32"):
+    native.group_norm(x, scale, bias, 24, 1e-6)
+  with pytest.raises(ValueError, match=r"scale \[32\] and bias \[64\]; expected both \[64\]"):
+    native.group_norm(x, scale[:32], bias, 32, 1e-6)
+  with pytest.raises(ValueError, match=r"dy float32\[16, 4, 4, 32\].*expected dy float32\[16, 4, 4, 64\]"):
+    native.group_norm_grad(x, scale, bias, mean, rstd, dy[..., :32], 32)
+  with pytest.raises(ValueError, match=r"rstd \[16, 16\]; expected dy float32\[16, 4, 4, 64\] and both \[16,32\]"):
+    native.group_norm_grad(x, scale, bias, mean, rstd[:, :16], dy, 32)

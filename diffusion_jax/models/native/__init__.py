@@ -359,6 +359,16 @@ def takes_group_norm(x: jax.Array, num_groups: int) -> bool:
           and x.shape[-1] % num_groups == 0 and min(x.shape) > 0 and available())
 
 
+def _group_norm_checked(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int) -> None:
+  """One line naming what does not fit, before the kernel would refuse it deep inside XLA."""
+  if not (x.dtype == jnp.float32 and x.ndim >= 3 and num_groups > 0 and x.shape[-1] % num_groups == 0):
+    raise ValueError(f"native group_norm of x {x.dtype}{list(x.shape)} in {num_groups} groups: expected float32 "
+                     "[B,...,C] (at least one spatial axis) with C a multiple of the groups")
+  if scale.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+    raise ValueError(f"native group_norm: scale {list(scale.shape)} and bias {list(bias.shape)}; expected both "
+                     f"[{x.shape[-1]}]")
+
+
 def _local_group_norm(x, scale, bias, num_groups, epsilon, silu):
   _loaded()
   stats = jax.ShapeDtypeStruct((x.shape[0], num_groups), jnp.float32)
@@ -417,6 +427,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
   1 / sqrt(var + epsilon) [B,G], float32 (layers.group_norm_affine's forward and residuals; statistics summed in
   float64 per channel group). Under a mesh each device normalises its own rows of the batch. Check
   `takes_group_norm` first."""
+  _group_norm_checked(x, scale, bias, num_groups)
   shape = x.shape
   call = _mapped_over_vmap(lambda x, scale, bias: _partitioned_group_norm(x, scale, bias, num_groups, float(epsilon),
                                                                           bool(silu)))
@@ -428,6 +439,11 @@ def group_norm_grad(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.A
                     dy: jax.Array, num_groups: int, silu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dx [B,...,C], dscale [C], dbias [C]) of `group_norm` at x with its mean and rstd [B,G], given the output's
   gradient dy [B,...,C] (float32)."""
+  _group_norm_checked(x, scale, bias, num_groups)
+  stats = (x.shape[0], num_groups)
+  if dy.shape != x.shape or dy.dtype != jnp.float32 or mean.shape != stats or rstd.shape != stats:
+    raise ValueError(f"group_norm_grad: dy {dy.dtype}{list(dy.shape)}, mean {list(mean.shape)}, rstd "
+                     f"{list(rstd.shape)}; expected dy float32{list(x.shape)} and both [{x.shape[0]},{num_groups}]")
   shape = x.shape
   call = _mapped_over_vmap(lambda *a: _partitioned_group_norm_grad(*a, num_groups, bool(silu)))
   flat = lambda a: a.reshape(shape[0], -1, shape[-1])
