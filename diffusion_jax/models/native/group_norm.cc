@@ -253,11 +253,14 @@ static ffi::Error GroupNormGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
       if (!silu) return d;
       return SiluGrad(_mm512_fmadd_ps(*xv, _mm512_loadu_ps(&mul[v * 16]), _mm512_loadu_ps(&add[v * 16])), d);
     };
+    // Under SiLU the first pass also keeps dy' in dx's rows (rewritten by the second pass, in L2 by then), so the
+    // sigmoid is computed once per element, not twice.
     std::vector<double> sum_dy(lanes.n), sum_dy_x(lanes.n);
     ChannelSums(lanes, s.S, sum_dy.data(), sum_dy_x.data(), [&](int row, int v, __mmask16 m, __m512* u, __m512* w) {
       __m512 xv;
       *u = grad_at(row, v, m, &xv);
       *w = _mm512_mul_ps(*u, xv);
+      if (silu) _mm512_mask_storeu_ps(dxb + static_cast<size_t>(row) * s.C + v * 16, m, *u);
     });
     // [n] coefficients (layers._group_norm_bwd): m1 = mean_group(dy' scale), m2 = mean_group(dy' xhat scale)
     const double count = static_cast<double>(s.S) * Cg;
@@ -285,12 +288,13 @@ static ffi::Error GroupNormGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
     for (int row = 0; row < s.S; ++row) {
       for (int v = 0; v < lanes.vectors; ++v) {
         const __mmask16 m = lanes.Mask(v);
-        __m512 xv;
-        const __m512 d = grad_at(row, v, m, &xv);
+        const size_t at = static_cast<size_t>(row) * s.C + v * 16;
+        const __m512 xv = _mm512_maskz_loadu_ps(m, xb + at);
+        const __m512 d = _mm512_maskz_loadu_ps(m, (silu ? dxb : dyb) + at);
         const __m512 out = _mm512_fmadd_ps(d, _mm512_loadu_ps(&p[v * 16]),
                                            _mm512_fmadd_ps(xv, _mm512_loadu_ps(&q[v * 16]),
                                                            _mm512_loadu_ps(&r[v * 16])));
-        _mm512_mask_storeu_ps(dxb + static_cast<size_t>(row) * s.C + v * 16, m, out);
+        _mm512_mask_storeu_ps(dxb + at, m, out);
       }
     }
   });
