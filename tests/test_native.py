@@ -409,3 +409,29 @@ def test_group_norm_under_a_mesh_vmap_and_what_it_does_not_take():
     native.group_norm_grad(x, scale, bias, mean, rstd, dy[..., :32], 32)
   with pytest.raises(ValueError, match=r"rstd \[16, 16\]; expected dy float32\[16, 4, 4, 64\] and both \[16,32\]"):
     native.group_norm_grad(x, scale, bias, mean, rstd[:, :16], dy, 32)
+
+
+def test_group_norms_silu_and_epsilon_reach_the_compilation_cache_key():
+  """Under a mesh the partitioned call's HLO holds no Python callback (keep_compilation_cache_hits drops its
+  pointer from the cache key), so SiLU and epsilon must be in the HLO itself: programs that differ only in them
+  compile to their own executables, not to one found in the persistent cache (conftest turns both on)."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.device_put(jax.random.normal(jax.random.key(7), (8, 6, 6, 32)) * 3, NamedSharding(mesh, P("data")))
+  scale, bias = jnp.full(32, 0.75), jnp.full(32, -0.5)
+  dy = jax.device_put(jax.random.normal(jax.random.key(8), x.shape), NamedSharding(mesh, P("data")))
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program persisted
+  try:
+    for silu, epsilon in [(False, 1e-6), (True, 1e-6), (True, 1.0)]:
+      def loss(x, silu=silu, epsilon=epsilon):
+        return jax.jit(lambda x: native.group_norm(x, scale, bias, 32, epsilon, silu)[0])(x)
+      close(loss(x), np.asarray(reference_group_norm(x, scale, bias, 32, epsilon, silu)))
+      _, mean, rstd = native.group_norm(x, scale, bias, 32, epsilon, silu)
+      got = jax.jit(lambda x, dy, silu=silu: native.group_norm_grad(x, scale, bias, mean, rstd, dy, 32, silu)[0])(x, dy)
+      with jax.enable_x64():
+        as64 = lambda a: jnp.asarray(np.asarray(a), jnp.float64)
+        want = jax.grad(lambda x: jnp.vdot(reference_group_norm(x, as64(scale), as64(bias), 32, epsilon, silu),
+                                           as64(dy)))(as64(x))
+      close(got, np.asarray(want))
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)

@@ -369,22 +369,28 @@ def _group_norm_checked(x: jax.Array, scale: jax.Array, bias: jax.Array, num_gro
                      f"[{x.shape[-1]}]")
 
 
-def _local_group_norm(x, scale, bias, num_groups, epsilon, silu):
+def _local_group_norm(x, scale, bias, options, num_groups):
   _loaded()
   stats = jax.ShapeDtypeStruct((x.shape[0], num_groups), jnp.float32)
   return jax.ffi.ffi_call(GROUP_NORM_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats))(
-      x, scale, bias, groups=np.int64(num_groups), epsilon=np.float32(epsilon), silu=np.int64(silu))
+      x, scale, bias, options, groups=np.int64(num_groups))
 
 
-def _local_group_norm_grad(x, scale, bias, mean, rstd, dy, num_groups, silu):
+def _local_group_norm_grad(x, scale, bias, mean, rstd, dy, options, num_groups):
   _loaded()
   per_example = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call(GROUP_NORM_GRAD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32), per_example,
                                                    per_example))(
-      x, scale, bias, mean, rstd, dy, groups=np.int64(num_groups), silu=np.int64(silu))
+      x, scale, bias, mean, rstd, dy, options, groups=np.int64(num_groups))
 
 
-def _per_example_partitioned(local, static_argnums: tuple[int, ...], arrays: int, sharding_rule: str,
+def _group_norm_options(epsilon: float, silu: bool) -> jax.Array:
+  """[epsilon, silu] as an operand of the kernels' calls: a constant in the HLO, hence in the compilation cache's
+  key, where custom_partitioning's Python arguments are not (keep_compilation_cache_hits drops its callback)."""
+  return jnp.asarray([epsilon, 1.0 if silu else 0.0], jnp.float32)
+
+
+def _per_example_partitioned(local, static_argnums: tuple[int, ...], sharding_rule: str,
                              result_ranks: tuple[int, ...]):
   """local(*arrays, *static) under custom_partitioning, each device computing its own rows of the batch: the
   first array's batch axis is the only one left split, every result is per example (split the same way), and the
@@ -415,9 +421,9 @@ def _per_example_partitioned(local, static_argnums: tuple[int, ...], arrays: int
 
 
 _partitioned_group_norm = _per_example_partitioned(
-    _local_group_norm, (3, 4, 5), 3, "b s c, c, c -> b s c, b g, b g", (3, 2, 2))
+    _local_group_norm, (4,), "b s c, c, c, z -> b s c, b g, b g", (3, 2, 2))
 _partitioned_group_norm_grad = _per_example_partitioned(
-    _local_group_norm_grad, (6, 7), 6, "b s c, c, c, b g, b g, b s c -> b s c, b c, b c", (3, 2, 2))
+    _local_group_norm_grad, (7,), "b s c, c, c, b g, b g, b s c, z -> b s c, b c, b c", (3, 2, 2))
 
 
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float,
@@ -429,9 +435,8 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
   `takes_group_norm` first."""
   _group_norm_checked(x, scale, bias, num_groups)
   shape = x.shape
-  call = _mapped_over_vmap(lambda x, scale, bias: _partitioned_group_norm(x, scale, bias, num_groups, float(epsilon),
-                                                                          bool(silu)))
-  y, mean, rstd = call(x.reshape(shape[0], -1, shape[-1]), scale, bias)
+  call = _mapped_over_vmap(lambda *arrays: _partitioned_group_norm(*arrays, num_groups))
+  y, mean, rstd = call(x.reshape(shape[0], -1, shape[-1]), scale, bias, _group_norm_options(epsilon, silu))
   return y.reshape(shape), mean, rstd
 
 
@@ -445,7 +450,7 @@ def group_norm_grad(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.A
     raise ValueError(f"group_norm_grad: dy {dy.dtype}{list(dy.shape)}, mean {list(mean.shape)}, rstd "
                      f"{list(rstd.shape)}; expected dy float32{list(x.shape)} and both [{x.shape[0]},{num_groups}]")
   shape = x.shape
-  call = _mapped_over_vmap(lambda *a: _partitioned_group_norm_grad(*a, num_groups, bool(silu)))
+  call = _mapped_over_vmap(lambda *arrays: _partitioned_group_norm_grad(*arrays, num_groups))
   flat = lambda a: a.reshape(shape[0], -1, shape[-1])
-  dx, sum_dy, sum_dy_xhat = call(flat(x), scale, bias, mean, rstd, flat(dy))
+  dx, sum_dy, sum_dy_xhat = call(flat(x), scale, bias, mean, rstd, flat(dy), _group_norm_options(0.0, silu))
   return dx.reshape(shape), jnp.sum(sum_dy_xhat, 0), jnp.sum(sum_dy, 0)

@@ -10,7 +10,9 @@
 // derivative, the two backward reductions and dx), so activations of a few MB went through main memory every pass:
 // fmnist_small's bfloat16 train step spent ~24% of its op time in elementwise and reduce fusions, most of them the
 // normalisations'. Here one task holds one example (or a range of its groups) and makes both of its passes over it
-// back to back, the second from L2.
+// back to back, the second from L2. epsilon and SiLU arrive as a small operand, not as attributes: under a mesh
+// the call is custom_partitioning's, whose HLO (the compilation cache's key, native.keep_compilation_cache_hits)
+// holds its operands but not the Python arguments that would have become attributes.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -155,13 +157,16 @@ bool SameDims(const A& a, const B& b) {
 }  // namespace
 
 static ffi::Error GroupNormImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                                ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
-                                ffi::ResultBuffer<ffi::F32> mean_out, ffi::ResultBuffer<ffi::F32> rstd_out,
-                                int64_t groups, float epsilon, int64_t silu) {
+                                ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> options,
+                                ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean_out,
+                                ffi::ResultBuffer<ffi::F32> rstd_out, int64_t groups) {
   const auto xd = x.dimensions();
-  if (*CheckShapes(xd, scale.dimensions(), bias.dimensions(), mean_out->dimensions(), groups))
-    return ffi::Error::InvalidArgument("group_norm: expected x [B,S,C], scale and bias [C], mean and rstd [B,G] "
-                                       "with G dividing C");
+  if (*CheckShapes(xd, scale.dimensions(), bias.dimensions(), mean_out->dimensions(), groups) ||
+      options.element_count() != 2)
+    return ffi::Error::InvalidArgument("group_norm: expected x [B,S,C], scale and bias [C], options [epsilon, silu], "
+                                       "mean and rstd [B,G] with G dividing C");
+  const float epsilon = options.typed_data()[0];
+  const bool silu = options.typed_data()[1] != 0.0f;
   const GnShape s{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(xd[2]),
                   static_cast<int>(groups)};
   const int Cg = s.C / s.G, splits = SplitsFor(pool, s);
@@ -213,23 +218,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupNorm, GroupNormImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [B,S,C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // options [epsilon, silu (0 or 1)]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [B,S,C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mean [B,G]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // rstd [B,G]
-                                  .Attr<int64_t>("groups")
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("silu"));
+                                  .Attr<int64_t>("groups"));
 
 static ffi::Error GroupNormGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
-                                    ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
+                                    ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> options,
                                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> sum_dy_out,
-                                    ffi::ResultBuffer<ffi::F32> sum_dy_xhat_out, int64_t groups, int64_t silu) {
+                                    ffi::ResultBuffer<ffi::F32> sum_dy_xhat_out, int64_t groups) {
   const auto xd = x.dimensions();
   if (*CheckShapes(xd, scale.dimensions(), bias.dimensions(), mean.dimensions(), groups) ||
-      !SameDims(rstd.dimensions(), mean.dimensions()) || !SameDims(dy.dimensions(), xd))
+      !SameDims(rstd.dimensions(), mean.dimensions()) || !SameDims(dy.dimensions(), xd) ||
+      options.element_count() != 2)
     return ffi::Error::InvalidArgument("group_norm_grad: expected x and dy [B,S,C], scale and bias [C], mean and "
-                                       "rstd [B,G] with G dividing C");
+                                       "rstd [B,G] with G dividing C, options [epsilon, silu]");
+  const bool silu = options.typed_data()[1] != 0.0f;
   const GnShape s{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(xd[2]),
                   static_cast<int>(groups)};
   const int Cg = s.C / s.G, splits = SplitsFor(pool, s);
@@ -310,8 +316,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupNormGrad, GroupNormGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean [B,G]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // rstd [B,G]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy [B,S,C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // options [epsilon, silu (0 or 1)]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx [B,S,C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sum over S of dy' [B,C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sum over S of dy' xhat [B,C]
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("silu"));
+                                  .Attr<int64_t>("groups"));
