@@ -171,7 +171,7 @@ def _canonical_conv_bwd(stride, pad_first, operand_dtype, residuals, dy):
   before = k - pad - 1
   flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # unused (and dropped by XLA) on the native flipped path
   if stride == 1 and NATIVE_CONV and NATIVE_FLIPPED_KERNEL and native.takes_conv(dy, kernel, before, flipped=True):
-    # bfloat16 on AMX: the native conv flips and transposes the kernel as it packs it (no copy of it first)
+    # bfloat16 (AMX or AVX512-BF16): the native conv flips and transposes the kernel as it packs it (no copy first)
     dx = native.conv(dy, kernel, before, flipped=True).astype(out_dtypes[0])
   elif stride == 1:  # then the padding after is `before` too
     dx = _stride1_conv(dy, flipped, before, out_dtypes[0])
@@ -270,9 +270,8 @@ def resolve_conv_impl(impl: str, x_shape: tuple[int, ...], kernel_size: int, str
   """The lowering one conv gets: 'auto' is 'winograd_wgrad' on CPU where the conv is eligible and at least
   WINOGRAD_MIN_CHANNELS wide on both sides, else 'xla' (always 'xla' under conv_precision 'bfloat16' where the CPU
   has AMX or AVX512-BF16: the native bfloat16 kernels; Winograd's transforms would lose more in bfloat16); an
-  explicit 'winograd'
-  falls back to 'xla' where it does not apply (see winograd_eligible), as does 'winograd_wgrad'; 'xla' and
-  'im2col' as given."""
+  explicit 'winograd' falls back to 'xla' where it does not apply (see winograd_eligible), as does
+  'winograd_wgrad'; 'xla' and 'im2col' as given."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
   if impl == "auto" and conv_precision == "bfloat16" and jax.default_backend() == "cpu" and native.bf16_available():
@@ -665,7 +664,8 @@ class GroupNorm(nn.Module):
   (bench/layers.py prints the table) 1.1-5.3x faster forward and 1.3-2.3x forward + backward than nn.GroupNorm then
   nn.silu at the U-Nets' shapes; most at 2 channels per group (the 64-channel skip concatenations at 32x32). In the
   whole fmnist_small train step the written-out backward took 6-8% off (autodiff of the forward left XLA fusions
-  of up to 270 instructions chaining several blocks' normalization gradients).
+  of up to 270 instructions chaining several blocks' normalization gradients). On AVX-512 CPUs float32 activations
+  go through native C++ kernels for both directions instead (`NATIVE_GROUP_NORM`, `native.group_norm`).
   """
 
   num_groups: int

@@ -352,18 +352,23 @@ def conv_filter_grad(x: jax.Array, dy: jax.Array, kernel_size: int = 3, padding:
   return _mapped_over_vmap(lambda x, dy: _partitioned_filter_grad(x, dy, kernel_size, padding))(x, dy)
 
 
+def _group_norm_fits(x: jax.Array, num_groups: int) -> bool:
+  """x [B,...,C] float32, at least one spatial axis, no empty axis, C a multiple of num_groups."""
+  return (x.dtype == jnp.float32 and x.ndim >= 3 and num_groups > 0 and x.shape[-1] % num_groups == 0
+          and min(x.shape) > 0)
+
+
 def takes_group_norm(x: jax.Array, num_groups: int) -> bool:
   """Whether `group_norm` and `group_norm_grad` take this x [B,...,C] (float32, at least one spatial axis, C a
   multiple of num_groups) on this backend."""
-  return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and x.ndim >= 3 and num_groups > 0
-          and x.shape[-1] % num_groups == 0 and min(x.shape) > 0 and available())
+  return jax.default_backend() == "cpu" and _group_norm_fits(x, num_groups) and available()
 
 
 def _group_norm_checked(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int) -> None:
   """One line naming what does not fit, before the kernel would refuse it deep inside XLA."""
-  if not (x.dtype == jnp.float32 and x.ndim >= 3 and num_groups > 0 and x.shape[-1] % num_groups == 0):
+  if not _group_norm_fits(x, num_groups):
     raise ValueError(f"native group_norm of x {x.dtype}{list(x.shape)} in {num_groups} groups: expected float32 "
-                     "[B,...,C] (at least one spatial axis) with C a multiple of the groups")
+                     "[B,...,C] (at least one spatial axis, none empty) with C a multiple of the groups")
   if scale.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
     raise ValueError(f"native group_norm: scale {list(scale.shape)} and bias {list(bias.shape)}; expected both "
                      f"[{x.shape[-1]}]")

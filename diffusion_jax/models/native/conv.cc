@@ -192,12 +192,23 @@ void ForwardImage(const float* xp, int Wp, const float* w, float* out, int Ho, i
 
 using ForwardFn = void (*)(const float*, int, const float*, float*, int, int, int, int);
 
+// The forward kernels' register block for Co output channels (float32's and AVX512-BF16's alike): the widest NB
+// vectors of 16 output channels that divide Co, and PB = 24 / NB pixels. make(nb, pb) with both as
+// std::integral_constant returns the kernel instantiated for them.
+template <typename Make>
+auto ForwardRegisterBlock(int Co, Make make) {
+  using std::integral_constant;
+  if (Co % 64 == 0) return make(integral_constant<int, 4>(), integral_constant<int, 6>());
+  if (Co % 48 == 0) return make(integral_constant<int, 3>(), integral_constant<int, 8>());
+  if (Co % 32 == 0) return make(integral_constant<int, 2>(), integral_constant<int, 12>());
+  return make(integral_constant<int, 1>(), integral_constant<int, 24>());
+}
+
 template <int K>
 ForwardFn PickForwardFor(int Co) {
-  if (Co % 64 == 0) return ForwardImage<K, 4, 6>;
-  if (Co % 48 == 0) return ForwardImage<K, 3, 8>;
-  if (Co % 32 == 0) return ForwardImage<K, 2, 12>;
-  return ForwardImage<K, 1, 24>;
+  return ForwardRegisterBlock(Co, [](auto nb, auto pb) -> ForwardFn {
+    return ForwardImage<K, decltype(nb)::value, decltype(pb)::value>;
+  });
 }
 
 
@@ -489,10 +500,9 @@ DP_TARGET void DpForwardRows(const uint16_t* xp, int Wp, int Cp, const uint16_t*
 
 template <int K>
 AmxForwardFn PickDpForwardFor(int Co) {
-  if (Co % 64 == 0) return DpForwardRows<K, 4, 6>;
-  if (Co % 48 == 0) return DpForwardRows<K, 3, 8>;
-  if (Co % 32 == 0) return DpForwardRows<K, 2, 12>;
-  return DpForwardRows<K, 1, 24>;
+  return ForwardRegisterBlock(Co, [](auto nb, auto pb) -> AmxForwardFn {
+    return DpForwardRows<K, decltype(nb)::value, decltype(pb)::value>;
+  });
 }
 
 // AmxFilterGradBand's contract on AVX512-BF16. A block of CB input channels (CB divides 32, so blocks never cross
